@@ -1,0 +1,149 @@
+"""``onnx_from_torch``: trace a declared model into an ONNX file with its metadata."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from memexport import __version__
+from memexport.atomic import atomic_path
+from memexport.errors import ArtifactError, CheckpointError, UsageError
+from memexport.export.weights import WeightsSource
+from memexport.runtime.metadata import METADATA_KEY, ArtifactMetadata
+from memexport.spec import ModelSpec
+
+# TensorRT 8.6 (the last release for Pascal) parses opset 17 at most; newer opsets only
+# help TensorRT 10+, so 17 is the portable default.
+MAX_TENSORRT86_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export.
+
+    Attributes:
+        opset: ONNX opset (default 17, the highest TensorRT 8.6 parses).
+        trace_batch: Batch size of the tracing input (default 2, so no axis is specialised to 1).
+        check: Run ``onnx.checker`` on the result (default ``True``).
+    """
+
+    opset: int = 17
+    trace_batch: int = 2
+    check: bool = True
+
+
+def build_torch_model(spec: ModelSpec, weights: WeightsSource) -> Any:
+    """Instantiate ``spec``'s torch module (eval mode) from its ``builder`` entry point."""
+    module_name, _, func = spec.builder.partition(":")
+    builder: Callable[[WeightsSource], Any] = getattr(importlib.import_module(module_name), func)
+    return builder(weights)
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_metadata(spec: ModelSpec, weights: WeightsSource, opset: int, model: Any) -> ArtifactMetadata:
+    import onnx
+    import torch
+
+    weights_record = weights.describe()
+    # Multi-part models (M3M) report which parts were randomly initialised.
+    weights_record["random_init"] = list(getattr(model, "random_init_parts", []))
+    return ArtifactMetadata(
+        model=spec.name,
+        precision="fp32",
+        input_name=spec.input_name,
+        output_name=spec.output_name,
+        input_shape=tuple(spec.input_shape),
+        preprocess=spec.preprocess,
+        opset=opset,
+        weights=weights_record,
+        versions={
+            "memexport": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "python": platform.python_version(),
+        },
+        extra={"parameters": count_parameters(model)},
+    )
+
+
+def set_metadata(model_proto: Any, metadata: ArtifactMetadata) -> None:
+    """Replace the memexport entry in an ``onnx.ModelProto``'s ``metadata_props``."""
+    keep = [p for p in model_proto.metadata_props if p.key != METADATA_KEY]
+    del model_proto.metadata_props[:]
+    model_proto.metadata_props.extend(keep)
+    entry = model_proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = metadata.to_json()
+
+
+def onnx_from_torch(
+    spec: ModelSpec, weights: WeightsSource, output: Path | str, options: ExportOptions = ExportOptions()
+) -> ArtifactMetadata:
+    """Export ``spec`` with ``weights`` to ``output`` (TorchScript exporter, dynamic batch).
+
+    The TorchScript exporter (``dynamo=False``) is used because it writes opset 17, which
+    TensorRT 8.6 needs; the dynamo exporter writes opset 18 or higher. The file appears
+    under its final name only once complete.
+
+    Args:
+        spec: The model to export.
+        weights: Its checkpoint(s).
+        output: Destination ``.onnx`` path.
+        options: Export options (default :class:`ExportOptions`).
+
+    Returns:
+        The metadata written into the file.
+
+    Raises:
+        CheckpointError: Bad weights. UsageError: Unsupported options. ArtifactError: The
+            exported graph fails ``onnx.checker``.
+    """
+    import onnx
+    import torch
+
+    if options.opset > MAX_TENSORRT86_OPSET:
+        # Allowed, but it is the user's call: TensorRT 8.6 (Pascal) will not parse it.
+        pass
+    if options.opset < 13:
+        raise UsageError(f"opset {options.opset} is too old: expected 13..{MAX_TENSORRT86_OPSET} (default 17)")
+    if spec.external_data:
+        raise UsageError(f"model {spec.name!r} needs external data; use its own exporter")
+    output = Path(output)
+    model = build_torch_model(spec, weights)
+    if spec.parameters is not None and count_parameters(model) != spec.parameters:
+        raise CheckpointError(
+            f"{spec.name}: built {count_parameters(model):,} parameters, expected {spec.parameters:,}; the model code is out of step with its spec"
+        )
+    metadata = export_metadata(spec, weights, options.opset, model)
+    dummy = torch.zeros((options.trace_batch, *spec.input_shape), dtype=torch.float32)
+    with atomic_path(output, suffix=".onnx") as tmp:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                opset_version=options.opset,
+                input_names=[spec.input_name],
+                output_names=[spec.output_name],
+                dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        proto.producer_name = "memexport"
+        proto.producer_version = __version__
+        proto.doc_string = spec.description
+        set_metadata(proto, metadata)
+        onnx.save(proto, str(tmp))
+        if options.check:
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except onnx.checker.ValidationError as exc:
+                raise ArtifactError(f"{output}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+    return metadata

@@ -1,0 +1,96 @@
+"""The torch reference runner: the declared model in eager torch, FP32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from memexport.errors import BackendUnavailableError, UsageError
+from memexport.export.weights import WeightsSource
+from memexport.runtime.metadata import ArtifactMetadata
+from memexport.runtime.runners import Runner
+from memexport.spec import ModelSpec
+
+
+class TorchRunner(Runner):
+    """Eager torch reference with the same ``infer`` contract as the artifact runners.
+
+    Args:
+        spec: The declared model.
+        weights: Its checkpoint(s).
+        device: ``"cpu"`` or ``"cuda"`` (default ``"cpu"``).
+        model: An already built module to reuse instead of building one (default ``None``).
+    """
+
+    backend = "torch"
+
+    def __init__(self, spec: ModelSpec, weights: WeightsSource, device: str = "cpu", model: Any = None) -> None:
+        super().__init__()
+        self.spec, self.weights, self.device, self.model = spec, weights, device, model
+
+    def activate(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise BackendUnavailableError("the torch reference needs torch; install memexport[export]") from None
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError("torch sees no CUDA device; use --device cpu")
+        if self.model is None:
+            from memexport.export.onnx_export import build_torch_model
+
+            self.model = build_torch_model(self.spec, self.weights)
+        self.model = self.model.to(self.device).eval()
+        spec = self.spec
+        self.metadata = ArtifactMetadata(
+            model=spec.name, precision="fp32", input_name=spec.input_name, output_name=spec.output_name,
+            input_shape=tuple(spec.input_shape), preprocess=spec.preprocess, opset=0,
+            weights={"sha256": self.weights.sha256},
+        )
+
+    def deactivate(self) -> None:
+        pass
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(batch).to(self.device))
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            return out.float().cpu().numpy()
+
+
+def reference_runner_for(metadata: ArtifactMetadata, weights_override: Any = None, device: str = "cpu") -> TorchRunner:
+    """The torch reference for an artifact, with the weights it was exported from.
+
+    Args:
+        metadata: The artifact's metadata.
+        weights_override: A checkpoint path to use instead of the recorded one (default ``None``).
+        device: Torch device (default ``"cpu"``).
+
+    Raises:
+        UsageError: When the reference weights differ from those the artifact was exported from.
+    """
+    from pathlib import Path
+
+    from memexport.export.weights import resolve
+    from memexport.spec import get_spec
+
+    spec = get_spec(metadata.model)
+    recorded = metadata.weights or {}
+    parts = {name: Path(part["path"]) for name, part in (recorded.get("parts") or {}).items()}
+    if weights_override is not None:
+        source = resolve(weights_override, parts, recorded.get("seed", 0))
+    elif recorded.get("path") and Path(recorded["path"]).is_file():
+        source = resolve(recorded["path"], parts, recorded.get("seed", 0))
+    elif recorded.get("path") is None and "path" in recorded:
+        source = WeightsSource(None, parts, recorded.get("seed", 0))
+    else:
+        source = resolve(None, parts, recorded.get("seed", 0))
+    if recorded.get("sha256") and source.sha256 != recorded["sha256"]:
+        raise UsageError(
+            f"reference weights {source.path} (sha256 {str(source.sha256)[:12]}) differ from the weights this artifact was "
+            f"exported from (sha256 {recorded['sha256'][:12]}); pass the original checkpoint with --weights"
+        )
+    return TorchRunner(spec, source, device=device)

@@ -1,0 +1,3 @@
+from memexport.cli import main
+
+main()

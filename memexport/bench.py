@@ -1,0 +1,177 @@
+"""``bench``: latency and throughput of artifacts, with the torch-eager baseline in the same run.
+
+Latency covers inference on already preprocessed batches (the model's own throughput);
+``predict`` reports end-to-end throughput including decoding.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from memexport.runtime.runners import Runner
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Options for :func:`bench_artifacts`.
+
+    Attributes:
+        batch_sizes: Batch sizes to time (default ``(1, 16)``).
+        iterations: Timed calls per batch size (default 20).
+        warmup: Untimed calls first (default 3).
+        torch_baseline: Also time eager torch when it is installed (default ``True``).
+        device: ``cpu``, ``cuda`` or ``auto`` (default ``cpu``).
+        images: Folder of images to build the input from (default ``None``: seeded uniform noise).
+        min_seconds: Keep timing past ``iterations`` until this much time was spent (default 0).
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 16)
+    iterations: int = 20
+    warmup: int = 3
+    torch_baseline: bool = True
+    device: str = "cpu"
+    images: Path | None = None
+    min_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    """One back end at one batch size.
+
+    ``images_per_s`` is ``batch_size / p50``. ``peak_rss_mb`` is the process's resident-set
+    high-water mark after this record was timed (back ends run in the order listed).
+    """
+
+    model: str
+    artifact: str
+    backend: str
+    precision: str
+    device: str
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    images_per_s: float
+    peak_rss_mb: float
+    iterations: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def time_calls(call: Callable[[], object], iterations: int, warmup: int, min_seconds: float = 0.0) -> np.ndarray:
+    """Wall-clock milliseconds of ``iterations`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    started = time.perf_counter()
+    while len(times) < iterations or (time.perf_counter() - started) < min_seconds:
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return np.asarray(times)
+
+
+def input_batch(runner: Runner, batch_size: int, images: Path | None) -> np.ndarray:
+    """A batch for timing: real preprocessed images tiled to ``batch_size``, or seeded noise."""
+    assert runner.metadata is not None
+    shape = tuple(runner.metadata.input_shape)
+    if images is not None:
+        from memexport.runtime.files import collect_images
+        from memexport.runtime.preprocess import preprocess
+
+        arrays = []
+        for path in collect_images([images]).paths[: max(batch_size, 1)]:
+            try:
+                arrays.append(preprocess(path, runner.metadata.preprocess))
+            except Exception:  # noqa: BLE001 - a bad file only means one image fewer to tile
+                continue
+        if arrays:
+            reps = -(-batch_size // len(arrays))
+            return np.ascontiguousarray(np.stack((arrays * reps)[:batch_size]))
+    return np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
+
+
+def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str) -> list[BenchRecord]:
+    """Time an active runner at each batch size."""
+    assert runner.metadata is not None
+    records = []
+    for batch_size in options.batch_sizes:
+        batch = input_batch(runner, batch_size, options.images)
+        ms = time_calls(lambda: runner.infer(batch), options.iterations, options.warmup, options.min_seconds)
+        p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
+        records.append(
+            BenchRecord(
+                model=runner.metadata.model, artifact=label, backend=runner.backend, precision=runner.precision,
+                device=device, batch_size=batch_size, p50_ms=p50, p90_ms=p90, p99_ms=p99,
+                images_per_s=batch_size / (p50 / 1000.0), peak_rss_mb=peak_rss_mb(), iterations=len(ms),
+            )
+        )
+    return records
+
+
+def torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def bench_artifacts(
+    artifacts: Sequence[Path], options: BenchOptions = BenchOptions(), progress: Callable[[str], None] = lambda _: None
+) -> list[BenchRecord]:
+    """Benchmark each artifact, then eager torch once per model (when installed and asked for).
+
+    Args:
+        artifacts: ``.onnx`` or engine files; they may mix models and precisions.
+        options: See :class:`BenchOptions`.
+        progress: Called with a short line before each back end runs (default: silent).
+    """
+    from memexport.runtime.runners import runner_for
+
+    records: list[BenchRecord] = []
+    baselines: dict[str, object] = {}
+    for artifact in artifacts:
+        progress(f"timing {artifact}")
+        with runner_for(artifact, device=options.device) as runner:
+            device = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in getattr(runner, "providers", [])) or runner.backend == "tensorrt" else "cpu"
+            records += bench_runner(runner, str(artifact), options, device)
+            assert runner.metadata is not None
+            baselines.setdefault(runner.metadata.model, runner.metadata)
+    if options.torch_baseline and torch_available():
+        from memexport.export.torch_runner import reference_runner_for
+
+        torch_device = "cuda" if options.device == "cuda" else "cpu"
+        for model, metadata in baselines.items():
+            progress(f"timing torch eager ({model})")
+            with reference_runner_for(metadata, device=torch_device) as reference:  # type: ignore[arg-type]
+                records += bench_runner(reference, f"torch:{model}", options, torch_device)
+    return records
+
+
+def ratio_table(records: Sequence[BenchRecord]) -> list[str]:
+    """Throughput ratios against the first record of the same model and batch size on ONNX Runtime FP32,
+    and against torch eager where present."""
+    lines = []
+    for record in records:
+        peers = [r for r in records if r.model == record.model and r.batch_size == record.batch_size]
+        torch_peer = next((r for r in peers if r.backend == "torch"), None)
+        ort32 = next((r for r in peers if r.backend == "onnxruntime" and r.precision == "fp32"), None)
+        parts = []
+        if torch_peer and record is not torch_peer:
+            parts.append(f"{record.images_per_s / torch_peer.images_per_s:.2f}x torch")
+        if ort32 and record is not ort32:
+            parts.append(f"{record.images_per_s / ort32.images_per_s:.2f}x onnxruntime fp32")
+        lines.append(", ".join(parts))
+    return lines

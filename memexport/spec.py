@@ -1,0 +1,174 @@
+"""One declaration per model: inputs, preprocessing, dynamic axes and tolerances.
+
+Everything else (export, runtime, calibration, engines, parity, tests) reads these
+specs; nothing restates their constants. This module is pure Python so that the
+torch-free runtime can import it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from memexport.errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the model input, mirroring resmem's ``transformer``.
+
+    Attributes:
+        mode: PIL mode every image is converted to first (default ``"RGB"``).
+        resize: ``(height, width)`` after resizing (default ``(256, 256)``), aspect ratio not kept.
+        interpolation: PIL resampling filter name (default ``"bilinear"``).
+        crop: Side of the centre crop (default 227).
+        scale: Multiplier applied to uint8 pixels (default ``1/255``).
+        mean: Per-channel mean subtracted after scaling (default ``None``: no normalisation).
+        std: Per-channel std divided after the mean (default ``None``).
+    """
+
+    mode: str = "RGB"
+    resize: tuple[int, int] = (256, 256)
+    interpolation: str = "bilinear"
+    crop: int = 227
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PreprocessSpec":
+        data = json.loads(text)
+        for key in ("resize", "mean", "std"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What counts as agreement between an artifact and its FP32 torch reference.
+
+    Scores pass when ``statistic(|candidate - reference|) <= atol + rtol * statistic(|reference|)``.
+    Ranks pass when Spearman's rho and Kendall's tau-b both reach their minimum.
+
+    Attributes:
+        atol: Absolute tolerance on the score statistic.
+        rtol: Relative tolerance on the score statistic (default 0).
+        statistic: ``"max"``, ``"mean"`` or ``"median"`` of the absolute errors (default ``"max"``).
+        min_spearman: Lowest acceptable Spearman rho (default 0.99).
+        min_kendall: Lowest acceptable Kendall tau-b (default 0.9).
+    """
+
+    atol: float
+    rtol: float = 0.0
+    statistic: str = "max"
+    min_spearman: float = 0.99
+    min_kendall: float = 0.9
+
+    def describe(self) -> str:
+        return (
+            f"{self.statistic} abs err <= {self.atol:g} + {self.rtol:g}*{self.statistic}|ref|, "
+            f"spearman >= {self.min_spearman:g}, kendall >= {self.min_kendall:g}"
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A memorability model, declared once.
+
+    Attributes:
+        name: CLI and metadata name (``resmem``, ``m3m``).
+        builder: ``"module:function"`` that returns the torch module given a
+            :class:`memexport.export.weights.WeightsSource`; imported lazily so specs stay torch-free.
+        input_name: ONNX input name.
+        input_shape: Per-image input shape, CHW.
+        output_name: ONNX output name.
+        output_shape: Per-image output shape.
+        dynamic_axes: ONNX dynamic axes by tensor name.
+        preprocess: The preprocessing that feeds ``input_name``.
+        tolerances: Parity tolerances by precision (``fp32``, ``fp16``, ``int8``).
+        parameters: Expected trainable parameter count, checked at export.
+        opset: Default ONNX opset (17: the highest TensorRT 8.6 parses).
+        external_data: Whether the ONNX needs external data (weights over 2 GB).
+        description: One line for ``--help`` and ``inspect``.
+    """
+
+    name: str
+    builder: str
+    input_name: str = "image"
+    input_shape: tuple[int, int, int] = (3, 227, 227)
+    output_name: str = "score"
+    output_shape: tuple[int, ...] = (1,)
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(
+        default_factory=lambda: {"image": {0: "batch"}, "score": {0: "batch"}}
+    )
+    preprocess: PreprocessSpec = PreprocessSpec()
+    tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+    parameters: int | None = None
+    opset: int = 17
+    external_data: bool = False
+    description: str = ""
+
+    def tolerance(self, precision: str) -> Tolerance:
+        try:
+            return self.tolerances[precision]
+        except KeyError:
+            raise UsageError(
+                f"model {self.name!r} declares no tolerance for precision {precision!r}; "
+                f"expected one of {sorted(self.tolerances)}"
+            ) from None
+
+
+# Tolerances follow what each precision can honestly promise against FP32 torch:
+# FP32 ONNX differs only by kernel order; FP16 by half-precision rounding; INT8 is
+# judged on ranks first, which is what memorability users consume.
+DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, statistic="max", min_spearman=0.9999, min_kendall=0.99),
+    "fp16": Tolerance(atol=1e-3, statistic="max", min_spearman=0.999, min_kendall=0.98),
+    "int8": Tolerance(atol=1e-2, statistic="mean", min_spearman=0.99, min_kendall=0.9),
+}
+
+RESMEM = ModelSpec(
+    name="resmem",
+    builder="memexport.export.resmem:resmem_from_weights",
+    tolerances=DEFAULT_TOLERANCES,
+    parameters=131_688_809,
+    description="ResMem (Needell & Bainbridge): ResNet-152 + AlexNet-style branch, sigmoid head",
+)
+
+MODELS: dict[str, ModelSpec] = {RESMEM.name: RESMEM}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a model spec to :data:`MODELS` and return it."""
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Return the declared spec for ``name``.
+
+    Raises:
+        UsageError: When no model of that name is declared.
+    """
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}") from None
+
+
+def spec_summary(spec: ModelSpec) -> dict[str, Any]:
+    """JSON-friendly summary used by ``inspect`` and artifact metadata."""
+    return {
+        "name": spec.name,
+        "input_name": spec.input_name,
+        "input_shape": list(spec.input_shape),
+        "output_name": spec.output_name,
+        "opset": spec.opset,
+    }

@@ -1,0 +1,80 @@
+"""``verify``: compare an artifact with its torch reference on real images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from memexport.errors import InputImageError, UsageError
+from memexport.parity import ParityReport, compare
+from memexport.runtime.preprocess import preprocess
+from memexport.runtime.runners import Runner, runner_for
+from memexport.spec import Tolerance, get_spec
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Options for :func:`verify_artifact`.
+
+    Attributes:
+        weights: Reference checkpoint (default ``None``: the one recorded in the artifact,
+            else the installed published weights).
+        device: ``cpu`` or ``cuda`` for both sides (default ``cpu``).
+        batch_size: Images per inference call (default 8).
+        tolerance: Override the spec's tolerance for the artifact's precision (default ``None``).
+    """
+
+    weights: Path | None = None
+    device: str = "cpu"
+    batch_size: int = 8
+    tolerance: Tolerance | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """A parity report plus the per-image scores and the inputs that failed to load."""
+
+    report: ParityReport
+    names: tuple[str, ...]
+    candidate: np.ndarray
+    reference: np.ndarray
+    bad_inputs: tuple[InputImageError, ...]
+    backend: str
+    precision: str
+
+
+def _scores(runner: Runner, batch: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([runner.infer(batch[i : i + size]) for i in range(0, len(batch), size)])
+
+
+def verify_artifact(artifact: Path | str, images: Sequence[Path], options: VerifyOptions = VerifyOptions()) -> VerifyResult:
+    """Score ``images`` with the artifact and with the torch reference, and compare.
+
+    Raises:
+        UsageError: No readable image. ParityError is not raised here: call
+            :func:`memexport.parity.require` on the report.
+    """
+    from memexport.export.torch_runner import reference_runner_for
+
+    with runner_for(artifact, device=options.device) as runner:
+        meta = runner.metadata
+        assert meta is not None
+        arrays, names, bad = [], [], []
+        for path in images:
+            try:
+                arrays.append(preprocess(path, meta.preprocess))
+                names.append(str(path))
+            except InputImageError as error:
+                bad.append(error)
+        if not arrays:
+            raise UsageError(f"no readable images among {len(images)} inputs; pass a folder of JPEG/PNG images with --images")
+        batch = np.stack(arrays)
+        candidate = _scores(runner, batch, options.batch_size)
+        backend, precision = runner.backend, runner.precision
+    with reference_runner_for(meta, options.weights, options.device) as reference_runner:
+        reference = _scores(reference_runner, batch, options.batch_size)
+    tolerance = options.tolerance or get_spec(meta.model).tolerance(meta.precision)
+    return VerifyResult(compare(candidate, reference, tolerance), tuple(names), candidate, reference, tuple(bad), backend, precision)

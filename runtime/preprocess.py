@@ -1,0 +1,181 @@
+"""Image loading and preprocessing with numpy and Pillow only.
+
+Identical to resmem 1.1.6's ``transformer`` (``Resize((256, 256))``, ``CenterCrop(227)``,
+``ToTensor()``) after ``convert('RGB')``: PIL bilinear resize, a centre crop whose offset
+is rounded as torchvision rounds it, float32 CHW in [0, 1], no mean/std.
+
+EXIF orientation is ignored by default, as the original code ignores it; pass
+``exif_transpose=True`` to honour it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from memexport.errors import InputImageError
+from memexport.spec import PreprocessSpec
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+# PIL's own bomb guard warns at 89 MP and raises at twice that; memexport refuses anything
+# over this many pixels outright, before decoding, so a hostile header costs nothing.
+MAX_PIXELS = 64_000_000
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def describe(source: ImageInput) -> str:
+    """A printable name for an image input."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source) if not isinstance(source, bytes) else os.fsdecode(source)
+    return "<PIL image>" if isinstance(source, Image.Image) else "<array>"
+
+
+def _open_path(path: Path, exif_transpose: bool) -> Image.Image:
+    name = describe(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputImageError(name, "missing", "file not found; check the path") from None
+    except OSError as exc:
+        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror}); check its permissions") from None
+    if not path.is_file():
+        raise InputImageError(name, "not-a-file", "not a regular file; pass an image file or a folder")
+    if size == 0:
+        raise InputImageError(name, "empty", "file is empty (0 bytes); re-copy or remove it")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror}); check its permissions") from None
+    return _decode(io.BytesIO(data), name, exif_transpose)
+
+
+def _decode(stream: io.BytesIO, name: str, exif_transpose: bool) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise InputImageError(
+                    name, "too-large",
+                    f"declares {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (decompression bomb?); "
+                    "downscale the image first",
+                )
+            image.seek(0)  # animated images: score the first frame
+            image.load()
+    except InputImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputImageError(name, "too-large", "image is too large to decode safely (decompression bomb?); downscale it first") from None
+    except UnidentifiedImageError:
+        raise InputImageError(name, "not-an-image", "not a recognised image format; remove it or convert it to JPEG/PNG") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError, struct_error()) as exc:
+        text = str(exc).lower()
+        reason = "truncated" if ("truncat" in text or "end of file" in text or "premature" in text) else "corrupt"
+        raise InputImageError(name, reason, f"image data is {reason} ({_one_line(exc)}); re-export or remove the file") from None
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def struct_error() -> type:
+    import struct
+
+    return struct.error
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] if text else type(exc).__name__
+
+
+def to_rgb(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Convert any PIL mode to ``mode`` (default RGB), handling 16-bit and float modes.
+
+    ``Image.convert('RGB')`` on 16-bit greyscale (``I;16``, ``I``) clips instead of scaling,
+    so those are scaled to 8 bits first; everything else goes through PIL's own conversion,
+    as the original code does.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    return image.convert(mode)
+
+
+def load_image(source: ImageInput, exif_transpose: bool = False) -> Image.Image:
+    """Open a path, or accept a PIL image or a uint8 array, as a PIL image.
+
+    Args:
+        source: File path, PIL image, or uint8 array of shape HxW, HxWx1, HxWx3 or HxWx4.
+        exif_transpose: Apply the EXIF orientation tag (default ``False``, as the original code).
+
+    Raises:
+        InputImageError: With the path and a fix, for anything that is not a decodable image.
+    """
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source) if exif_transpose else source
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.dtype != np.uint8:
+            raise InputImageError("<array>", "bad-array", f"expected a uint8 array, got dtype {array.dtype}; convert with .astype(np.uint8)")
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
+            raise InputImageError("<array>", "bad-array", f"expected shape HxW, HxWx3 or HxWx4, got {array.shape}")
+        return Image.fromarray(np.ascontiguousarray(array))
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(Path(os.fsdecode(source)), exif_transpose)
+    raise InputImageError(repr(type(source).__name__), "bad-input", "expected a path, a PIL image or a uint8 array")
+
+
+def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """One PIL image to the model input: float32 CHW.
+
+    Args:
+        image: Any PIL image; converted to ``spec.mode`` first.
+        spec: The artifact's preprocessing.
+    """
+    image = to_rgb(image, spec.mode)
+    height, width = spec.resize
+    image = image.resize((width, height), _RESAMPLE[spec.interpolation])
+    crop = spec.crop
+    # torchvision's CenterCrop: int(round((size - crop) / 2)), Python's round-half-even.
+    top = int(round((height - crop) / 2.0))
+    left = int(round((width - crop) / 2.0))
+    array = np.asarray(image, dtype=np.uint8)[top : top + crop, left : left + crop]
+    out = array.astype(np.float32) * np.float32(spec.scale)
+    if spec.mean is not None:
+        out -= np.asarray(spec.mean, dtype=np.float32)
+    if spec.std is not None:
+        out /= np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def preprocess(source: ImageInput, spec: PreprocessSpec, exif_transpose: bool = False) -> np.ndarray:
+    """Load and preprocess one image input (path, PIL image or uint8 array)."""
+    name = describe(source)
+    image = load_image(source, exif_transpose)
+    try:
+        return preprocess_image(image, spec)
+    except InputImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InputImageError(name, "corrupt", f"image data is corrupt ({_one_line(exc)}); re-export or remove the file") from None
+    except KeyError:
+        raise InputImageError(name, "unsupported-mode", f"cannot convert PIL mode {image.mode!r} to {spec.mode}; convert the image to RGB") from None

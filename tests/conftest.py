@@ -1,0 +1,49 @@
+"""Shared fixtures: real weights, real images, one ResMem export per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    """Real images checked into tests/data (RGB, greyscale and RGBA), sorted."""
+    return sorted(p for p in DATA.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+
+
+@pytest.fixture(scope="session")
+def reference_scores() -> dict[str, float]:
+    """Scores of the original resmem 1.1.6 code for tests/data, by file name."""
+    return json.loads((DATA / "reference_scores.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def resmem_weights() -> Path:
+    from memexport.export.weights import installed_resmem_weights
+
+    return installed_resmem_weights()
+
+
+@pytest.fixture(scope="session")
+def resmem_onnx(tmp_path_factory: pytest.TempPathFactory, resmem_weights: Path) -> Path:
+    """ResMem exported once per test session (FP32, opset 17, dynamic batch)."""
+    from memexport.export import export_model
+
+    path = tmp_path_factory.mktemp("resmem") / "resmem.onnx"
+    export_model("resmem", path, weights=resmem_weights)
+    return path

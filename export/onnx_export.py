@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 import platform
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ from memexport import __version__
 from memexport.atomic import atomic_path
 from memexport.errors import ArtifactError, CheckpointError, UsageError
 from memexport.export.weights import WeightsSource
+from memexport.runtime.integrity import seal_onnx
 from memexport.runtime.metadata import METADATA_KEY, ArtifactMetadata
 from memexport.spec import ModelSpec
 
@@ -79,7 +81,10 @@ def set_metadata(model_proto: Any, metadata: ArtifactMetadata) -> None:
     model_proto.metadata_props.extend(keep)
     entry = model_proto.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = metadata.to_json()
+    # An integrity record copied from a source artifact (fp32 -> fp16/int8) would not match the
+    # new bytes; a derived artifact is unsealed until it is sealed itself (runtime.integrity.seal_onnx).
+    extra = {k: v for k, v in metadata.extra.items() if k != "integrity"}
+    entry.value = replace(metadata, extra=extra).to_json()
 
 
 def onnx_from_torch(
@@ -107,9 +112,7 @@ def onnx_from_torch(
     import onnx
     import torch
 
-    if options.opset > MAX_TENSORRT86_OPSET:
-        # Allowed, but it is the user's call: TensorRT 8.6 (Pascal) will not parse it.
-        pass
+    # Opsets above 17 are allowed (TensorRT 10+ parses them) but TensorRT 8.6 will not.
     if options.opset < 13:
         raise UsageError(f"opset {options.opset} is too old: expected 13..{MAX_TENSORRT86_OPSET} (default 17)")
     if spec.external_data:
@@ -123,7 +126,10 @@ def onnx_from_torch(
     metadata = export_metadata(spec, weights, options.opset, model)
     dummy = torch.zeros((options.trace_batch, *spec.input_shape), dtype=torch.float32)
     with atomic_path(output, suffix=".onnx") as tmp:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter warns about constant folding and shape inference
+            # internals that do not affect the graph; users should only see our own messages.
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
                 (dummy,),
@@ -146,4 +152,6 @@ def onnx_from_torch(
                 onnx.checker.check_model(str(tmp), full_check=True)
             except onnx.checker.ValidationError as exc:
                 raise ArtifactError(f"{output}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
-    return metadata
+        # Last step before the rename: the recorded sha256 lets every runner detect later tampering.
+        record = seal_onnx(tmp)
+    return metadata.with_extra(integrity=record)

@@ -1,0 +1,147 @@
+"""The CLI end to end: predict, verify, bench, inspect, doctor, and user errors without tracebacks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from memexport.runtime.metadata import metadata_from_map
+
+
+def memexport(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memexport", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path: Path, data_dir: Path) -> dict[str, Path]:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes((data_dir / "china.jpg").read_bytes())
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("hello, not an image")
+    jpeg = (data_dir / "flower.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    return {"folder": folder, "missing": tmp_path / "nowhere.jpg"}
+
+
+def test_predict_scores_good_images_and_reports_every_bad_one(resmem_onnx, bad_inputs, reference_scores, tmp_path):
+    out = tmp_path / "scores.csv"
+    result = memexport("predict", str(bad_inputs["folder"]), str(bad_inputs["missing"]), "--model", str(resmem_onnx), "-o", str(out), "--device", "cpu")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["path", "score"]
+    scored = {Path(r[0]).name: float(r[1]) for r in rows[1:]}
+    assert list(scored) == ["good.jpg"]
+    assert scored["good.jpg"] == pytest.approx(reference_scores["china.jpg"], abs=1e-4)
+    errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader((tmp_path / "scores.errors.csv").open())}
+    assert set(errors) == {"zero.jpg", "text.png", "truncated.jpg", "nowhere.jpg"}
+    assert errors["zero.jpg"].startswith("empty") and errors["text.png"].startswith("not-an-image")
+    assert errors["nowhere.jpg"].startswith("missing")
+    assert "scored 1 images" in result.stdout and "4 failed" in result.stdout
+
+
+def test_predict_folder_is_recursive_and_sorted(resmem_onnx, data_dir, tmp_path):
+    folder = tmp_path / "nested"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes((data_dir / "china.jpg").read_bytes())
+    (folder / "b" / "c.png").write_bytes((data_dir / "phantom.png").read_bytes())
+    (folder / "b" / "notes.txt").write_text("skipped: not an image suffix")
+    out = tmp_path / "s.csv"
+    result = memexport("predict", str(folder), "-m", str(resmem_onnx), "-o", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert [Path(r["path"]).relative_to(folder).as_posix() for r in csv.DictReader(out.open())] == ["a.jpg", "b/c.png"]
+
+
+def test_export_with_wrong_checkpoint_is_one_line(tmp_path):
+    import torch
+
+    bad = tmp_path / "wrong.pt"
+    torch.save({"layer.weight": torch.zeros(3)}, bad)
+    result = memexport("export", "resmem", "-o", str(tmp_path / "x.onnx"), "--weights", str(bad))
+    assert result.returncode == 1
+    assert_one_line_error(result, str(bad), "missing keys", "unexpected keys")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unknown_model_and_missing_artifact_are_usage_errors(tmp_path, sample_images):
+    result = memexport("export", "alexnet", "-o", str(tmp_path / "x.onnx"))
+    assert result.returncode == 2
+    assert_one_line_error(result, "unknown model 'alexnet'")
+    result = memexport("predict", str(sample_images[0]), "-m", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "s.csv"))
+    assert result.returncode == 1
+    assert_one_line_error(result, "none.onnx", "not found")
+
+
+def test_verify_passes_for_the_export(resmem_onnx, data_dir, tmp_path):
+    report = tmp_path / "report.json"
+    result = memexport("verify", "--model", str(resmem_onnx), "--images", str(data_dir), "--json", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "result: PASS" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["max_abs"] <= 1e-4 and data["spearman"] >= 0.9999
+
+
+def test_verify_failure_exits_1_and_prints_what_would_pass(resmem_onnx, data_dir, tmp_path):
+    model = onnx.load(str(resmem_onnx))
+    bias = next(t for t in model.graph.initializer if t.name == "fc12.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), "fc12.bias"))
+    tampered = tmp_path / "shifted.onnx"
+    onnx.save(model, str(tampered))
+    result = memexport("verify", "--model", str(tampered), "--images", str(data_dir))
+    assert result.returncode == 1
+    assert "result: FAIL" in result.stdout and "would pass with: max abs err <=" in result.stdout
+    assert_one_line_error(result, "parity FAILED", "would pass with")
+
+
+def test_bench_writes_the_documented_records(resmem_onnx, tmp_path):
+    out = tmp_path / "bench.json"
+    result = memexport("bench", "-m", str(resmem_onnx), "--batch-sizes", "1,2", "--iterations", "2", "--warmup", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())
+    assert {(r["backend"], r["batch_size"]) for r in records} == {("onnxruntime", 1), ("onnxruntime", 2), ("torch", 1), ("torch", 2)}
+    for record in records:
+        assert {"backend", "precision", "batch_size", "p50_ms", "p90_ms", "p99_ms", "images_per_s"} <= set(record)
+        assert record["p50_ms"] <= record["p90_ms"] <= record["p99_ms"] and record["images_per_s"] > 0
+    assert "x torch" in result.stdout
+
+
+def test_bench_rejects_bad_batch_sizes(resmem_onnx):
+    result = memexport("bench", "-m", str(resmem_onnx), "--batch-sizes", "1,x")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--batch-sizes")
+
+
+def test_inspect_json_reads_the_embedded_metadata(resmem_onnx):
+    result = memexport("inspect", str(resmem_onnx), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    model = onnx.load(str(resmem_onnx), load_external_data=False)
+    meta = metadata_from_map({p.key: p.value for p in model.metadata_props}, resmem_onnx)
+    assert info["model"] == meta.model == "resmem" and info["precision"] == "fp32" and info["opset"] == 17
+
+
+def test_doctor_reports_backends_without_a_gpu():
+    result = memexport("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    import onnxruntime
+
+    assert report["onnxruntime_providers"] == onnxruntime.get_available_providers()
+    assert report["python"] == ".".join(map(str, sys.version_info[:3]))

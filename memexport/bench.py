@@ -61,6 +61,10 @@ class BenchRecord:
     images_per_s: float
     peak_rss_mb: float
     iterations: int
+    # GPU only: device memory taken by this back end (cudaMemGetInfo delta from before it
+    # loaded to after this batch size ran, CUDA context excluded) and the runner's estimate.
+    vram_mb: float | None = None
+    vram_estimate_mb: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -104,9 +108,17 @@ def input_batch(runner: Runner, batch_size: int, images: Path | None) -> np.ndar
     return np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
 
 
-def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str) -> list[BenchRecord]:
-    """Time an active runner at each batch size."""
+def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str, free_before: int | None = None) -> list[BenchRecord]:
+    """Time an active runner at each batch size.
+
+    Args:
+        free_before: Free device bytes read before the runner loaded (default ``None``: no VRAM columns).
+    """
+    from memexport.runtime.budget import MIB, free_vram, vram_delta
+
     assert runner.metadata is not None
+    estimate = getattr(runner, "vram_estimate", None)
+    estimate_mb = (estimate.total - estimate.context) / MIB if estimate is not None else None
     records = []
     for batch_size in options.batch_sizes:
         batch = input_batch(runner, batch_size, options.images)
@@ -117,9 +129,14 @@ def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str)
                 model=runner.metadata.model, artifact=label, backend=runner.backend, precision=runner.precision,
                 device=device, batch_size=batch_size, p50_ms=p50, p90_ms=p90, p99_ms=p99,
                 images_per_s=batch_size / (p50 / 1000.0), peak_rss_mb=peak_rss_mb(), iterations=len(ms),
+                vram_mb=_mb(vram_delta(free_before, free_vram() if free_before is not None else None)), vram_estimate_mb=estimate_mb,
             )
         )
     return records
+
+
+def _mb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 1024**2
 
 
 def torch_available() -> bool:
@@ -138,15 +155,18 @@ def bench_artifacts(
         options: See :class:`BenchOptions`.
         progress: Called with a short line before each back end runs (default: silent).
     """
+    from memexport.runtime.budget import free_vram
     from memexport.runtime.runners import runner_for
 
     records: list[BenchRecord] = []
     baselines: dict[str, object] = {}
     for artifact in artifacts:
         progress(f"timing {artifact}")
+        on_gpu = options.device != "cpu" or Path(artifact).suffix.lower() in (".plan", ".engine", ".trt")
+        free_before = free_vram() if on_gpu else None
         with runner_for(artifact, device=options.device) as runner:
             device = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in getattr(runner, "providers", [])) or runner.backend == "tensorrt" else "cpu"
-            records += bench_runner(runner, str(artifact), options, device)
+            records += bench_runner(runner, str(artifact), options, device, free_before if device == "cuda" else None)
             assert runner.metadata is not None
             baselines.setdefault(runner.metadata.model, runner.metadata)
     if options.torch_baseline and torch_available():
@@ -155,8 +175,9 @@ def bench_artifacts(
         torch_device = "cuda" if options.device == "cuda" else "cpu"
         for model, metadata in baselines.items():
             progress(f"timing torch eager ({model})")
+            free_before = free_vram() if torch_device == "cuda" else None
             with reference_runner_for(metadata, device=torch_device) as reference:  # type: ignore[arg-type]
-                records += bench_runner(reference, f"torch:{model}", options, torch_device)
+                records += bench_runner(reference, f"torch:{model}", options, torch_device, free_before)
     return records
 
 
@@ -174,4 +195,91 @@ def ratio_table(records: Sequence[BenchRecord]) -> list[str]:
         if ort32 and record is not ort32:
             parts.append(f"{record.images_per_s / ort32.images_per_s:.2f}x onnxruntime fp32")
         lines.append(", ".join(parts))
+    return lines
+
+
+def bench_end_to_end(
+    artifact: Path, folder: Path, batch_size: int = 16, workers: int | None = None, device: str = "cpu",
+    iterations: int = 20, warmup: int = 3, progress: Callable[[str], None] = lambda _: None,
+) -> list[BenchRecord]:
+    """The ``predict`` pipeline's throughput next to the model's own, in one run.
+
+    Three records for one artifact at one batch size, timed one after the other in this order:
+
+    * ``model``: inference only, on an already preprocessed batch of real images (as :func:`bench_runner`);
+    * ``decode``: the decoding pool alone (read, decode, resize, crop) over every image in ``folder``;
+    * ``e2e``: the whole pipeline over every image (decode in the pool while the model scores
+      the previous batch), as ``memexport predict`` runs it minus the CSV writes.
+
+    For the ``decode`` and ``e2e`` records the percentiles are of the wall time between
+    consecutive batches; ``images_per_s`` is images over total wall time. Decoding is not the
+    bottleneck when ``decode`` images/s exceeds ``model`` images/s and ``e2e`` comes close to ``model``.
+
+    Args:
+        artifact: ``.onnx`` or engine file.
+        folder: Folder of images (e.g. ``make synthetic-images``).
+        batch_size: Images per inference call (default 16).
+        workers: Decoding threads (default: as ``predict``).
+        device: ``cpu``, ``cuda`` or ``auto`` (default ``cpu``).
+        iterations: Timed calls for the ``model`` record (default 20).
+        warmup: Untimed calls first (default 3).
+        progress: Called with a short line before each stage (default: silent).
+    """
+    from memexport.errors import InputImageError, UsageError
+    from memexport.runtime.batch import decoded_batches, default_workers
+    from memexport.runtime.files import collect_images
+    from memexport.runtime.predictor import Predictor
+    from memexport.runtime.runners import runner_for
+
+    paths = collect_images([folder]).paths
+    if not paths:
+        raise UsageError(f"{folder}: no images to benchmark; create some with `make synthetic-images`")
+    workers = default_workers() if workers is None else workers
+    records: list[BenchRecord] = []
+    with runner_for(artifact, device=device) as runner, Predictor(runner, batch_size=batch_size) as predictor:
+        assert runner.metadata is not None
+        run_device = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in getattr(runner, "providers", [])) or runner.backend == "tensorrt" else "cpu"
+        progress(f"timing {artifact} inference at batch {batch_size}")
+        model_options = BenchOptions(batch_sizes=(batch_size,), iterations=iterations, warmup=warmup, images=folder)
+        model_record = bench_runner(runner, str(artifact), model_options, run_device)[0]
+        records.append(BenchRecord(**{**model_record.as_dict(), "backend": "model"}))
+
+        def timed(stage: str, infer: bool) -> BenchRecord:
+            progress(f"timing {stage} over {len(paths)} images with {workers} decoding threads")
+            intervals, count = [], 0
+            started = last = time.perf_counter()
+            for batch in decoded_batches(predictor, paths, batch_size, workers):
+                arrays = [item for _, item in batch if not isinstance(item, InputImageError)]
+                if infer and arrays:
+                    predictor.infer(np.stack(arrays))
+                count += len(batch)
+                now = time.perf_counter()
+                intervals.append((now - last) * 1000.0)
+                last = now
+            total = time.perf_counter() - started
+            ms = np.asarray(intervals)
+            p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
+            return BenchRecord(
+                model=runner.metadata.model, artifact=str(artifact), backend=stage, precision=runner.precision,
+                device=run_device, batch_size=batch_size, p50_ms=p50, p90_ms=p90, p99_ms=p99,
+                images_per_s=count / total, peak_rss_mb=peak_rss_mb(), iterations=len(ms),
+            )
+
+        progress(f"reading {len(paths)} images once, untimed, so both stages start from a warm page cache")
+        for path in paths:
+            try:
+                path.read_bytes()
+            except OSError:
+                pass
+        records.append(timed("decode", infer=False))
+        records.append(timed("e2e", infer=True))
+    return records
+
+
+def end_to_end_ratios(records: Sequence[BenchRecord]) -> list[str]:
+    """``decode`` and ``e2e`` throughput as a fraction of the ``model`` record of the same artifact and batch."""
+    lines = []
+    for record in records:
+        model = next((r for r in records if r.backend == "model" and r.artifact == record.artifact and r.batch_size == record.batch_size), None)
+        lines.append(f"{record.images_per_s / model.images_per_s:.2f}x model" if model and record is not model else "")
     return lines

@@ -71,3 +71,29 @@ class EngineMismatchError(ArtifactError):
 
 class CalibrationError(MemexportError):
     """Calibration that cannot run or cannot meet its fidelity target."""
+
+
+class CudaError(MemexportError):
+    """A CUDA runtime call that failed (driver missing or too old, out of memory, ...).
+
+    Attributes:
+        code: The CUDA status code (``cudaError_t``).
+    """
+
+    def __init__(self, message: str, code: int = -1) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class Interrupted(MemexportError):
+    """A long job stopped by Ctrl-C or SIGTERM after keeping every finished result.
+
+    Attributes:
+        summary: What was done before the stop (for ``predict``: a ``PredictSummary``).
+    """
+
+    exit_code = 130
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        self.summary = summary
+        super().__init__(message)

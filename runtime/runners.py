@@ -100,6 +100,8 @@ class OrtOptions:
         intra_op_threads: Threads per operator; 0 lets ONNX Runtime use every core (default 0).
         vram_budget_bytes: GPU memory budget checked before a CUDA session starts (default 11 GiB).
         max_batch: Largest batch the budget is checked for (default 32).
+        check_integrity: Verify the sha256 recorded at export before loading (default ``True``;
+            about 1 s per 500 MB, once per file per process; see ``runtime.integrity``).
     """
 
     device: str = "auto"
@@ -107,6 +109,7 @@ class OrtOptions:
     intra_op_threads: int = 0
     vram_budget_bytes: int = 11 * 1024**3
     max_batch: int = 32
+    check_integrity: bool = True
 
 
 def check_external_data_location(model_path: Path, locations: Sequence[str]) -> None:
@@ -150,8 +153,37 @@ def external_data_locations(model_path: Path) -> list[str]:
     return sorted(set(locations))
 
 
-def ort_providers(options: OrtOptions) -> list[Any]:
+def tensorrt_ep_options(model_path: Path | None) -> dict[str, Any]:
+    """Options for ONNX Runtime's TensorRT execution provider.
+
+    Engines and timing caches are cached (they take minutes to build). A Q/DQ ONNX
+    (``*.int8-qdq.onnx``) runs with ``trt_int8_enable``; an FP32 ONNX with a TensorRT
+    calibration table ``<stem>.calib.cache`` beside it (from ``memexport calibrate``) runs
+    implicit INT8 from that table. ORT looks the table up inside ``trt_engine_cache_path``,
+    so that path is then the model's folder.
+    """
+    from memexport.export.tensorrt import default_cache_dir
+
+    cache = str(default_cache_dir() / "ort-tensorrt")
+    options: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+    if model_path is None:
+        return options
+    table = model_path.with_name(f"{model_path.stem}.calib.cache")
+    if model_path.name.endswith(".int8-qdq.onnx"):
+        options["trt_int8_enable"] = True
+    elif table.is_file():
+        options.update(
+            trt_int8_enable=True, trt_int8_calibration_table_name=table.name, trt_int8_use_native_calibration_table=True,
+            trt_engine_cache_path=str(model_path.resolve().parent),
+        )
+    return options
+
+
+def ort_providers(options: OrtOptions, model_path: Path | None = None) -> list[Any]:
     """Choose ONNX Runtime execution providers for ``options``.
+
+    With onnxruntime-gpu: the CUDA EP (FP32 and FP16 ONNX) and, when ``options.tensorrt_ep``
+    is set and available, the TensorRT EP first (see :func:`tensorrt_ep_options`).
 
     Raises:
         BackendUnavailableError: ``device="cuda"`` without a CUDA-capable onnxruntime-gpu.
@@ -163,9 +195,11 @@ def ort_providers(options: OrtOptions) -> list[Any]:
         return ["CPUExecutionProvider"]
     providers: list[Any] = []
     if options.tensorrt_ep and "TensorrtExecutionProvider" in available:
-        providers.append("TensorrtExecutionProvider")
+        providers.append(("TensorrtExecutionProvider", tensorrt_ep_options(model_path)))
     if "CUDAExecutionProvider" in available:
-        providers.append("CUDAExecutionProvider")
+        # HEURISTIC skips cuDNN's exhaustive search, which allocates large scratch buffers
+        # that would break the VRAM budget on an 11 GB card.
+        providers.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
     elif options.device == "cuda":
         raise BackendUnavailableError(
             f"ONNX Runtime has no CUDA execution provider (available: {', '.join(available)}); "
@@ -202,8 +236,13 @@ class OnnxRuntimeRunner(Runner):
         if self.path.stat().st_size == 0:
             raise ArtifactError(f"{self.path}: model file is empty (0 bytes); re-export it")
         check_external_data_location(self.path, external_data_locations(self.path))
-        providers = ort_providers(self.options)
-        if "CUDAExecutionProvider" in providers or "TensorrtExecutionProvider" in providers:
+        if self.options.check_integrity:
+            from memexport.runtime.integrity import check_onnx
+
+            check_onnx(self.path)  # before ONNX Runtime parses a possibly tampered file
+        providers = ort_providers(self.options, self.path)
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        if "CUDAExecutionProvider" in names or "TensorrtExecutionProvider" in names:
             from memexport.runtime import budget
 
             budget.check_onnx_fits(self.path, self.options.max_batch, self.options.vram_budget_bytes)
@@ -216,7 +255,12 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidProtobuf types
             first = " ".join(str(exc).split())[:200]
             raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this model ({first}); re-export it or check that it is complete") from None
-        self.metadata = metadata_from_map(self.session.get_modelmeta().custom_metadata_map, self.path)
+        props = self.session.get_modelmeta().custom_metadata_map
+        if self.options.check_integrity and "memexport" in props:
+            from memexport.runtime.integrity import check_onnx
+
+            check_onnx(self.path, parsed_value=props["memexport"])  # cached: cross-checks the JSON hashed
+        self.metadata = metadata_from_map(props, self.path)
         inputs = {i.name: i for i in self.session.get_inputs()}
         meta = self.metadata
         if meta.input_name not in inputs:

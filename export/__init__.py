@@ -55,4 +55,11 @@ def export_model(
         if segmentation_weights is not None:
             raise UsageError("--segmentation-weights applies to m3m only")
         return onnx_from_torch(spec, resolve(weights, seed=seed), output, ExportOptions(opset=opset))
+    if spec.name == "m3m":
+        from memexport.export.m3m import SEGMENTATION_PART, onnx_with_external_data_from_torch
+
+        parts = {SEGMENTATION_PART: Path(segmentation_weights)} if segmentation_weights is not None else {}
+        # Default main checkpoint: ResMem's published weights for the shared parts.
+        source = resolve(weights, parts, seed=seed)
+        return onnx_with_external_data_from_torch(spec, source, output, ExportOptions(opset=opset), warn=warn).metadata
     raise UsageError(f"model {name!r} has no exporter yet")

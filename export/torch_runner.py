@@ -74,7 +74,7 @@ def reference_runner_for(metadata: ArtifactMetadata, weights_override: Any = Non
     """
     from pathlib import Path
 
-    from memexport.export.weights import resolve
+    from memexport.export.weights import resolve, sha256_file
     from memexport.spec import get_spec
 
     spec = get_spec(metadata.model)
@@ -93,4 +93,13 @@ def reference_runner_for(metadata: ArtifactMetadata, weights_override: Any = Non
             f"reference weights {source.path} (sha256 {str(source.sha256)[:12]}) differ from the weights this artifact was "
             f"exported from (sha256 {recorded['sha256'][:12]}); pass the original checkpoint with --weights"
         )
+    for name, part in (recorded.get("parts") or {}).items():
+        path = Path(part["path"])
+        if not path.is_file():
+            raise UsageError(f"the {name} checkpoint this artifact was exported from, {path}, is missing; restore it to rebuild the reference")
+        if part.get("sha256") and sha256_file(path) != part["sha256"]:
+            raise UsageError(
+                f"the {name} checkpoint {path} changed since export (sha256 {sha256_file(path)[:12]} != {part['sha256'][:12]}); "
+                "restore the original file to rebuild the reference"
+            )
     return TorchRunner(spec, source, device=device)

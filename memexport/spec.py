@@ -142,7 +142,18 @@ RESMEM = ModelSpec(
     description="ResMem (Needell & Bainbridge): ResNet-152 + AlexNet-style branch, sigmoid head",
 )
 
-MODELS: dict[str, ModelSpec] = {RESMEM.name: RESMEM}
+# A reconstruction (no M3M code or weights are public); see docs/m3m.md for the layer table.
+# Only FP32 is declared: it is the precision whose parity CI checks for M3M.
+M3M = ModelSpec(
+    name="m3m",
+    builder="memexport.export.m3m:m3m_from_weights",
+    tolerances={"fp32": DEFAULT_TOLERANCES["fp32"]},
+    parameters=509_742_158,
+    external_data=True,
+    description="M3M (reconstruction): ResMem + frozen DeepLabV3-ResNet-101 segmentation branch, 13 classes",
+)
+
+MODELS: dict[str, ModelSpec] = {RESMEM.name: RESMEM, M3M.name: M3M}
 
 
 def register(spec: ModelSpec) -> ModelSpec:

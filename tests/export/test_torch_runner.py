@@ -1,0 +1,42 @@
+"""The torch reference is rebuilt from exactly the weights an artifact was exported from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memexport.errors import UsageError
+from memexport.export.torch_runner import reference_runner_for
+from memexport.runtime.metadata import ArtifactMetadata
+from memexport.spec import RESMEM
+
+
+def metadata_with(weights: dict) -> ArtifactMetadata:
+    return ArtifactMetadata(
+        model="resmem", precision="fp32", input_name="image", output_name="score",
+        input_shape=RESMEM.input_shape, preprocess=RESMEM.preprocess, opset=17, weights=weights,
+    )
+
+
+def test_changed_main_checkpoint_is_refused(tmp_path, resmem_weights):
+    other = tmp_path / "other.pt"
+    torch.save({"x": torch.zeros(1)}, other)
+    meta = metadata_with({"path": str(resmem_weights), "sha256": "0" * 64, "parts": {}, "seed": 0})
+    with pytest.raises(UsageError, match="differ from the weights this artifact was exported from"):
+        reference_runner_for(meta, other)
+
+
+def test_changed_part_checkpoint_is_refused(tmp_path, resmem_weights):
+    from memexport.export.weights import sha256_file
+
+    part = tmp_path / "seg.pt"
+    torch.save({"a": torch.zeros(2)}, part)
+    recorded = {"path": str(part), "sha256": sha256_file(part)}
+    meta = metadata_with({"path": str(resmem_weights), "sha256": sha256_file(resmem_weights), "parts": {"segmentation": recorded}, "seed": 0})
+    assert reference_runner_for(meta).weights.parts["segmentation"] == part
+    torch.save({"a": torch.ones(2)}, part)
+    with pytest.raises(UsageError, match="segmentation checkpoint .* changed since export"):
+        reference_runner_for(meta)
+    part.unlink()
+    with pytest.raises(UsageError, match="is missing"):
+        reference_runner_for(meta)

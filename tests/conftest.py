@@ -47,3 +47,23 @@ def resmem_onnx(tmp_path_factory: pytest.TempPathFactory, resmem_weights: Path) 
     path = tmp_path_factory.mktemp("resmem") / "resmem.onnx"
     export_model("resmem", path, weights=resmem_weights)
     return path
+
+
+@pytest.fixture(scope="session")
+def m3m_export(tmp_path_factory: pytest.TempPathFactory, resmem_weights: Path) -> tuple[Path, tuple[str, ...]]:
+    """M3M exported once per test session (ResMem weights + seeded random segmentation), with its warnings.
+
+    About 40 s and 5 GB peak RSS; the artifact is a 0.5 MB .onnx plus a 2 GB .onnx.data.
+    """
+    from memexport.export import export_model
+
+    warnings: list[str] = []
+    path = tmp_path_factory.mktemp("m3m") / "m3m.onnx"
+    export_model("m3m", path, weights=resmem_weights, warn=warnings.append)
+    return path, tuple(warnings)
+
+
+@pytest.fixture(scope="session")
+def m3m_onnx(m3m_export: tuple[Path, tuple[str, ...]]) -> Path:
+    """The session's M3M artifact (see ``m3m_export``)."""
+    return m3m_export[0]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
@@ -100,25 +101,39 @@ def load_checkpoint(path: Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; pass an existing file with --weights")
+        raise CheckpointError(f"{path}: checkpoint not found (or not a regular file); pass an existing file with --weights")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint is empty (0 bytes); re-download or re-save it")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            # weights_only=True passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: refused to load, the checkpoint holds pickled objects beyond tensors "
-            f"(weights_only=True rejected it: {first}); save a plain state_dict with torch.save(model.state_dict())"
+            f"{path}: refused to load: the checkpoint holds pickled objects beyond tensors, which could run code "
+            f"({_unpickler_reason(exc)}); nothing in it was executed. Save a plain state_dict with torch.save(model.state_dict())"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first}); re-save it with torch.save") from None
+    except Exception as exc:  # noqa: BLE001 - zip, storage and pickle parsers raise many types on bad bytes
+        first = _one_line(str(exc)) or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt: {first}); re-save it with torch.save") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{path}: expected a state_dict of tensors, found {type(state).__name__}")
     return state
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return " ".join(text.split())[:limit]
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The useful part of torch's weights_only refusal (it also suggests weights_only=False: never)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"(Unsupported (?:global|operand|class)[^.\n]*)", text)
+    return _one_line(match.group(1)) if match else "not a plain state_dict"
 
 
 def check_keys(model_keys: set[str], state: Mapping[str, object], path: Path, what: str) -> None:

@@ -1,16 +1,51 @@
-"""Scoring many files to CSV, keeping every good result and reporting every bad input."""
+"""Scoring many files to CSV: parallel decoding, incremental crash-safe output, resume.
+
+Guarantees, whatever happens to the process:
+
+* Each batch's rows reach ``scores.csv`` in one ``write`` followed by ``flush`` and ``fsync``,
+  so a crash, Ctrl-C or ``kill -9`` keeps every batch finished before it. A tear can only cut
+  the last row; ``resume`` drops it (every complete row ends with ``\\n``).
+* ``resume`` skips images whose path already has a complete row, so a killed run continued
+  with ``resume`` scores every image exactly once.
+* A bad input never stops the run: it gets one ``path,error`` row in ``<stem>.errors.csv``,
+  written incrementally the same way. Errors are recomputed on every run (resumed or not):
+  images that failed are retried, so that file always lists the current failures once each.
+* Paths are written as the file system gives them; a name that is not valid UTF-8 is written
+  back as its original bytes (Python's ``surrogateescape``), so the CSV names the real file.
+
+Decoding runs in a pool of threads (Pillow and numpy release the GIL while decoding and
+resizing); at most ``2 * batch_size + 4 * workers`` decoded images wait in memory.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
-from collections import Counter
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TextIO, Union
 
+import numpy as np
+
+from memexport.atomic import fsync_dir
+from memexport.errors import InputImageError, Interrupted, UsageError
 from memexport.runtime.files import collect_images
 from memexport.runtime.predictor import Predictor
+from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions, runner_for
+
+SCORES_HEADER = ("path", "score")
+ERRORS_HEADER = ("path", "error")
+_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+
+
+def default_workers() -> int:
+    """Decoding threads: one per core, at most 8 (default for ``--workers``)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -21,11 +56,23 @@ class PredictOptions:
         batch_size: Images per inference call (default 16).
         device: ``cpu``, ``cuda`` or ``auto`` (default ``auto``).
         exif_transpose: Honour EXIF orientation (default ``False``, as the original code).
+        workers: Decoding threads; 0 decodes in the calling thread (default
+            :func:`default_workers`, resolved when ``None``).
+        resume: Keep an existing ``output`` and skip the images it already scores (default ``False``).
+        overwrite: Replace an existing ``output`` (default ``False``: an existing non-empty
+            output without ``resume`` is refused, so a re-run cannot wipe finished work).
+        follow_symlinks: Follow symlinks that leave the folders given (default ``False``).
+        check_integrity: Verify the artifact's recorded sha256 before scoring (default ``True``).
     """
 
     batch_size: int = 16
     device: str = "auto"
     exif_transpose: bool = False
+    workers: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    follow_symlinks: bool = False
+    check_integrity: bool = True
 
 
 @dataclass
@@ -34,24 +81,261 @@ class PredictSummary:
 
     Attributes:
         scored: Images scored in this run.
-        failures: Count of failed inputs by reason.
-        duplicates: Inputs listed more than once (scored once).
+        failures: Count of failed inputs by reason (``empty``, ``truncated``, ``symlink-outside``, ...).
+        duplicates: Inputs naming a file already listed (each file is scored once).
+        skipped: Images already scored in ``output`` and skipped by ``resume``.
+        dropped_torn_row: Whether ``resume`` removed a torn last row left by a crash.
+        total: Images this run set out to score (after duplicates and resume).
         errors_path: Where per-file errors were written, if any failed.
+        elapsed_s: Wall time of the scoring loop.
+        interrupted: Whether Ctrl-C or SIGTERM stopped the run early.
     """
 
     scored: int = 0
     failures: Counter = field(default_factory=Counter)
-    duplicates: int = 0
+    duplicates: list[Path] = field(default_factory=list)
+    skipped: int = 0
+    dropped_torn_row: bool = False
+    total: int = 0
     errors_path: Path | None = None
+    elapsed_s: float = 0.0
+    interrupted: bool = False
 
     @property
     def failed(self) -> int:
         return sum(self.failures.values())
 
+    @property
+    def images_per_s(self) -> float:
+        done = self.scored + self.failed
+        return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
 
 def errors_path_for(output: Path) -> Path:
     """``scores.csv`` → ``scores.errors.csv``."""
     return output.with_name(f"{output.stem}.errors.csv")
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """How ``resume`` matches a CSV row to an input: the real absolute path."""
+    return os.path.realpath(path)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+@dataclass(frozen=True)
+class ScoresFile:
+    """What an existing scores CSV holds.
+
+    Attributes:
+        keys: :func:`path_key` of every complete row.
+        valid_bytes: Length of the prefix made of the header and complete rows.
+        size: The file's length; larger than ``valid_bytes`` when the last row is torn.
+        has_header: Whether the prefix includes the ``path,score`` header.
+    """
+
+    keys: frozenset[str]
+    valid_bytes: int
+    size: int
+    has_header: bool
+
+
+def _valid_score(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def read_scores_file(output: Path) -> ScoresFile:
+    """Parse a scores CSV written by :func:`scores_csv_from_images`, tolerating a torn tail.
+
+    A complete row is ``path,score`` ending in ``\\n`` with a score in [0, 1]. Anything
+    else is accepted only as the very last row (a write cut by a crash) and left out of
+    ``valid_bytes``; anywhere else it means the file is not ours.
+
+    Raises:
+        UsageError: The file is not a memexport scores CSV, or was edited mid-way.
+    """
+    raw = output.read_bytes()
+    text = raw.decode("utf-8", "surrogateescape")
+    position = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal position
+        while position < len(text):
+            end = text.find("\n", position)
+            end = len(text) if end < 0 else end + 1
+            chunk = text[position:end]
+            position = end
+            yield chunk
+
+    reader = csv.reader(lines(), strict=True)
+    keys: set[str] = set()
+    valid_chars, has_header, row_number = 0, False, 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            row = None
+        row_number += 1
+        complete = row is not None and text[position - 1 : position] == "\n"
+        if row_number == 1 and complete and tuple(row or ()) == SCORES_HEADER:
+            has_header, valid_chars = True, position
+            continue
+        if complete and has_header and row is not None and len(row) == 2 and _valid_score(row[1]):
+            keys.add(path_key(row[0]))
+            valid_chars = position
+            continue
+        if position >= len(text):
+            break  # a torn last row: dropped
+        raise UsageError(
+            f"{output}: row {row_number} is not a `path,score` row, so this is not a memexport scores file "
+            "(or it was edited); pass --overwrite to start again or choose another -o"
+        )
+    valid_bytes = len(text[:valid_chars].encode("utf-8", "surrogateescape"))
+    return ScoresFile(frozenset(keys), valid_bytes, len(raw), has_header)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _CsvAppender:
+    """Appends rows in one write per batch, then flush and fsync."""
+
+    def __init__(self, path: Path, header: Sequence[str], append: bool) -> None:
+        self.path = path
+        existed = path.exists()
+        self.handle: TextIO = open(path, "a" if append else "w", **_ENCODING)  # type: ignore[call-overload]
+        if not append or self.handle.tell() == 0:
+            self.write([tuple(header)])
+        if not existed:
+            fsync_dir(path.parent)
+
+    def write(self, rows: Iterable[Sequence[str]]) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        text = buffer.getvalue()
+        if text:
+            self.handle.write(text)
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+_MISSING_DETAIL = {
+    "missing": "file or folder not found; check the path",
+    "unreadable": "cannot list this folder; check its permissions",
+}
+
+
+def _error_text(error: InputImageError) -> str:
+    return f"{error.reason}: {error.detail}"
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+Item = Union[np.ndarray, InputImageError]
+
+
+def _safe_preprocess(predictor: Predictor, path: Path) -> Item:
+    try:
+        return predictor.preprocess(path)
+    except InputImageError as error:
+        return error
+    except Exception as exc:  # noqa: BLE001 - a bug must cost one image, never the run
+        return InputImageError(str(path), "internal-error", f"unexpected {type(exc).__name__}: {exc}; please report it")
+
+
+def decoded_batches(
+    predictor: Predictor, paths: Sequence[Path], batch_size: int, workers: int
+) -> Iterator[list[tuple[Path, Item]]]:
+    """Preprocess ``paths`` in parallel and group them, in input order, into batches.
+
+    Each batch holds up to ``batch_size`` decoded images plus the failures met on the way.
+    Workers keep decoding while the caller runs inference on the previous batch; at most
+    ``2 * batch_size + 4 * workers`` results wait in memory.
+
+    Args:
+        predictor: Supplies preprocessing (thread-safe).
+        paths: Image files, in the order to report them.
+        batch_size: Decoded images per batch.
+        workers: Decoding threads; 0 decodes in the calling thread.
+    """
+    pending: list[tuple[Path, Item]] = []
+    good = 0
+    if workers <= 0:
+        for path in paths:
+            item = _safe_preprocess(predictor, path)
+            pending.append((path, item))
+            good += not isinstance(item, InputImageError)
+            if good >= batch_size:
+                yield pending
+                pending, good = [], 0
+        if pending:
+            yield pending
+        return
+    window = 2 * batch_size + 4 * workers
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memexport-decode")
+    queue: deque[tuple[Path, Future]] = deque()
+    todo = iter(paths)
+    try:
+
+        def fill() -> None:
+            while len(queue) < window:
+                path = next(todo, None)
+                if path is None:
+                    return
+                queue.append((path, pool.submit(_safe_preprocess, predictor, path)))
+
+        fill()
+        while queue:
+            path, future = queue.popleft()
+            item = future.result()
+            fill()
+            pending.append((path, item))
+            good += not isinstance(item, InputImageError)
+            if good >= batch_size:
+                yield pending
+                pending, good = [], 0
+        if pending:
+            yield pending
+    finally:
+        # On Ctrl-C or an inference error: drop queued work, let running decodes finish.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _prepare_output(output: Path, options: PredictOptions, summary: PredictSummary) -> frozenset[str]:
+    """Check ``output`` against resume/overwrite; repair a torn tail; return keys already scored."""
+    if output.is_dir():
+        raise UsageError(f"{output}: is a folder; pass a .csv file name with -o")
+    exists = output.exists() and output.stat().st_size > 0
+    if not exists or options.overwrite:
+        return frozenset()
+    if not options.resume:
+        raise UsageError(
+            f"{output} already exists; pass --resume to continue it (already scored images are skipped) "
+            "or --overwrite to start again"
+        )
+    state = read_scores_file(output)
+    if state.valid_bytes < state.size:
+        # The only bytes ever removed: a row cut short by a crash, rescored below.
+        with open(output, "r+b") as handle:
+            handle.truncate(state.valid_bytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+        summary.dropped_torn_row = True
+    return state.keys
 
 
 def scores_csv_from_images(
@@ -60,45 +344,95 @@ def scores_csv_from_images(
 ) -> PredictSummary:
     """Score files and folders into ``output`` (``path,score``) and ``<stem>.errors.csv`` (``path,error``).
 
-    Rows are flushed as each batch finishes, so an interrupted run keeps every finished score.
-
     Args:
-        model: Artifact to score with.
+        model: Artifact to score with (``.onnx`` or a TensorRT engine).
         inputs: Files and folders (folders recursively, sorted).
         output: CSV destination.
         options: See :class:`PredictOptions`.
-        progress: Called with (done, total) after each image.
+        progress: Called with ``(done, total)`` after each batch (done counts scored and failed).
+
+    Returns:
+        A :class:`PredictSummary`.
+
+    Raises:
+        UsageError: Bad options, or ``output`` exists without ``resume``/``overwrite``.
+        Interrupted: Ctrl-C (``KeyboardInterrupt``) stopped the run; every finished row is on
+            disk and ``error.summary`` says how far it got.
+        ArtifactError: The model cannot be loaded (missing, corrupt, tampered).
     """
-    collected = collect_images(inputs)
-    summary = PredictSummary(duplicates=len(collected.duplicates))
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.resume and options.overwrite:
+        raise UsageError("--resume keeps the existing output and --overwrite replaces it; pass one of them")
+    workers = default_workers() if options.workers is None else options.workers
+    if workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {workers}")
+    output = Path(output)
+    summary = PredictSummary()
+    done_keys = _prepare_output(output, options, summary)
+    collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
+    summary.duplicates = list(collected.duplicates)
+    todo = [p for p in collected.paths if path_key(p) not in done_keys] if done_keys else list(collected.paths)
+    summary.skipped = len(collected.paths) - len(todo)
+    summary.total = len(todo)
+
+    if Path(model).suffix.lower() == ".onnx":
+        runner = OnnxRuntimeRunner(model, OrtOptions(device=options.device, check_integrity=options.check_integrity))
+    else:
+        runner = runner_for(model, device=options.device)
     errors_file = errors_path_for(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    error_rows: list[tuple[str, str]] = [(str(p), f"{reason}: file not found; check the path") for p, reason in collected.missing]
-    for path, _ in collected.missing:
-        summary.failures["missing"] += 1
-    total = len(collected.paths)
-    with Predictor(model, batch_size=options.batch_size, device=options.device, exif_transpose=options.exif_transpose) as predictor, open(
-        output, "w", newline="", encoding="utf-8", errors="surrogateescape"
-    ) as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score"])
-        done = 0
-        for result in predictor.score_iter(collected.paths):
-            done += 1
-            if result.error is None:
-                writer.writerow([result.source, f"{result.score:.8f}"])
-                summary.scored += 1
-            else:
-                error_rows.append((result.source, f"{result.error.reason}: {result.error.detail}"))
-                summary.failures[result.error.reason] += 1
-            if done % options.batch_size == 0 or done == total:
-                handle.flush()
-                os.fsync(handle.fileno())
-            progress(done, total)
-    if error_rows:
-        with open(errors_file, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "error"])
-            writer.writerows(error_rows)
-        summary.errors_path = errors_file
+    with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
+        started = time.perf_counter()
+        scores = _CsvAppender(output, SCORES_HEADER, append=bool(done_keys) or options.resume)
+        errors: _CsvAppender | None = None
+        errors_file.unlink(missing_ok=True)  # recomputed by this run (see module docstring)
+
+        def report(rows: list[tuple[str, str]]) -> None:
+            nonlocal errors
+            if rows:
+                if errors is None:
+                    errors = _CsvAppender(errors_file, ERRORS_HEADER, append=False)
+                    summary.errors_path = errors_file
+                errors.write(rows)
+
+        batches = decoded_batches(predictor, todo, options.batch_size, workers)
+        try:
+            upfront = [(str(p), f"{reason}: {_MISSING_DETAIL.get(reason, 'cannot be read')}") for p, reason in collected.missing]
+            upfront += [(str(p), f"{reason}: {detail}") for p, reason, detail in collected.rejected]
+            for p, reason in collected.missing:
+                summary.failures[reason] += 1
+            for p, reason, _ in collected.rejected:
+                summary.failures[reason] += 1
+            report(upfront)
+            done = 0
+            for batch in batches:
+                arrays = [item for _, item in batch if not isinstance(item, InputImageError)]
+                values = iter(predictor.infer(np.stack(arrays)).tolist()) if arrays else iter(())
+                rows, bad = [], []
+                for path, item in batch:
+                    if isinstance(item, InputImageError):
+                        bad.append((str(path), _error_text(item)))
+                        summary.failures[item.reason] += 1
+                    else:
+                        rows.append((str(path), f"{next(values):.8f}"))
+                scores.write(rows)
+                report(bad)
+                summary.scored += len(rows)
+                done += len(batch)
+                progress(done, summary.total)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            summary.elapsed_s = time.perf_counter() - started
+            raise Interrupted(
+                f"interrupted after scoring {summary.scored} of {summary.total} images; every finished score is in {output}; "
+                "rerun the same command with --resume to continue",
+                summary,
+            ) from None
+        finally:
+            batches.close()  # stops the decoding pool now, not when garbage collected
+            scores.close()
+            if errors is not None:
+                errors.close()
+    summary.elapsed_s = time.perf_counter() - started
     return summary

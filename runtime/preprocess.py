@@ -10,11 +10,11 @@ EXIF orientation is ignored by default, as the original code ignores it; pass
 
 from __future__ import annotations
 
-import io
 import os
+import stat
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +27,19 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 # PIL's own bomb guard warns at 89 MP and raises at twice that; memexport refuses anything
 # over this many pixels outright, before decoding, so a hostile header costs nothing.
 MAX_PIXELS = 64_000_000
+
+# Formats decoded from files. Content is sniffed, not trusted from the suffix, but only among
+# these: plugins such as EPS would hand the bytes to Ghostscript, which no image scorer needs.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM")
+# Register every plugin now, once: Image.open(formats=...) only knows registered ones, and doing
+# it at import avoids plugin registration racing between decoding threads.
+Image.init()
+ALLOWED_FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+# memexport refuses images over MAX_PIXELS itself (stricter than PIL's 89 MP warning), so PIL's
+# warning is redundant. Filtering it once here, rather than with catch_warnings() per image,
+# keeps decoding thread-safe: catch_warnings mutates process-wide state.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -46,56 +59,58 @@ def describe(source: ImageInput) -> str:
 def _open_path(path: Path, exif_transpose: bool) -> Image.Image:
     name = describe(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
-        raise InputImageError(name, "missing", "file not found; check the path") from None
+        raise InputImageError(name, "missing", "file not found (or a broken symlink); check the path") from None
     except OSError as exc:
-        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror}); check its permissions") from None
-    if not path.is_file():
-        raise InputImageError(name, "not-a-file", "not a regular file; pass an image file or a folder")
-    if size == 0:
+        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror or exc}); check its permissions") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
+        raise InputImageError(name, "not-a-file", f"is {kind}, not a regular file; pass image files or folders of them")
+    if info.st_size == 0:
         raise InputImageError(name, "empty", "file is empty (0 bytes); re-copy or remove it")
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        # O_NONBLOCK: a file swapped for a FIFO after the check above must not hang the worker.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        handle = os.fdopen(fd, "rb")
     except OSError as exc:
-        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror}); check its permissions") from None
-    return _decode(io.BytesIO(data), name, exif_transpose)
+        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror or exc}); check its permissions") from None
+    with handle:
+        # Decoding streams from the handle, so a huge non-image file is never read whole.
+        return _decode(handle, name, exif_transpose)
 
 
-def _decode(stream: io.BytesIO, name: str, exif_transpose: bool) -> Image.Image:
+def _decode(stream: BinaryIO, name: str, exif_transpose: bool) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise InputImageError(
-                    name, "too-large",
-                    f"declares {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (decompression bomb?); "
-                    "downscale the image first",
-                )
-            image.seek(0)  # animated images: score the first frame
-            image.load()
+        image = Image.open(stream, formats=ALLOWED_FORMATS)
+        width, height = image.size
+        if width * height > MAX_PIXELS or width <= 0 or height <= 0:
+            raise InputImageError(
+                name, "too-large",
+                f"declares {width}x{height} pixels, outside 1..{MAX_PIXELS:,} pixels (decompression bomb?); "
+                "downscale the image first",
+            )
+        image.seek(0)  # animated images: score the first frame
+        image.load()
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
     except InputImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise InputImageError(name, "too-large", "image is too large to decode safely (decompression bomb?); downscale it first") from None
     except UnidentifiedImageError:
-        raise InputImageError(name, "not-an-image", "not a recognised image format; remove it or convert it to JPEG/PNG") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError, struct_error()) as exc:
+        raise InputImageError(
+            name, "not-an-image", f"not a recognised image ({'/'.join(ALLOWED_FORMATS)}); remove it or convert it to JPEG/PNG"
+        ) from None
+    except MemoryError:
+        raise InputImageError(name, "too-large", "not enough memory to decode this image; downscale it first") from None
+    except PermissionError as exc:
+        raise InputImageError(name, "unreadable", f"cannot read file ({exc.strerror or exc}); check its permissions") from None
+    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise many types; each is a bad input
         text = str(exc).lower()
-        reason = "truncated" if ("truncat" in text or "end of file" in text or "premature" in text) else "corrupt"
+        reason = "truncated" if ("truncat" in text or "end of file" in text or "premature" in text or isinstance(exc, EOFError)) else "corrupt"
         raise InputImageError(name, reason, f"image data is {reason} ({_one_line(exc)}); re-export or remove the file") from None
-    if exif_transpose:
-        image = ImageOps.exif_transpose(image)
     return image
-
-
-def struct_error() -> type:
-    import struct
-
-    return struct.error
 
 
 def _one_line(exc: BaseException) -> str:
@@ -168,14 +183,29 @@ def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess(source: ImageInput, spec: PreprocessSpec, exif_transpose: bool = False) -> np.ndarray:
-    """Load and preprocess one image input (path, PIL image or uint8 array)."""
+    """Load and preprocess one image input (path, PIL image or uint8 array).
+
+    Safe to call from several threads at once (it shares no state), which is how
+    ``memexport predict`` decodes in parallel.
+
+    Raises:
+        InputImageError: The only exception a bad input can cause, whatever its bytes.
+    """
     name = describe(source)
     image = load_image(source, exif_transpose)
     try:
         return preprocess_image(image, spec)
     except InputImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except MemoryError:
+        raise InputImageError(name, "too-large", "not enough memory to preprocess this image; downscale it first") from None
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, KeyError) or "conversion" in str(exc) or "mode" in str(exc):
+            raise InputImageError(
+                name, "unsupported-mode", f"cannot convert PIL mode {image.mode!r} to {spec.mode}; convert the image to RGB"
+            ) from None
         raise InputImageError(name, "corrupt", f"image data is corrupt ({_one_line(exc)}); re-export or remove the file") from None
-    except KeyError:
-        raise InputImageError(name, "unsupported-mode", f"cannot convert PIL mode {image.mode!r} to {spec.mode}; convert the image to RGB") from None
+    except Exception as exc:  # noqa: BLE001 - lazy decoders can still fail here on untrusted bytes
+        text = str(exc).lower()
+        reason = "truncated" if ("truncat" in text or isinstance(exc, EOFError)) else "corrupt"
+        raise InputImageError(name, reason, f"image data is {reason} ({_one_line(exc)}); re-export or remove the file") from None

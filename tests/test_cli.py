@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from memexport.export.onnx_export import set_metadata
 from memexport.runtime.metadata import metadata_from_map
 
 
@@ -103,6 +104,8 @@ def test_verify_failure_exits_1_and_prints_what_would_pass(resmem_onnx, data_dir
     bias = next(t for t in model.graph.initializer if t.name == "fc12.bias")
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), "fc12.bias"))
     tampered = tmp_path / "shifted.onnx"
+    # A deliberate re-weighting, not tampering: re-set the metadata so the stale integrity digest goes.
+    set_metadata(model, metadata_from_map({p.key: p.value for p in model.metadata_props}, tampered))
     onnx.save(model, str(tampered))
     result = memexport("verify", "--model", str(tampered), "--images", str(data_dir))
     assert result.returncode == 1

@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 ARTIFACTS ?= artifacts
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-gpu test-fast bench trt-api clean photos
+.PHONY: install demo test test-gpu test-fast bench trt-api clean photos synthetic-images bench-e2e
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(ARTIFACTS)/resmem.onnx: $(STAMP)
 	$(BIN)/memexport export resmem -o $@
 
 demo: $(ARTIFACTS)/resmem.onnx
-	$(BIN)/memexport predict tests/data -m $(ARTIFACTS)/resmem.onnx -o $(ARTIFACTS)/demo_scores.csv --device cpu
+	$(BIN)/memexport predict tests/data -m $(ARTIFACTS)/resmem.onnx -o $(ARTIFACTS)/demo_scores.csv --device cpu --overwrite
 	$(BIN)/python tools/demo_table.py $(ARTIFACTS)/demo_scores.csv tests/data/reference_scores.json
 
 test: $(STAMP) trt-api
@@ -66,3 +66,11 @@ photos: $(ARTIFACTS)/photos/.done
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
+
+# 2,000 seeded synthetic photo-like JPEGs for the end-to-end benchmark (git-ignored).
+synthetic-images: $(STAMP)
+	$(BIN)/python tools/synthetic_jpegs.py $(ARTIFACTS)/synthetic_jpegs --count 2000
+
+# predict-pipeline images/s (decode+preprocess+infer) next to the model's own, in one run.
+bench-e2e: $(ARTIFACTS)/resmem.onnx synthetic-images
+	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx --end-to-end $(ARTIFACTS)/synthetic_jpegs --batch-sizes 16 --json $(ARTIFACTS)/bench_e2e.json

@@ -183,7 +183,8 @@ def bench_artifacts(
 
 def ratio_table(records: Sequence[BenchRecord]) -> list[str]:
     """Throughput ratios against the first record of the same model and batch size on ONNX Runtime FP32,
-    and against torch eager where present."""
+    against torch eager where present, and against the first model listed (same back end, precision,
+    device and batch) for the other models, e.g. M3M against ResMem."""
     lines = []
     for record in records:
         peers = [r for r in records if r.model == record.model and r.batch_size == record.batch_size]
@@ -194,6 +195,12 @@ def ratio_table(records: Sequence[BenchRecord]) -> list[str]:
             parts.append(f"{record.images_per_s / torch_peer.images_per_s:.2f}x torch")
         if ort32 and record is not ort32:
             parts.append(f"{record.images_per_s / ort32.images_per_s:.2f}x onnxruntime fp32")
+        # Across models (M3M against ResMem): the same back end, precision and batch of the first model listed.
+        first = records[0].model if records else record.model
+        other = next((r for r in records if r.model == first and r.model != record.model and r.backend == record.backend
+                      and r.precision == record.precision and r.device == record.device and r.batch_size == record.batch_size), None)
+        if other:
+            parts.append(f"{record.images_per_s / other.images_per_s:.2f}x {other.model}")
         lines.append(", ".join(parts))
     return lines
 

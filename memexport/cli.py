@@ -81,6 +81,23 @@ def export_cmd(
     typer.echo(f"wrote {output} ({metadata.model}, opset {metadata.opset}, {metadata.extra.get('parameters', 0):,} parameters)")
 
 
+def _summary_lines(summary: Any, output: Path) -> list[str]:
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(summary.failures.items()))
+    lines = [
+        f"scored {summary.scored} images into {output}; {summary.failed} failed"
+        + (f" ({reasons}), see {summary.errors_path}" if summary.failed else "")
+        + (f"; {summary.images_per_s:.1f} images/s" if summary.elapsed_s > 0 and summary.total else "")
+    ]
+    if summary.skipped:
+        lines.append(f"{summary.skipped} images were already scored in {output} and skipped (--resume)")
+    if summary.dropped_torn_row:
+        lines.append(f"dropped a torn last row left in {output} by an interrupted run; that image was scored again")
+    if summary.duplicates:
+        shown = ", ".join(str(p) for p in summary.duplicates[:5]) + (" ..." if len(summary.duplicates) > 5 else "")
+        lines.append(f"{len(summary.duplicates)} duplicate inputs were scored once: {shown}")
+    return lines
+
+
 @command("predict")
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and folders (folders recursively, sorted)."),
@@ -89,28 +106,58 @@ def predict_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose/--no-exif-transpose", help="Honour EXIF orientation (the original code does not)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, at most 8; 0 decodes inline)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an existing output: skip images it already scores, drop a torn last row."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is refused)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symlinks that leave the folders given (default: report them)."),
+    integrity_check: bool = typer.Option(True, "--integrity-check/--no-integrity-check", help="Verify the artifact's recorded sha256 first (~1 s per 500 MB)."),
 ) -> None:
-    """Score images into a CSV. Bad inputs go to <stem>.errors.csv; exit 1 if any failed."""
+    """Score images into a CSV, incrementally. Bad inputs go to <stem>.errors.csv.
+
+    Exit codes: 0 all scored, 1 some inputs failed, 2 usage error, 130 interrupted (finished scores kept; rerun with --resume).
+    """
+    import signal
+    import warnings
+
+    from memexport.errors import Interrupted
     from memexport.runtime.batch import PredictOptions, scores_csv_from_images
 
-    bar: dict[str, Any] = {}
+    # Pillow warns about odd files it still decodes (bad EXIF, oversized TIFF tags); the
+    # summary and errors file are the report, so keep the terminal to one line per problem.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+    bar: dict[str, Any] = {"done": 0}
 
     def progress(done: int, total: int) -> None:
         if total >= 32 and "bar" not in bar:
-            bar["bar"] = typer.progressbar(length=total, label="scoring", file=sys.stderr, show_eta=True)
+            bar["bar"] = typer.progressbar(length=total, label="scoring", file=sys.stderr, show_eta=True, show_pos=True)
             bar["bar"].__enter__()
         if "bar" in bar:
-            bar["bar"].update(1)
+            bar["bar"].update(done - bar["done"])
+        bar["done"] = done
 
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: finished rows are already on disk
+
+    options = PredictOptions(batch_size, device, exif_transpose, workers, resume, overwrite, follow_symlinks, integrity_check)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        summary = scores_csv_from_images(model, paths, output, PredictOptions(batch_size, device, exif_transpose), progress)
-    finally:
+        summary = scores_csv_from_images(model, paths, output, options, progress)
+    except Interrupted as stop:
         if "bar" in bar:
             bar["bar"].__exit__(None, None, None)
-    reasons = ", ".join(f"{n} {r}" for r, n in sorted(summary.failures.items()))
-    typer.echo(f"scored {summary.scored} images into {output}; {summary.failed} failed" + (f" ({reasons}), see {summary.errors_path}" if summary.failed else ""))
-    if summary.duplicates:
-        typer.echo(f"{summary.duplicates} duplicate inputs were scored once")
+            bar.pop("bar")
+        if stop.summary is not None:
+            for line in _summary_lines(stop.summary, output):
+                err(line)
+        err(f"error: {stop}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if "bar" in bar:
+            bar["bar"].__exit__(None, None, None)
+    for line in _summary_lines(summary, output):
+        typer.echo(line)
     if summary.failed:
         raise typer.Exit(EXIT_ERROR)
 
@@ -151,10 +198,26 @@ def bench_cmd(
     device: str = typer.Option("cpu", "--device"),
     images: Optional[Path] = typer.Option(None, "--images", help="Build inputs from these images (default: seeded noise)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the records as a JSON list."),
+    end_to_end: Optional[Path] = typer.Option(None, "--end-to-end", help="Also time the predict pipeline (decode+preprocess+infer) over this image folder."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="--end-to-end: decoding threads (default as predict)."),
 ) -> None:
     """Latency (p50/p90/p99), images/s and peak RSS per back end and batch size."""
-    from memexport.bench import BenchOptions, bench_artifacts, ratio_table
+    from memexport.bench import BenchOptions, bench_artifacts, bench_end_to_end, end_to_end_ratios, ratio_table
 
+    if end_to_end is not None:
+        # model = inference alone, decode = the decoding pool alone, e2e = both overlapped, as predict runs.
+        records = [r for m in model for b in parse_batch_sizes(batch_sizes) for r in bench_end_to_end(m, end_to_end, b, workers, device, iterations, warmup, err)]
+        typer.echo(f"{'model':12} {'stage':8} {'prec':5} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
+        for record, ratio in zip(records, end_to_end_ratios(records)):
+            typer.echo(
+                f"{record.model:12} {record.backend:8} {record.precision:5} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
+                f"{record.p90_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
+            )
+        if json_out:
+            from memexport.atomic import write_text_atomic
+
+            write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
+        return
     options = BenchOptions(parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images)
     records = bench_artifacts(model, options, progress=err)
     typer.echo(f"{'model':8} {'backend':12} {'prec':5} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
@@ -162,11 +225,122 @@ def bench_cmd(
         typer.echo(
             f"{record.model:8} {record.backend:12} {record.precision:5} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
             f"{record.p90_ms:>9.2f} {record.p99_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
+            + (f"  vram {record.vram_mb:.0f} MB" if record.vram_mb is not None else "")
+            + (f" (estimate {record.vram_estimate_mb:.0f} MB)" if record.vram_estimate_mb is not None else "")
         )
     if json_out:
         from memexport.atomic import write_text_atomic
 
         write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
+
+
+@command("build")
+def build_cmd(
+    model: str = typer.Argument("resmem", help="Model name (exported and cached first) or an .onnx file."),
+    fp32: bool = typer.Option(False, "--fp32", help="FP32 engine."),
+    fp16: bool = typer.Option(False, "--fp16", help="FP16 engine (no speed-up on Pascal sm_61: prefer --int8 there)."),
+    int8: bool = typer.Option(False, "--int8", help="INT8 engine: needs --calib, --calib-cache or a Q/DQ ONNX."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine file (default: <model>.<precision>.plan)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibrate INT8 on the way from this image folder."),
+    calib_cache: Optional[Path] = typer.Option(None, "--calib-cache", help="TensorRT calibration cache (TensorRT 8.6/10)."),
+    min_batch: int = typer.Option(1, "--min-batch"),
+    opt_batch: int = typer.Option(8, "--opt-batch"),
+    max_batch: int = typer.Option(32, "--max-batch", help="Largest batch; larger ones are split at run time."),
+    vram_budget: str = typer.Option("11GiB", "--vram-budget", help="VRAM budget; the workspace limit is derived from it."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache reused between builds (default: in the cache dir)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Exported ONNX and timing caches (default ~/.cache/memexport)."),
+    device: int = typer.Option(0, "--device", help="CUDA device ordinal to build on."),
+) -> None:
+    """Build a TensorRT engine (plan + JSON sidecar) from a model name or an ONNX file."""
+    from memexport.errors import UsageError
+    from memexport.export.tensorrt import BuildOptions, build
+    from memexport.runtime.budget import parse_bytes
+
+    chosen = [name for name, on in (("fp32", fp32), ("fp16", fp16), ("int8", int8)) if on]
+    if len(chosen) != 1:
+        raise UsageError(f"choose exactly one of --fp32, --fp16 or --int8 (got {', '.join('--' + c for c in chosen) or 'none'})")
+    options = BuildOptions(
+        precision=chosen[0], min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, vram_budget_bytes=parse_bytes(vram_budget),
+        calibration_cache=calib_cache, calibration_images=calib, timing_cache=timing_cache, cache_dir=cache_dir, device=device,
+    )
+    result = build(model, output or Path(f"{Path(model).stem}.{chosen[0]}.plan"), options, warn=err)
+    for note in result.notes:
+        err(f"note: {note}")
+    record = result.record
+    typer.echo(
+        f"wrote {result.engine} and {result.sidecar.name} ({record['precision']} via {record['precision_source']}, TensorRT {record['tensorrt']}, "
+        f"{record['gpu']['name']} sm_{record['gpu']['compute_capability'].replace('.', '')}, batch {min_batch}..{max_batch}, "
+        f"device memory {record['device_memory_size'] / 1024**2:.0f} MiB)"
+    )
+
+
+@command("calibrate")
+def calibrate_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="FP32 .onnx from `memexport export`."),
+    images: Path = typer.Option(..., "--images", help="Folder of calibration images (streamed; a share is held out for the guard)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    method: str = typer.Option("entropy", "--method", help="entropy, minmax or percentile."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N calibration images."),
+    min_spearman: float = typer.Option(0.99, "--min-spearman", help="Guard: Spearman vs FP32 on held-out images; 0 disables."),
+    held_out_fraction: float = typer.Option(0.25, "--held-out-fraction", help="Share of the images held out for the guard."),
+    augment: int = typer.Option(0, "--augment", help="Extra mirrored/cropped views per calibration image."),
+    outputs: str = typer.Option("cache,qdq,cpu", "--outputs", help="Comma-separated: cache, qdq, cpu."),
+    tensorrt_version: str = typer.Option("8.6.1", "--tensorrt-version", help="TensorRT version written into the cache header."),
+) -> None:
+    """INT8 calibration: TensorRT cache, Q/DQ ONNX and U8S8 CPU ONNX, each checked against FP32."""
+    from memexport.calibration import CalibrationOptions, calibration_cache_from_images
+
+    options = CalibrationOptions(
+        method=method, max_images=max_images, min_spearman=min_spearman, held_out_fraction=held_out_fraction, augment=augment,
+        outputs=tuple(part.strip() for part in outputs.split(",") if part.strip()), tensorrt_version=tensorrt_version,
+    )
+    bar: dict[str, Any] = {}
+
+    def progress(done: int, total: Optional[int]) -> None:
+        if "bar" not in bar:
+            bar["bar"] = typer.progressbar(length=total or 0, label="calibrating", file=sys.stderr, show_eta=True, show_pos=True)
+            bar["bar"].__enter__()
+        bar["bar"].update(done - bar.get("done", 0))
+        bar["done"] = done
+
+    try:
+        result = calibration_cache_from_images(model, images, output, options, progress, log=err)
+    finally:
+        if "bar" in bar:
+            bar["bar"].__exit__(None, None, None)
+    for kind, report in result.guards.items():
+        if report.sensitivity:
+            typer.echo(f"{kind}: per-layer sensitivity (mean |score error| with only that layer INT8)")
+            typer.echo(f"  {'layer':60} {'sensitivity':>12}  precision")
+            rows = report.table(limit=20)
+            for name, value, precision in rows:
+                typer.echo(f"  {name[-60:]:60} {value:>12.6f}  {precision}")
+            if len(rows) < len(report.sensitivity):
+                typer.echo(f"  ... {len(report.sensitivity) - len(rows)} less sensitive layers, all int8")
+        final = report.final
+        typer.echo(
+            f"{kind}: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f} vs FP32 on {final.images} held-out images; "
+            f"{len(report.fallback)} layer(s) kept in FP32"
+        )
+    for path in (result.cache, result.qdq, result.cpu, result.stats, result.record):
+        if path is not None:
+            typer.echo(f"wrote {path}")
+
+
+@command("convert")
+def convert_cmd(
+    model: Path = typer.Argument(..., help="FP32 .onnx from `memexport export`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Destination .onnx."),
+    fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and activations, FP32 input and output."),
+) -> None:
+    """Convert an FP32 ONNX to another precision (today: --fp16)."""
+    from memexport.errors import UsageError
+    from memexport.export.fp16 import fp16_onnx_from_onnx
+
+    if not fp16:
+        raise UsageError("choose a target precision: --fp16 (INT8 comes from `memexport calibrate`)")
+    metadata = fp16_onnx_from_onnx(model, output)
+    typer.echo(f"wrote {output} ({metadata.model}, {metadata.precision}, FP32 input and output)")
 
 
 @command("inspect")

@@ -1,0 +1,127 @@
+"""``fp16_onnx_from_onnx``: an FP16 ONNX with FP32 inputs and outputs.
+
+Weights and activations become float16; the graph input and output stay float32, so every
+runner, ``predict`` and ``verify`` feed it exactly as the FP32 model. The conversion itself is
+ONNX Runtime's (``onnxruntime.transformers.float16``, shipped in the onnxruntime wheel).
+
+TensorRT 11 has no FP16 builder flag any more: an FP16 ONNX is how FP16 engines are asked for.
+On Pascal GP102 (GTX 1080 Ti) FP16 runs at 1/64 rate, so there it is for memory, not speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
+
+# Kept in FP32: the sigmoid head's last step and the LRN's power/division, where half
+# precision's 11-bit mantissa costs the most for the least time.
+DEFAULT_KEEP_FP32 = ("Sigmoid", "Pow", "Div")
+
+
+@dataclass(frozen=True)
+class Fp16Options:
+    """How to convert.
+
+    Attributes:
+        keep_fp32_ops: Op types left in FP32 (default Sigmoid, Pow, Div).
+        check: Run ``onnx.checker`` on the result (default ``True``).
+    """
+
+    keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32
+    check: bool = True
+
+
+def fp16_proto_from_proto(proto: Any, options: Fp16Options = Fp16Options()) -> Any:
+    """Convert an FP32 ``onnx.ModelProto`` to FP16 with FP32 inputs and outputs."""
+    try:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    except ImportError as exc:  # pragma: no cover - depends on the onnxruntime build
+        raise BackendUnavailableError(f"onnxruntime.transformers.float16 is unavailable ({exc}); install onnxruntime>=1.16") from None
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(options.keep_fp32_ops))
+    converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
+    sort_topologically(converted.graph)
+    return converted
+
+
+def _outer_references(node: Any) -> set[str]:
+    """Names a node's subgraphs (If/Loop bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        for sub in list(attribute.g.node and [attribute.g]) + list(attribute.graphs):
+            inner = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for child in sub.node:
+                names |= {n for n in set(child.input) | _outer_references(child) if n and n not in inner}
+                inner.update(child.output)
+    return names
+
+
+def sort_topologically(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node follows its producers (the converter appends its
+    input casts last; ONNX and TensorRT's parser both need producer-first order)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    needs = [set(n.input) | _outer_references(n) for n in nodes]
+    pending, ordered = list(range(len(nodes))), []
+    while pending:
+        ready = [i for i in pending if needs[i] <= known]
+        if not ready:
+            raise ArtifactError(f"graph {graph.name!r} has a cycle or an undefined input near node {nodes[pending[0]].name!r}")
+        for index in ready:
+            ordered.append(nodes[index])
+            known.update(nodes[index].output)
+        done = set(ready)
+        pending = [i for i in pending if i not in done]
+    copies = []
+    for node in ordered:
+        copy = type(node)()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def fp16_onnx_from_onnx(model: Path | str, output: Path | str, options: Fp16Options = Fp16Options()) -> Any:
+    """Write the FP16 version of an FP32 memexport ONNX ``model`` to ``output``.
+
+    Args:
+        model: FP32 ONNX written by ``memexport export``.
+        output: Destination ``.onnx`` (written atomically).
+        options: See :class:`Fp16Options`.
+
+    Returns:
+        The :class:`~memexport.runtime.metadata.ArtifactMetadata` written (precision ``fp16``).
+
+    Raises:
+        ArtifactError: Missing or unreadable model. UsageError: The model is not FP32.
+    """
+    import onnx
+
+    from memexport.atomic import atomic_path
+    from memexport.export.onnx_export import set_metadata
+    from memexport.runtime.metadata import metadata_from_map
+
+    model, output = Path(model), Path(output)
+    if not model.is_file():
+        raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
+    try:
+        proto = onnx.load(str(model))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact
+        raise ArtifactError(f"{model}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    metadata = metadata_from_map({p.key: p.value for p in proto.metadata_props}, model)
+    if metadata.precision != "fp32":
+        raise UsageError(f"{model}: FP16 conversion needs the FP32 model, this one is {metadata.precision}; pass the file `memexport export` wrote")
+    converted = fp16_proto_from_proto(proto, options)
+    metadata = dataclasses.replace(metadata, precision="fp16").with_extra(converted_from=model.name, fp32_ops=list(options.keep_fp32_ops))
+    set_metadata(converted, metadata)
+    with atomic_path(output, suffix=".onnx") as tmp:
+        onnx.save(converted, str(tmp))
+        if options.check:
+            try:
+                onnx.checker.check_model(str(tmp))
+            except onnx.checker.ValidationError as exc:
+                raise ArtifactError(f"{output}: FP16 graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+    return metadata

@@ -1,0 +1,48 @@
+"""The ONNX Runtime CPU INT8 artifact: U8 activations, S8 per-channel weights, own ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from memexport.calibration.cpu_int8 import CpuInt8Options, cpu_int8_onnx_from_ranges, cpu_int8_proto_from_ranges
+from memexport.calibration.guard import ort_session, session_scores
+from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from tests.models import tiny_cnn_proto, tiny_metadata, write_tiny_cnn
+
+RANGES = {"image": (0.0, 1.0), "a": (-4.0, 4.0), "a_relu": (0.0, 4.0), "b": (-3.0, 3.0), "b_relu": (0.0, 3.0),
+          "c": (-3.0, 3.0), "c_relu": (0.0, 3.0), "pooled": (0.0, 2.0), "flat": (0.0, 2.0), "logit": (-6.0, 6.0)}
+
+
+def test_u8_activations_s8_weights(tmp_path):
+    proto = cpu_int8_proto_from_ranges(write_tiny_cnn(tmp_path / "tiny.onnx"), RANGES)
+    convs = [n for n in proto.graph.node if n.op_type == "QLinearConv"]
+    assert len(convs) == 3
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in convs:
+        assert inits[node.input[2]].dtype == np.uint8  # activation zero point
+        assert inits[node.input[3]].dtype == np.int8  # weight
+        assert inits[node.input[4]].shape == (8,)  # per-channel weight scales
+    # the sigmoid output is never quantised: scores outside the calibration range would clip
+    assert any(n.op_type == "Sigmoid" for n in proto.graph.node)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_scores_close_to_fp32_and_exclusion(tmp_path):
+    model = write_tiny_cnn(tmp_path / "tiny.onnx")
+    batch = np.random.default_rng(0).random((6, 3, 32, 32), dtype=np.float32)
+    fp32 = session_scores(ort_session(tiny_cnn_proto()), batch)
+    int8 = session_scores(ort_session(cpu_int8_proto_from_ranges(model, RANGES)), batch)
+    assert np.abs(int8 - fp32).max() < 0.05
+    kept = cpu_int8_proto_from_ranges(model, RANGES, CpuInt8Options(exclude=frozenset({"conv_b"})))
+    assert [n.name for n in kept.graph.node if n.op_type == "Conv"] == ["conv_b"]
+
+
+def test_written_artifact_carries_metadata(tmp_path):
+    model = write_tiny_cnn(tmp_path / "tiny.onnx")
+    meta = tiny_metadata(precision="int8").with_extra(calibration_method="minmax", fallback_layers=["conv_b"])
+    out = cpu_int8_onnx_from_ranges(model, RANGES, tmp_path / "tiny.int8-cpu.onnx", meta)
+    with OnnxRuntimeRunner(out, OrtOptions(device="cpu")) as runner:
+        assert runner.metadata.precision == "int8" and runner.metadata.extra["fallback_layers"] == ["conv_b"]
+        assert runner.infer(np.ones((3, 3, 32, 32), np.float32)).shape == (3,)

@@ -84,7 +84,7 @@ def test_killed_run_resumed_scores_every_image_exactly_once(tiny, copies, tmp_pa
     args = ["predict", str(copies), "-m", str(tiny), "-o", str(out), "--device", "cpu", "--batch-size", "1", "--workers", "1"]
     process = subprocess.Popen([sys.executable, "-m", "memexport", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 30):
+    while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 31):  # header + 30 rows
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate()

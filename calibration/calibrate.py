@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from memexport.errors import ArtifactError, CalibrationError, UsageError
+from memexport.errors import ArtifactError, UsageError
 
 OUTPUTS = ("cache", "qdq", "cpu")
 
@@ -124,13 +124,13 @@ def calibration_cache_from_images(
         UsageError: Bad options, or too few images. ArtifactError: Unreadable model.
         CalibrationError: The guard cannot reach its target.
     """
-    from memexport.atomic import atomic_path, write_text_atomic
+    from memexport.atomic import write_text_atomic
     from memexport.calibration import cache as cache_mod
     from memexport.calibration.guard import Guard, GuardTarget, ort_session, session_scores
     from memexport.calibration.images import iter_batches, load_all, split_images
     from memexport.calibration.qdq import QdqOptions, qdq_proto_from_ranges, quantizable_layers, require_tensorrt_qdq
     from memexport.calibration.stats import METHODS, ActivationStats, activation_stats_from_batches, amax_from_stats, fingerprint
-    from memexport.export.onnx_export import set_metadata
+    from memexport.export.onnx_export import save_onnx_artifact
     from memexport.runtime.files import collect_images
     from memexport.spec import get_spec
 
@@ -250,12 +250,7 @@ def calibration_cache_from_images(
             proto, report = build(frozenset()), None
         if kind == "qdq":
             require_tensorrt_qdq(proto, f"{stem}.int8-qdq.onnx")
-        set_metadata(proto, int8_metadata(kind, report.fallback if report else (), report))
-        path = out_dir / f"{stem}.{suffix[kind]}.onnx"
-        import onnx
-
-        with atomic_path(path, suffix=".onnx") as tmp:
-            onnx.save(proto, str(tmp))
+        path = save_onnx_artifact(proto, int8_metadata(kind, report.fallback if report else (), report), out_dir / f"{stem}.{suffix[kind]}.onnx")
         written[kind] = path
         log(f"wrote {path}")
 

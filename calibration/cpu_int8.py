@@ -113,13 +113,6 @@ def cpu_int8_onnx_from_ranges(
         metadata: :class:`~memexport.runtime.metadata.ArtifactMetadata` to embed.
         options: See :class:`CpuInt8Options`.
     """
-    import onnx
+    from memexport.export.onnx_export import save_onnx_artifact
 
-    from memexport.atomic import atomic_path
-    from memexport.export.onnx_export import set_metadata
-
-    proto = cpu_int8_proto_from_ranges(model, ranges, options)
-    set_metadata(proto, metadata)
-    with atomic_path(output, suffix=".onnx") as tmp:
-        onnx.save(proto, str(tmp))
-    return Path(output)
+    return save_onnx_artifact(cpu_int8_proto_from_ranges(model, ranges, options), metadata, output)

@@ -11,7 +11,6 @@ and checked again, widening the set if the real kernels still fall short.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 

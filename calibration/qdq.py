@@ -163,15 +163,11 @@ def qdq_onnx_from_ranges(model: Path | str, amax: Mapping[str, float], output: P
     """
     import onnx
 
-    from memexport.atomic import atomic_path
-    from memexport.export.onnx_export import set_metadata
+    from memexport.export.onnx_export import save_onnx_artifact
 
     proto = qdq_proto_from_ranges(onnx.load(str(model)), amax, options)
     require_tensorrt_qdq(proto, str(output))
-    set_metadata(proto, metadata)
-    with atomic_path(output, suffix=".onnx") as tmp:
-        onnx.save(proto, str(tmp))
-    return Path(output)
+    return save_onnx_artifact(proto, metadata, output)
 
 
 def _constants(proto: Any) -> dict[str, np.ndarray]:

@@ -100,8 +100,7 @@ def fp16_onnx_from_onnx(model: Path | str, output: Path | str, options: Fp16Opti
     """
     import onnx
 
-    from memexport.atomic import atomic_path
-    from memexport.export.onnx_export import set_metadata
+    from memexport.export.onnx_export import save_onnx_artifact
     from memexport.runtime.metadata import metadata_from_map
 
     model, output = Path(model), Path(output)
@@ -116,12 +115,5 @@ def fp16_onnx_from_onnx(model: Path | str, output: Path | str, options: Fp16Opti
         raise UsageError(f"{model}: FP16 conversion needs the FP32 model, this one is {metadata.precision}; pass the file `memexport export` wrote")
     converted = fp16_proto_from_proto(proto, options)
     metadata = dataclasses.replace(metadata, precision="fp16").with_extra(converted_from=model.name, fp32_ops=list(options.keep_fp32_ops))
-    set_metadata(converted, metadata)
-    with atomic_path(output, suffix=".onnx") as tmp:
-        onnx.save(converted, str(tmp))
-        if options.check:
-            try:
-                onnx.checker.check_model(str(tmp))
-            except onnx.checker.ValidationError as exc:
-                raise ArtifactError(f"{output}: FP16 graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+    save_onnx_artifact(converted, metadata, output, check=options.check)
     return metadata

@@ -87,6 +87,35 @@ def set_metadata(model_proto: Any, metadata: ArtifactMetadata) -> None:
     entry.value = replace(metadata, extra=extra).to_json()
 
 
+def save_onnx_artifact(proto: Any, metadata: ArtifactMetadata, output: Path | str, check: bool = False) -> Path:
+    """Embed ``metadata`` in ``proto``, write it atomically to ``output`` and seal its integrity digest.
+
+    Every derived artifact (FP16, INT8) goes through here, so each is crash-safe and tamper-evident
+    like an export.
+
+    Args:
+        proto: The ``onnx.ModelProto`` (weights inline; under 2 GB).
+        metadata: What the artifact is.
+        output: Destination ``.onnx``.
+        check: Run ``onnx.checker`` on the written file (default ``False``).
+
+    Raises:
+        ArtifactError: The graph fails ``onnx.checker``.
+    """
+    import onnx
+
+    set_metadata(proto, metadata)
+    with atomic_path(output, suffix=".onnx") as tmp:
+        onnx.save(proto, str(tmp))
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp))
+            except onnx.checker.ValidationError as exc:
+                raise ArtifactError(f"{output}: graph fails onnx.checker ({str(exc).splitlines()[0]}); this is a memexport bug, please report it") from None
+        seal_onnx(tmp)
+    return Path(output)
+
+
 def onnx_from_torch(
     spec: ModelSpec, weights: WeightsSource, output: Path | str, options: ExportOptions = ExportOptions()
 ) -> ArtifactMetadata:

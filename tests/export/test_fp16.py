@@ -81,3 +81,18 @@ def _batch(paths):
     from memexport.spec import RESMEM
 
     return np.stack([preprocess(p, RESMEM.preprocess) for p in paths])
+
+
+def test_converted_artifact_is_sealed_and_tampering_is_caught(tmp_path):
+    from memexport.errors import ArtifactError
+    from memexport.runtime.integrity import check_onnx
+
+    out = tmp_path / "tiny.fp16.onnx"
+    fp16_onnx_from_onnx(write_tiny_cnn(tmp_path / "tiny.onnx"), out)
+    record = check_onnx(out, use_cache=False)
+    assert record is not None and len(record["sha256"]) == 64
+    data = bytearray(out.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one flipped bit inside the graph/weights
+    out.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        check_onnx(out, use_cache=False)

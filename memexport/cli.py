@@ -220,10 +220,10 @@ def bench_cmd(
         return
     options = BenchOptions(parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images)
     records = bench_artifacts(model, options, progress=err)
-    typer.echo(f"{'model':8} {'backend':12} {'prec':5} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
+    typer.echo(f"{'artifact':26} {'model':8} {'backend':12} {'prec':5} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
     for record, ratio in zip(records, ratio_table(records)):
         typer.echo(
-            f"{record.model:8} {record.backend:12} {record.precision:5} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
+            f"{Path(record.artifact).name[-26:]:26} {record.model:8} {record.backend:12} {record.precision:5} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
             f"{record.p90_ms:>9.2f} {record.p99_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
             + (f"  vram {record.vram_mb:.0f} MB" if record.vram_mb is not None else "")
             + (f" (estimate {record.vram_estimate_mb:.0f} MB)" if record.vram_estimate_mb is not None else "")

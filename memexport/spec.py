@@ -142,7 +142,7 @@ RESMEM = ModelSpec(
     description="ResMem (Needell & Bainbridge): ResNet-152 + AlexNet-style branch, sigmoid head",
 )
 
-# A reconstruction (no M3M code or weights are public); see docs/m3m.md for the layer table.
+# A reconstruction (no M3M code or weights are public); see the README section *M3M* for the layer table.
 # Only FP32 is declared: it is the precision whose parity CI checks for M3M.
 M3M = ModelSpec(
     name="m3m",

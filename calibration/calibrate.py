@@ -81,20 +81,9 @@ class CalibrationResult:
 
 
 def _read_fp32(model: Path) -> tuple[Any, Any]:
-    import onnx
+    from memexport.export.onnx_export import load_fp32_artifact
 
-    from memexport.runtime.metadata import metadata_from_map
-
-    if not model.is_file():
-        raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
-    try:
-        proto = onnx.load(str(model))
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact
-        raise ArtifactError(f"{model}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
-    metadata = metadata_from_map({p.key: p.value for p in proto.metadata_props}, model)
-    if metadata.precision != "fp32":
-        raise UsageError(f"{model}: calibration needs the FP32 model, this one is {metadata.precision}; pass the file `memexport export` wrote")
-    return proto, metadata
+    return load_fp32_artifact(model, "calibration")
 
 
 def calibration_cache_from_images(

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from memexport.atomic import atomic_path
+from memexport.runtime.integrity import sha256_file
 from memexport.errors import ArtifactError, CalibrationError, UsageError
 
 METHODS = ("entropy", "minmax", "percentile")
@@ -120,17 +121,9 @@ class ActivationStats:
             raise ArtifactError(f"{path}: unreadable calibration statistics ({exc}); delete the file to gather them again") from None
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(model: Path, images: Sequence[Path], **options: object) -> str:
     """A key for (model bytes, image list with sizes and times, options): reuse statistics only when it matches."""
-    digest = hashlib.sha256(file_digest(model).encode())
+    digest = hashlib.sha256(sha256_file(model).encode())
     for path in images:
         try:
             stat = path.stat()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
+from memexport.errors import ArtifactError, BackendUnavailableError
 
 # Kept in FP32: the sigmoid head's last step and the LRN's power/division, where half
 # precision's 11-bit mantissa costs the most for the least time.
@@ -98,21 +98,10 @@ def fp16_onnx_from_onnx(model: Path | str, output: Path | str, options: Fp16Opti
     Raises:
         ArtifactError: Missing or unreadable model. UsageError: The model is not FP32.
     """
-    import onnx
-
-    from memexport.export.onnx_export import save_onnx_artifact
-    from memexport.runtime.metadata import metadata_from_map
+    from memexport.export.onnx_export import load_fp32_artifact, save_onnx_artifact
 
     model, output = Path(model), Path(output)
-    if not model.is_file():
-        raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
-    try:
-        proto = onnx.load(str(model))
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact
-        raise ArtifactError(f"{model}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
-    metadata = metadata_from_map({p.key: p.value for p in proto.metadata_props}, model)
-    if metadata.precision != "fp32":
-        raise UsageError(f"{model}: FP16 conversion needs the FP32 model, this one is {metadata.precision}; pass the file `memexport export` wrote")
+    proto, metadata = load_fp32_artifact(model, "FP16 conversion")
     converted = fp16_proto_from_proto(proto, options)
     metadata = dataclasses.replace(metadata, precision="fp16").with_extra(converted_from=model.name, fp32_ops=list(options.keep_fp32_ops))
     save_onnx_artifact(converted, metadata, output, check=options.check)

@@ -87,6 +87,34 @@ def set_metadata(model_proto: Any, metadata: ArtifactMetadata) -> None:
     entry.value = replace(metadata, extra=extra).to_json()
 
 
+def load_fp32_artifact(model: Path | str, purpose: str) -> tuple[Any, ArtifactMetadata]:
+    """Load an FP32 memexport ONNX and its metadata, as the input of a conversion step.
+
+    Args:
+        model: The ``.onnx`` that ``memexport export`` wrote.
+        purpose: What needs it, for messages (e.g. ``"calibration"``).
+
+    Raises:
+        ArtifactError: Missing or unreadable file, or no memexport metadata.
+        UsageError: The model is not FP32.
+    """
+    import onnx
+
+    from memexport.runtime.metadata import metadata_from_map
+
+    model = Path(model)
+    if not model.is_file():
+        raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
+    try:
+        proto = onnx.load(str(model))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact
+        raise ArtifactError(f"{model}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    metadata = metadata_from_map({p.key: p.value for p in proto.metadata_props}, model)
+    if metadata.precision != "fp32":
+        raise UsageError(f"{model}: {purpose} needs the FP32 model, this one is {metadata.precision}; pass the file `memexport export` wrote")
+    return proto, metadata
+
+
 def save_onnx_artifact(proto: Any, metadata: ArtifactMetadata, output: Path | str, check: bool = False) -> Path:
     """Embed ``metadata`` in ``proto``, write it atomically to ``output`` and seal its integrity digest.
 

@@ -7,7 +7,6 @@ licence): memexport locates them through package metadata, never imports ``resme
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import warnings
@@ -18,19 +17,11 @@ from pathlib import Path
 from typing import Mapping
 
 from memexport.errors import CheckpointError
+from memexport.runtime.integrity import sha256_file  # re-exported: the one file hasher
 
 RESMEM_DISTRIBUTION = "resmem"
 RESMEM_WEIGHTS_IN_DIST = "resmem/model.pt"
 INSTALL_HINT = "install the published weights with `pip install --no-deps resmem==1.1.6`, or pass --weights PATH"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks (default)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -269,11 +269,11 @@ def decoded_batches(
         batch_size: Decoded images per batch.
         workers: Decoding threads; 0 decodes in the calling thread.
     """
+    items = _decoded(predictor, paths, batch_size, workers)
     pending: list[tuple[Path, Item]] = []
     good = 0
-    if workers <= 0:
-        for path in paths:
-            item = _safe_preprocess(predictor, path)
+    try:
+        for path, item in items:
             pending.append((path, item))
             good += not isinstance(item, InputImageError)
             if good >= batch_size:
@@ -281,6 +281,15 @@ def decoded_batches(
                 pending, good = [], 0
         if pending:
             yield pending
+    finally:
+        items.close()  # stops the decode pool at once when the caller stops early
+
+
+def _decoded(predictor: Predictor, paths: Sequence[Path], batch_size: int, workers: int) -> Iterator[tuple[Path, Item]]:
+    """``(path, preprocessed array or error)`` in input order, from a bounded pool of decode threads."""
+    if workers <= 0:
+        for path in paths:
+            yield path, _safe_preprocess(predictor, path)
         return
     window = 2 * batch_size + 4 * workers
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memexport-decode")
@@ -300,13 +309,7 @@ def decoded_batches(
             path, future = queue.popleft()
             item = future.result()
             fill()
-            pending.append((path, item))
-            good += not isinstance(item, InputImageError)
-            if good >= batch_size:
-                yield pending
-                pending, good = [], 0
-        if pending:
-            yield pending
+            yield path, item
     finally:
         # On Ctrl-C or an inference error: drop queued work, let running decodes finish.
         pool.shutdown(wait=True, cancel_futures=True)

@@ -34,6 +34,7 @@ from memexport.errors import ArtifactError, BackendUnavailableError, EngineMisma
 from memexport.runtime import budget
 from memexport.runtime.metadata import ArtifactMetadata
 from memexport.runtime.runners import Runner
+from memexport.runtime.integrity import sha256_file
 
 SIDECAR_FORMAT = "memexport-tensorrt-engine"
 SIDECAR_SCHEMA = 1
@@ -52,12 +53,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_path(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_path = sha256_file  # the sidecar records plan and ONNX digests with the one file hasher
 
 
 def read_sidecar(plan: Path | str) -> dict[str, Any]:

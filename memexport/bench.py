@@ -232,7 +232,7 @@ def bench_end_to_end(
         warmup: Untimed calls first (default 3).
         progress: Called with a short line before each stage (default: silent).
     """
-    from memexport.errors import InputImageError, UsageError
+    from memexport.errors import UsageError
     from memexport.runtime.batch import decoded_batches, default_workers
     from memexport.runtime.files import collect_images
     from memexport.runtime.predictor import Predictor
@@ -256,9 +256,8 @@ def bench_end_to_end(
             intervals, count = [], 0
             started = last = time.perf_counter()
             for batch in decoded_batches(predictor, paths, batch_size, workers):
-                arrays = [item for _, item in batch if not isinstance(item, InputImageError)]
-                if infer and arrays:
-                    predictor.infer(np.stack(arrays))
+                if infer:
+                    predictor.score_batch(batch)
                 count += len(batch)
                 now = time.perf_counter()
                 intervals.append((now - last) * 1000.0)

@@ -28,14 +28,12 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TextIO, Union
-
-import numpy as np
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 from memexport.atomic import fsync_dir
 from memexport.errors import InputImageError, Interrupted, UsageError
 from memexport.runtime.files import collect_images
-from memexport.runtime.predictor import Predictor
+from memexport.runtime.predictor import Item, Predictor, group_batches
 from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions, runner_for
 
 SCORES_HEADER = ("path", "score")
@@ -242,9 +240,6 @@ def _error_text(error: InputImageError) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
-Item = Union[np.ndarray, InputImageError]
-
-
 def _safe_preprocess(predictor: Predictor, path: Path) -> Item:
     try:
         return predictor.preprocess(path)
@@ -270,17 +265,8 @@ def decoded_batches(
         workers: Decoding threads; 0 decodes in the calling thread.
     """
     items = _decoded(predictor, paths, batch_size, workers)
-    pending: list[tuple[Path, Item]] = []
-    good = 0
     try:
-        for path, item in items:
-            pending.append((path, item))
-            good += not isinstance(item, InputImageError)
-            if good >= batch_size:
-                yield pending
-                pending, good = [], 0
-        if pending:
-            yield pending
+        yield from group_batches(items, batch_size)
     finally:
         items.close()  # stops the decode pool at once when the caller stops early
 
@@ -410,15 +396,13 @@ def scores_csv_from_images(
             report(upfront)
             done = 0
             for batch in batches:
-                arrays = [item for _, item in batch if not isinstance(item, InputImageError)]
-                values = iter(predictor.infer(np.stack(arrays)).tolist()) if arrays else iter(())
                 rows, bad = [], []
-                for path, item in batch:
-                    if isinstance(item, InputImageError):
-                        bad.append((str(path), _error_text(item)))
-                        summary.failures[item.reason] += 1
+                for result in predictor.score_batch(batch):
+                    if result.error is not None:
+                        bad.append((result.source, _error_text(result.error)))
+                        summary.failures[result.error.reason] += 1
                     else:
-                        rows.append((str(path), f"{next(values):.8f}"))
+                        rows.append((result.source, f"{result.score:.8f}"))
                 scores.write(rows)
                 report(bad)
                 summary.scored += len(rows)

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
 from memexport.errors import InputImageError, UsageError
 from memexport.runtime.preprocess import ImageInput, describe, preprocess
 from memexport.runtime.runners import Runner, runner_for
+
+
+Item = Union[np.ndarray, InputImageError]
+"""A preprocessed image, or the error that stopped it."""
+
+Key = TypeVar("Key")
+
+
+def group_batches(items: Iterable[tuple[Key, Item]], batch_size: int) -> Iterator[list[tuple[Key, Item]]]:
+    """Group ``(key, item)`` pairs, in order, into lists of up to ``batch_size`` preprocessed images
+    plus the failures met on the way (failures never take an inference slot)."""
+    pending: list[tuple[Key, Item]] = []
+    good = 0
+    for key, item in items:
+        pending.append((key, item))
+        good += not isinstance(item, InputImageError)
+        if good >= batch_size:
+            yield pending
+            pending, good = [], 0
+    if pending:
+        yield pending
 
 
 @dataclass(frozen=True)
@@ -108,24 +129,24 @@ class Predictor:
         Yields:
             One :class:`ScoreResult` per input, in input order.
         """
-        pending: list[tuple[str, Any]] = []
-        for image in images:
-            name = describe(image)
-            try:
-                pending.append((name, self.preprocess(image)))
-            except InputImageError as error:
-                pending.append((name, error))
-            if sum(1 for _, item in pending if not isinstance(item, InputImageError)) >= self.batch_size:
-                yield from self._flush(pending)
-                pending = []
-        if pending:
-            yield from self._flush(pending)
+        for batch in group_batches(((describe(image), self._preprocess_or_error(image)) for image in images), self.batch_size):
+            yield from self.score_batch(batch)
 
-    def _flush(self, pending: list[tuple[str, Any]]) -> Iterator[ScoreResult]:
-        good = [item for _, item in pending if not isinstance(item, InputImageError)]
+    def _preprocess_or_error(self, image: ImageInput) -> Item:
+        try:
+            return self.preprocess(image)
+        except InputImageError as error:
+            return error
+
+    def score_batch(self, batch: Sequence[tuple[object, Item]]) -> list[ScoreResult]:
+        """Score one group from :func:`group_batches` in a single inference call.
+
+        Returns:
+            One :class:`ScoreResult` per entry, in order; ``source`` is ``str(key)``.
+        """
+        good = [item for _, item in batch if not isinstance(item, InputImageError)]
         scores = iter(self.infer(np.stack(good)).tolist()) if good else iter(())
-        for name, item in pending:
-            if isinstance(item, InputImageError):
-                yield ScoreResult(name, None, item)
-            else:
-                yield ScoreResult(name, float(next(scores)))
+        return [
+            ScoreResult(str(key), None, item) if isinstance(item, InputImageError) else ScoreResult(str(key), float(next(scores)))
+            for key, item in batch
+        ]

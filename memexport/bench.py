@@ -108,6 +108,12 @@ def input_batch(runner: Runner, batch_size: int, images: Path | None) -> np.ndar
     return np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
 
 
+def runner_device(runner: Runner) -> str:
+    """``cuda`` when an active runner executes on the GPU (TensorRT, or ONNX Runtime's CUDA/TensorRT EPs), else ``cpu``."""
+    providers = getattr(runner, "providers", [])
+    return "cuda" if runner.backend == "tensorrt" or any("CUDA" in p or "Tensorrt" in p for p in providers) else "cpu"
+
+
 def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str, free_before: int | None = None) -> list[BenchRecord]:
     """Time an active runner at each batch size.
 
@@ -165,7 +171,7 @@ def bench_artifacts(
         on_gpu = options.device != "cpu" or Path(artifact).suffix.lower() in (".plan", ".engine", ".trt")
         free_before = free_vram() if on_gpu else None
         with runner_for(artifact, device=options.device) as runner:
-            device = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in getattr(runner, "providers", [])) or runner.backend == "tensorrt" else "cpu"
+            device = runner_device(runner)
             records += bench_runner(runner, str(artifact), options, device, free_before if device == "cuda" else None)
             assert runner.metadata is not None
             baselines.setdefault(runner.metadata.model, runner.metadata)
@@ -245,7 +251,7 @@ def bench_end_to_end(
     records: list[BenchRecord] = []
     with runner_for(artifact, device=device) as runner, Predictor(runner, batch_size=batch_size) as predictor:
         assert runner.metadata is not None
-        run_device = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in getattr(runner, "providers", [])) or runner.backend == "tensorrt" else "cpu"
+        run_device = runner_device(runner)
         progress(f"timing {artifact} inference at batch {batch_size}")
         model_options = BenchOptions(batch_sizes=(batch_size,), iterations=iterations, warmup=warmup, images=folder)
         model_record = bench_runner(runner, str(artifact), model_options, run_device)[0]

@@ -121,8 +121,12 @@ def onnx_weight_bytes(path: Path) -> int:
     return total
 
 
-def check_onnx_fits(path: Path, max_batch: int, budget_bytes: int) -> None:
-    """Refuse an ONNX model whose weights alone exceed the budget (used before a CUDA session starts)."""
+def check_onnx_fits(path: Path, budget_bytes: int) -> None:
+    """Refuse an ONNX model whose weights and CUDA context exceed the budget (before a CUDA session starts).
+
+    Activations are not counted: ONNX Runtime allocates them per call, and the torch-free runtime has
+    no ``onnx`` package to size them. TensorRT engines get the full estimate (:func:`require_engine_fits`).
+    """
     need = onnx_weight_bytes(path) + CUDA_CONTEXT_BYTES
     if need > budget_bytes:
         raise BudgetError(

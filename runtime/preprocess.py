@@ -52,7 +52,7 @@ _RESAMPLE = {
 def describe(source: ImageInput) -> str:
     """A printable name for an image input."""
     if isinstance(source, (str, os.PathLike)):
-        return os.fsdecode(source) if not isinstance(source, bytes) else os.fsdecode(source)
+        return os.fsdecode(source)
     return "<PIL image>" if isinstance(source, Image.Image) else "<array>"
 
 

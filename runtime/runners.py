@@ -8,7 +8,6 @@ float32 vector of scores, one per image. Runners never preprocess: :class:`Predi
 from __future__ import annotations
 
 import abc
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +97,8 @@ class OrtOptions:
             can use it, else CPU).
         tensorrt_ep: Prefer ONNX Runtime's TensorRT execution provider when present (default ``False``).
         intra_op_threads: Threads per operator; 0 lets ONNX Runtime use every core (default 0).
-        vram_budget_bytes: GPU memory budget checked before a CUDA session starts (default 11 GiB).
-        max_batch: Largest batch the budget is checked for (default 32).
+        vram_budget_bytes: GPU memory budget checked before a CUDA session starts, against the
+            weights and CUDA context (default 11 GiB).
         check_integrity: Verify the sha256 recorded at export before loading (default ``True``;
             about 1 s per 500 MB, once per file per process; see ``runtime.integrity``).
     """
@@ -108,7 +107,6 @@ class OrtOptions:
     tensorrt_ep: bool = False
     intra_op_threads: int = 0
     vram_budget_bytes: int = 11 * 1024**3
-    max_batch: int = 32
     check_integrity: bool = True
 
 
@@ -245,7 +243,7 @@ class OnnxRuntimeRunner(Runner):
         if "CUDAExecutionProvider" in names or "TensorrtExecutionProvider" in names:
             from memexport.runtime import budget
 
-            budget.check_onnx_fits(self.path, self.options.max_batch, self.options.vram_budget_bytes)
+            budget.check_onnx_fits(self.path, self.options.vram_budget_bytes)
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3
         if self.options.intra_op_threads:
@@ -300,7 +298,3 @@ def runner_for(path: Path | str, device: str = "auto", **kwargs: Any) -> Runner:
     if suffix == ".onnx":
         return OnnxRuntimeRunner(path, OrtOptions(device=device, **kwargs))
     raise UsageError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; expected .onnx, .plan or .engine")
-
-
-def default_threads() -> int:
-    return os.cpu_count() or 1

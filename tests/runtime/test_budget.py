@@ -87,3 +87,15 @@ def test_measurement_helpers():
     estimate = budget.estimate_vram(RESMEM.parameters, "fp32", 8, 1000)
     report = budget.compare_measured(estimate, (estimate.total - estimate.context) // 2)
     assert report["measured_over_estimate"] == 0.5
+
+
+def test_onnx_runtime_gpu_check_counts_weights_data_file_and_context(tmp_path):
+    from memexport.errors import BudgetError
+    from memexport.runtime.budget import CUDA_CONTEXT_BYTES, MIB, check_onnx_fits
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"\0" * MIB)
+    (tmp_path / "m.onnx.data").write_bytes(b"\0" * (3 * MIB))
+    check_onnx_fits(model, CUDA_CONTEXT_BYTES + 4 * MIB)  # exactly fits
+    with pytest.raises(BudgetError, match=r"m\.onnx: weights and CUDA context need"):
+        check_onnx_fits(model, CUDA_CONTEXT_BYTES + 4 * MIB - 1)

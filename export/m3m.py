@@ -168,12 +168,6 @@ class M3M(nn.Module):
 # --- loading -------------------------------------------------------------------------------
 
 
-def _shape_errors(own: Mapping[str, torch.Tensor], state: Mapping[str, Any], path: Path, what: str) -> None:
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise CheckpointError(f"{path}: tensor shapes do not match {what}: {'; '.join(bad[:4])}; pass the matching checkpoint")
-
-
 def is_full_m3m_checkpoint(state: Mapping[str, Any]) -> bool:
     """A full M3M state_dict has the segmentation branch and the fusion convolutions in it."""
     return any(k.startswith(("segmentation.", "segconv")) for k in state)
@@ -191,7 +185,7 @@ def load_segmentation(branch: SegmentationBranch, path: Path) -> list[str]:
     Raises:
         CheckpointError: Missing, unexpected or mis-shaped keys (e.g. 21 classes instead of 13).
     """
-    from memexport.export.weights import check_keys, load_checkpoint
+    from memexport.export.weights import check_keys, check_shapes, load_checkpoint
 
     state = load_checkpoint(path)
     if any(k.startswith("segmentation.") for k in state) and not any(k.startswith("backbone.") for k in state):
@@ -200,7 +194,7 @@ def load_segmentation(branch: SegmentationBranch, path: Path) -> list[str]:
     state = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
     own = branch.state_dict()
     check_keys(set(own), state, path, "DeepLabV3-ResNet-101 segmentation (torchvision layout, --segmentation-weights)")
-    _shape_errors(own, state, path, f"DeepLabV3-ResNet-101 with {SEGMENTATION_CLASSES} classes")
+    check_shapes(own, state, path, f"DeepLabV3-ResNet-101 with {SEGMENTATION_CLASSES} classes")
     branch.load_state_dict(state, strict=True)
     return dropped
 
@@ -220,7 +214,7 @@ def load_resmem_parts(model: M3M, path: Path, state: Mapping[str, Any] | None = 
     Raises:
         CheckpointError: Missing, unexpected or mis-shaped keys.
     """
-    from memexport.export.weights import check_keys, load_checkpoint
+    from memexport.export.weights import check_keys, check_shapes, load_checkpoint
 
     state = load_checkpoint(path) if state is None else state
     own = model.state_dict()
@@ -230,7 +224,7 @@ def load_resmem_parts(model: M3M, path: Path, state: Mapping[str, Any] | None = 
     expected = (own["fc6.weight"].shape[0], ALEX_FEATURES + RESNET_FEATURES)
     if tuple(fc6.shape) != expected:
         raise CheckpointError(f"{path}: fc6.weight has shape {tuple(fc6.shape)}, expected ResMem's {expected}; pass ResMem's published model.pt")
-    _shape_errors({k: v for k, v in own.items() if k in shared and k != "fc6.weight"}, state, path, "ResMem")
+    check_shapes({k: v for k, v in own.items() if k in shared and k != "fc6.weight"}, state, path, "ResMem")
     with torch.no_grad():
         own["fc6.weight"][:, : expected[1]].copy_(fc6)
         for key in shared - {"fc6.weight"}:
@@ -253,7 +247,7 @@ def m3m_from_weights(source: "WeightsSource") -> M3M:
         CheckpointError: Missing, unsafe or mismatched checkpoints.
         UsageError: A segmentation checkpoint given together with a full M3M checkpoint.
     """
-    from memexport.export.weights import check_keys, load_checkpoint
+    from memexport.export.weights import check_keys, check_shapes, load_checkpoint
 
     unknown = sorted(set(source.parts) - {SEGMENTATION_PART})
     if unknown:
@@ -274,7 +268,7 @@ def m3m_from_weights(source: "WeightsSource") -> M3M:
                 )
             own = model.state_dict()
             check_keys(set(own), state, source.path, "full M3M")
-            _shape_errors(own, state, source.path, "M3M")
+            check_shapes(own, state, source.path, "M3M")
             model.load_state_dict(state, strict=True)
             model.random_init_parts = []
             return model.eval()
@@ -366,11 +360,6 @@ def attach_initializers(proto: Any, tensors: Mapping[str, torch.Tensor], sink: A
     return elements
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
 @dataclass(frozen=True)
 class ExternalExport:
     """What :func:`onnx_with_external_data_from_torch` wrote.
@@ -427,7 +416,7 @@ def onnx_with_external_data_from_torch(
     import onnx
 
     from memexport import __version__
-    from memexport.atomic import fsync_dir
+    from memexport.atomic import fsync_dir, fsync_file
     from memexport.errors import MemexportError
     from memexport.export.onnx_export import build_torch_model, count_parameters, export_metadata, set_metadata
     from memexport.runtime.integrity import seal_onnx
@@ -492,7 +481,7 @@ def onnx_with_external_data_from_torch(
         proto.doc_string = spec.description
         set_metadata(proto, metadata)
         onnx.save(proto, str(staged))
-        _fsync(staged)
+        fsync_file(staged)
         if options.check:
             try:
                 onnx.checker.check_model(str(staged), full_check=True)

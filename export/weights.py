@@ -142,6 +142,13 @@ def check_keys(model_keys: set[str], state: Mapping[str, object], path: Path, wh
         )
 
 
+def check_shapes(own: Mapping[str, object], state: Mapping[str, object], path: Path, what: str) -> None:
+    """Raise one :class:`CheckpointError` naming the first tensors whose shapes differ from ``own``'s."""
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{path}: tensor shapes do not match {what}: {'; '.join(bad[:4])}; pass the matching checkpoint")
+
+
 def load_state_dict_strict(model, source: WeightsSource, prefix: str = "") -> None:
     """Load ``source.path`` into ``model`` strictly, with shapes checked too.
 
@@ -157,9 +164,5 @@ def load_state_dict_strict(model, source: WeightsSource, prefix: str = "") -> No
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = model.state_dict()
     check_keys(set(own), state, source.path, type(model).__name__)
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise CheckpointError(
-            f"{source.path}: tensor shapes do not match {type(model).__name__}: {'; '.join(bad[:4])}; pass the matching checkpoint"
-        )
+    check_shapes(own, state, source.path, type(model).__name__)
     model.load_state_dict(state, strict=True)

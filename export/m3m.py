@@ -418,7 +418,7 @@ def onnx_with_external_data_from_torch(
     from memexport import __version__
     from memexport.atomic import fsync_dir, fsync_file
     from memexport.errors import MemexportError
-    from memexport.export.onnx_export import build_torch_model, count_parameters, export_metadata, set_metadata
+    from memexport.export.onnx_export import build_torch_model, count_parameters, export_metadata, require_valid_onnx, set_metadata
     from memexport.runtime.integrity import seal_onnx
 
     if options.opset < 13:
@@ -483,10 +483,7 @@ def onnx_with_external_data_from_torch(
         onnx.save(proto, str(staged))
         fsync_file(staged)
         if options.check:
-            try:
-                onnx.checker.check_model(str(staged), full_check=True)
-            except onnx.checker.ValidationError as exc:
-                raise ArtifactError(f"{output}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+            require_valid_onnx(staged, output)
         # Last step before the renames: sha256 of the model and of its data file, so every
         # runner detects later tampering or a data file swapped from another export.
         metadata = metadata.with_extra(integrity=seal_onnx(staged, [data_name]))

@@ -87,6 +87,20 @@ def set_metadata(model_proto: Any, metadata: ArtifactMetadata) -> None:
     entry.value = replace(metadata, extra=extra).to_json()
 
 
+def require_valid_onnx(path: Path, output: Path | str, full_check: bool = True) -> None:
+    """Run ``onnx.checker`` on the written file ``path`` (the temporary of ``output``).
+
+    Raises:
+        ArtifactError: One line naming ``output`` and the checker's first complaint.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=full_check)
+    except onnx.checker.ValidationError as exc:
+        raise ArtifactError(f"{output}: graph fails onnx.checker ({str(exc).splitlines()[0]}); this is a memexport bug, please report it") from None
+
+
 def load_fp32_artifact(model: Path | str, purpose: str) -> tuple[Any, ArtifactMetadata]:
     """Load an FP32 memexport ONNX and its metadata, as the input of a conversion step.
 
@@ -136,10 +150,7 @@ def save_onnx_artifact(proto: Any, metadata: ArtifactMetadata, output: Path | st
     with atomic_path(output, suffix=".onnx") as tmp:
         onnx.save(proto, str(tmp))
         if check:
-            try:
-                onnx.checker.check_model(str(tmp))
-            except onnx.checker.ValidationError as exc:
-                raise ArtifactError(f"{output}: graph fails onnx.checker ({str(exc).splitlines()[0]}); this is a memexport bug, please report it") from None
+            require_valid_onnx(tmp, output, full_check=False)
         seal_onnx(tmp)
     return Path(output)
 
@@ -205,10 +216,7 @@ def onnx_from_torch(
         set_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
         if options.check:
-            try:
-                onnx.checker.check_model(str(tmp), full_check=True)
-            except onnx.checker.ValidationError as exc:
-                raise ArtifactError(f"{output}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+            require_valid_onnx(tmp, output)
         # Last step before the rename: the recorded sha256 lets every runner detect later tampering.
         record = seal_onnx(tmp)
     return metadata.with_extra(integrity=record)

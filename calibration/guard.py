@@ -257,6 +257,9 @@ class Guard:
             (default ``None``: not kept).
         cache_key: Identifies model, ranges and held-out images for ``cache``.
         u8_ranges: Simulate the UINT8 CPU artifact with these ranges (default ``None``: Q/DQ INT8).
+        sensitivity_images: Held-out images that rank the layers (default 8). Ranking needs few
+            images and costs one inference per layer; choosing and checking the fallback set
+            always uses all of them.
     """
 
     fp32: Any
@@ -270,6 +273,7 @@ class Guard:
     cache: Any = None
     cache_key: str = ""
     u8_ranges: Any = None
+    sensitivity_images: int = 8
     _sensitivity: dict[str, float] = field(default_factory=dict)
     _simulation: Any = None
 
@@ -292,7 +296,8 @@ class Guard:
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass
         if not self._sensitivity:
-            self.log(f"measuring per-layer sensitivity of {len(self.layers)} layers on {len(self.held_out)} held-out images")
+            count = min(len(self.held_out), self.sensitivity_images)
+            self.log(f"measuring per-layer sensitivity of {len(self.layers)} layers on {count} held-out images")
             simulation = self.simulation()
             step = max(1, len(self.layers) // 10)
 
@@ -300,7 +305,7 @@ class Guard:
                 if done % step == 0 or done == total:
                     self.log(f"  sensitivity: {done}/{total} layers")
 
-            self._sensitivity = layer_sensitivity(simulation, self.held_out, self.reference, progress)
+            self._sensitivity = layer_sensitivity(simulation, self.held_out[:count], self.reference[:count], progress)
             if self.cache is not None:
                 from memexport.atomic import write_text_atomic
 

@@ -283,6 +283,10 @@ def calibrate_cmd(
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N calibration images."),
     min_spearman: float = typer.Option(0.99, "--min-spearman", help="Guard: Spearman vs FP32 on held-out images; 0 disables."),
     held_out_fraction: float = typer.Option(0.25, "--held-out-fraction", help="Share of the images held out for the guard."),
+    held_out: Optional[Path] = typer.Option(None, "--held-out", help="Folder of held-out images for the guard, instead of a share of --images."),
+    max_mean_abs: Optional[float] = typer.Option(
+        None, "--max-mean-abs", help="Guard: largest mean |score error| vs FP32 [default: half the spec's INT8 tolerance; the whole of it for the CPU artifact with 30+ held-out images]."
+    ),
     augment: int = typer.Option(0, "--augment", help="Extra mirrored/cropped views per calibration image."),
     outputs: str = typer.Option("cache,qdq,cpu", "--outputs", help="Comma-separated: cache, qdq, cpu."),
     tensorrt_version: str = typer.Option("8.6.1", "--tensorrt-version", help="TensorRT version written into the cache header."),
@@ -291,7 +295,8 @@ def calibrate_cmd(
     from memexport.calibration import CalibrationOptions, calibration_cache_from_images
 
     options = CalibrationOptions(
-        method=method, max_images=max_images, min_spearman=min_spearman, held_out_fraction=held_out_fraction, augment=augment,
+        method=method, max_images=max_images, min_spearman=min_spearman, held_out_fraction=held_out_fraction,
+        held_out=str(held_out) if held_out is not None else None, max_mean_abs=max_mean_abs, augment=augment,
         outputs=tuple(part.strip() for part in outputs.split(",") if part.strip()), tensorrt_version=tensorrt_version,
     )
     bar: dict[str, Any] = {}

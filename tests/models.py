@@ -26,8 +26,12 @@ def tiny_metadata(model: str = "tiny", precision: str = "fp32") -> ArtifactMetad
     )
 
 
-def tiny_cnn_proto(seed: int = 0, planted: bool = False, opset: int = 17):
+def tiny_cnn_proto(seed: int = 0, planted: bool = False, opset: int = 17, residual: bool = False):
     """conv_a -> relu -> conv_b -> relu -> conv_c -> relu -> global pool -> fc (Gemm) -> sigmoid.
+
+    With ``residual=True``, conv_c's output is summed with conv_b's (``add_res``, a residual
+    Add) before its Relu, and a constant is added before the pool (``add_const``, an Add that
+    is not a residual sum, like the LRN's ``k + ...``).
 
     With ``planted=True``, channel 0 of conv_a's output is ~1000x larger than the others and
     conv_b ignores that channel: a per-tensor INT8 range set by the maximum (MinMax) then
@@ -65,6 +69,15 @@ def tiny_cnn_proto(seed: int = 0, planted: bool = False, opset: int = 17):
         helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logit"], name="fc", transB=1),
         helper.make_node("Sigmoid", ["logit"], ["score"], name="sigmoid"),
     ]
+    if residual:
+        inits.append(numpy_helper.from_array(np.full((1, 8, 1, 1), 0.25, np.float32), "shift"))
+        nodes[4:7] = [
+            helper.make_node("Conv", ["b_relu", "wc", "bc"], ["c"], name="conv_c"),
+            helper.make_node("Add", ["c", "b_relu"], ["c_sum"], name="add_res"),
+            helper.make_node("Relu", ["c_sum"], ["c_relu"], name="relu_c"),
+            helper.make_node("Add", ["c_relu", "shift"], ["c_shift"], name="add_const"),
+            helper.make_node("GlobalAveragePool", ["c_shift"], ["pooled"], name="pool"),
+        ]
     graph = helper.make_graph(
         nodes, "tiny_cnn",
         [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", *TINY_SHAPE])],
@@ -78,12 +91,12 @@ def tiny_cnn_proto(seed: int = 0, planted: bool = False, opset: int = 17):
     return proto
 
 
-def write_tiny_cnn(path: Path | str, seed: int = 0, planted: bool = False) -> Path:
+def write_tiny_cnn(path: Path | str, seed: int = 0, planted: bool = False, residual: bool = False) -> Path:
     """Write :func:`tiny_cnn_proto` to ``path`` and return it."""
     import onnx
 
     path = Path(path)
-    onnx.save(tiny_cnn_proto(seed, planted), str(path))
+    onnx.save(tiny_cnn_proto(seed, planted, residual=residual), str(path))
     return path
 
 

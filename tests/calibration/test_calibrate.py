@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -59,6 +60,10 @@ def test_guard_keeps_the_planted_layer_and_records_it(calibrated):
         assert info["fallback_layers"] == list(result.guards[kind].fallback)
         assert info["calibration_images"] == result.images
         assert info["fidelity_guard"]["spearman"] >= 0.99
+    cpu = inspect_artifact(result.cpu)
+    # a model without a declared spec pins nothing; the offset comes from calibration images
+    assert cpu["pinned_fp32_layers"] == [] and cpu["range_percentile"] == 99.999
+    assert isinstance(cpu["score_offset_logit"], float)
 
 
 def test_changing_method_reuses_statistics_without_reading_images(calibrated, tmp_path, monkeypatch, sample_images):
@@ -121,3 +126,41 @@ def test_runner_scores_track_fp32(calibrated, sample_images):
     for path in (result.qdq, result.cpu):
         with OnnxRuntimeRunner(path, OrtOptions(device="cpu")) as runner:
             assert np.abs(runner.infer(batch) - reference).mean() <= 0.01
+
+
+def test_held_out_folder_replaces_the_split(tmp_path, sample_images):
+    import shutil
+
+    calib, held = tmp_path / "calib", tmp_path / "held"
+    for folder, images in ((calib, sample_images[:4]), (held, sample_images[4:])):
+        folder.mkdir()
+        for image in images:
+            shutil.copy(image, folder / image.name)
+    model = write_tiny_cnn(tmp_path / "tiny.onnx")
+    options = CalibrationOptions(method="minmax", held_out=str(held), outputs=("cpu",))
+    result = calibration_cache_from_images(model, calib, tmp_path / "out", options)
+    assert result.images == 4 and result.held_out == len(sample_images) - 4
+    assert result.guards["cpu"].final.images == len(sample_images) - 4
+    with pytest.raises(UsageError, match="in both --images and --held-out"):
+        calibration_cache_from_images(model, calib, tmp_path / "out", CalibrationOptions(held_out=str(calib), outputs=("cpu",)))
+    with pytest.raises(UsageError, match="held-out folder not found"):
+        calibration_cache_from_images(model, calib, tmp_path / "out", CalibrationOptions(held_out=str(tmp_path / "none"), outputs=("cpu",)))
+
+
+def test_guard_bounds_follow_the_held_out_count(tmp_path, sample_images):
+    from PIL import Image
+
+    held = tmp_path / "held"
+    held.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(30):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(held / f"noise{index:02d}.png")
+    model = write_tiny_cnn(tmp_path / "tiny.onnx")
+    options = CalibrationOptions(method="minmax", held_out=str(held), outputs=("qdq", "cpu"))
+    many = calibration_cache_from_images(model, sample_images[0].parent, tmp_path / "many", options)
+    # 30 held-out images: the CPU artifact gets the spec's whole INT8 error bound, Q/DQ keeps half (TensorRT margin)
+    assert many.guards["cpu"].target.max_mean_abs == 0.01 and many.guards["qdq"].target.max_mean_abs == 0.005
+    few = calibration_cache_from_images(model, sample_images[0].parent, tmp_path / "few", dataclasses.replace(options, held_out=None, held_out_fraction=0.5))
+    assert few.held_out < 30 and few.guards["cpu"].target.max_mean_abs == 0.005
+    fixed = calibration_cache_from_images(model, sample_images[0].parent, tmp_path / "fixed", dataclasses.replace(options, max_mean_abs=0.02))
+    assert {report.target.max_mean_abs for report in fixed.guards.values()} == {0.02}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from memexport.calibration.cpu_int8 import CpuInt8Options, cpu_int8_onnx_from_ranges, cpu_int8_proto_from_ranges
@@ -46,3 +47,46 @@ def test_written_artifact_carries_metadata(tmp_path):
     with OnnxRuntimeRunner(out, OrtOptions(device="cpu")) as runner:
         assert runner.metadata.precision == "int8" and runner.metadata.extra["fallback_layers"] == ["conv_b"]
         assert runner.infer(np.ones((3, 3, 32, 32), np.float32)).shape == (3,)
+
+
+def test_residual_adds_are_quantised_constant_adds_are_not(tmp_path):
+    from memexport.calibration.cpu_int8 import constant_adds
+
+    model = write_tiny_cnn(tmp_path / "res.onnx", residual=True)
+    ranges = {**RANGES, "c_sum": (-3.0, 6.0), "c_shift": (0.0, 3.5)}
+    proto = cpu_int8_proto_from_ranges(model, ranges)
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    # the residual sum stays in UINT8 (QLinearAdd, a com.microsoft op); the constant shift stays FP32
+    assert any(n.op_type == "QLinearAdd" and n.domain == "com.microsoft" for n in proto.graph.node)
+    assert ops["add_const"] == "Add" and "add_res" not in ops
+    assert constant_adds(onnx.load(str(model))) == ["add_const"]
+    batch = np.random.default_rng(1).random((6, 3, 32, 32), dtype=np.float32)
+    fp32 = session_scores(ort_session(str(model)), batch)
+    assert np.abs(session_scores(ort_session(proto), batch) - fp32).max() < 0.05
+
+
+def test_cpu_ranges_are_percentiles_inside_the_observed_range(tmp_path, sample_images):
+    from memexport.calibration.cpu_int8 import cpu_ranges
+    from memexport.calibration.images import iter_batches
+    from memexport.calibration.stats import activation_stats_from_batches
+    from tests.models import TINY_PREPROCESS
+
+    model = write_tiny_cnn(tmp_path / "tiny.onnx")
+    stats = activation_stats_from_batches(model, iter_batches(sample_images, TINY_PREPROCESS, 4))
+    full, clipped = cpu_ranges(stats, 100.0), cpu_ranges(stats, 99.0)
+    narrower = 0
+    for index, name in enumerate(stats.names):
+        low, high = min(float(stats.minimum[index]), 0.0), max(float(stats.maximum[index]), 0.0)
+        assert full[name] == pytest.approx((low, high), rel=1e-6, abs=1e-12)
+        assert low <= clipped[name][0] <= 0.0 <= clipped[name][1] <= high
+        narrower += clipped[name][1] - clipped[name][0] < 0.999 * (high - low)
+    assert narrower > 0
+    assert full["a_relu"][0] == 0.0
+
+
+def test_pinned_layers_match_prefixes():
+    from memexport.calibration.cpu_int8 import pinned_layers
+
+    proto = tiny_cnn_proto()
+    assert pinned_layers(proto, ("conv_a", "relu_a")) == ["conv_a", "relu_a"]
+    assert pinned_layers(proto, ()) == []

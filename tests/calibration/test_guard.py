@@ -86,8 +86,7 @@ def test_switchable_model_simulates_the_cpu_artifact(tmp_path, sample_images):
     stats = activation_stats_from_batches(model, iter_batches(sample_images, TINY_PREPROCESS, 4, augment=1))
     amax = amax_from_stats(stats, "entropy")
     proto = tiny_cnn_proto()
-    index = {n: i for i, n in enumerate(stats.names)}
-    ranges = cpu_ranges(proto, amax, {n: stats.minimum[i] for n, i in index.items()}, {n: stats.maximum[i] for n, i in index.items()})
+    ranges = cpu_ranges(stats)
     assert isinstance(stats, ActivationStats) and ranges["a_relu"][0] == 0.0
     layers = quantizable_layers(proto, [op for op in CPU_OP_TYPES if op == "Conv"])
     assert layers == ["conv_a", "conv_b", "conv_c"]

@@ -38,3 +38,23 @@ def test_resmem_int8_parity(resmem_onnx, data_dir, sample_images, tmp_path):
     verified = verify_artifact(result.qdq, sample_images, VerifyOptions(tolerance=tolerance))
     assert verified.precision == "int8"
     require(verified.report, str(result.qdq))
+
+    # The CPU artifact from the same statistics (reused, no image read again), without the guard so
+    # the recipe itself is what is checked: residual Adds in UINT8, the spec's pinned stem and
+    # layer1 in FP32, the score offset measured on the calibration images.
+    cpu_options = dataclasses.replace(options, outputs=("cpu",), min_spearman=0.0)
+    cpu = calibration_cache_from_images(resmem_onnx, data_dir, tmp_path, cpu_options)
+    assert cpu.reused_stats
+    proto = onnx.load(str(cpu.cpu), load_external_data=False)
+    ops = {node.name: node.op_type for node in proto.graph.node}
+    assert ops["/features/conv1/Conv"] == "Conv" and ops["/features/layer1/layer1.0/conv1/Conv"] == "Conv"
+    assert sum(op == "QLinearAdd" for op in ops.values()) == 50 - 3  # every residual sum but layer1's three
+    assert sum(op == "QLinearConv" for op in ops.values()) > 120
+    from memexport.inspect import inspect_artifact
+
+    described = inspect_artifact(cpu.cpu)
+    assert described["pinned_fp32_layers"] == list(RESMEM.int8_cpu_fp32_layers)
+    assert abs(described["score_offset_logit"]) < 0.5
+    checked = verify_artifact(cpu.cpu, sample_images, VerifyOptions(tolerance=tolerance))
+    assert checked.precision == "int8"
+    require(checked.report, str(cpu.cpu))

@@ -55,6 +55,18 @@ def test_guard_finds_the_planted_layer(tmp_path, sample_images):
     assert any("sensitivity" in line for line in lines)
 
 
+def test_sensitivity_ranks_on_a_subset_and_still_finds_the_planted_layer(tmp_path, sample_images):
+    proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
+    lines = []
+    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, GuardTarget(0.99, 0.01), lines.append, sensitivity_images=2)
+    build = lambda exclude: qdq_proto_from_ranges(proto, amax, QdqOptions(exclude=exclude))  # noqa: E731
+    _, report = guard.run(build, "tiny")
+    assert any("on 2 held-out images" in line for line in lines)
+    assert max(report.sensitivity, key=report.sensitivity.get) == SENSITIVE_LAYER
+    # the fallback is still chosen and checked on every held-out image
+    assert report.passed and report.final.images == len(held)
+
+
 def test_guard_skips_sensitivity_when_the_target_is_met(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=False)
     guard = Guard(proto, amax, quantizable_layers(proto), held, reference, GuardTarget(-1.0, 1.0))

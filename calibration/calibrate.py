@@ -135,7 +135,7 @@ def calibration_cache_from_images(
     from memexport.calibration.stats import METHODS, ActivationStats, activation_stats_from_batches, amax_from_stats, fingerprint
     from memexport.export.onnx_export import save_onnx_artifact
     from memexport.runtime.files import collect_images
-    from memexport.spec import get_spec
+    from memexport.spec import MODELS
 
     model, out_dir = Path(model), Path(out_dir)
     if options.method not in METHODS:
@@ -148,6 +148,7 @@ def calibration_cache_from_images(
     if not Path(images).exists():
         raise UsageError(f"{images}: image folder not found; pass a folder of JPEG/PNG images with --images")
     fp32, metadata = _read_fp32(model)
+    spec = MODELS.get(metadata.model)  # None for a model without a declared spec (tests' tiny models)
     guard_on = options.min_spearman > 0 and any(kind in options.outputs for kind in ("qdq", "cpu"))
     paths = collect_images([Path(images)]).paths
     if options.held_out is not None:
@@ -209,11 +210,8 @@ def calibration_cache_from_images(
                 "pass a folder with more images, or --min-spearman 0 to skip the guard"
             )
         reference = session_scores(ort_session(model), held)
-        try:
-            tolerance = get_spec(metadata.model).tolerance("int8")
-        except UsageError:  # a model without a declared spec (tests' tiny models): the default INT8 bound
-            tolerance = None
-        atol = tolerance.atol if tolerance else 0.01
+        # Without a declared INT8 tolerance, the default INT8 bound.
+        atol = spec.tolerances["int8"].atol if spec is not None and "int8" in spec.tolerances else 0.01
         # The Q/DQ artifact is checked on ONNX Runtime's emulation but deployed on TensorRT's
         # kernels, so its bound keeps a 2x margin whatever the held-out count.
         default_error = {"cpu": atol * (0.5 if len(held) < FEW_HELD_OUT else 1.0), "qdq": 0.5 * atol}
@@ -260,10 +258,7 @@ def calibration_cache_from_images(
         from memexport.calibration.cpu_int8 import CPU_OP_TYPES, CpuInt8Options, cpu_int8_proto_from_ranges, cpu_ranges, pinned_layers
         from memexport.calibration.offset import offset_corrected
 
-        try:
-            pinned_prefixes = get_spec(metadata.model).int8_cpu_fp32_layers
-        except UsageError:  # a model without a declared spec: nothing pinned
-            pinned_prefixes = ()
+        pinned_prefixes = spec.int8_cpu_fp32_layers if spec is not None else ()
         pinned = frozenset(pinned_layers(fp32, pinned_prefixes))
         ranges = cpu_ranges(stats, options.cpu_percentile)
         offset_batch = load_all(calibration[: options.offset_images], metadata.preprocess) if options.offset_images > 0 else None

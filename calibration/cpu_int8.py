@@ -60,14 +60,11 @@ def cpu_ranges(stats: Any, percentile: float = CPU_PERCENTILE) -> dict[str, tupl
         stats: :class:`~memexport.calibration.stats.ActivationStats`.
         percentile: Percentile of |x| that bounds each range (default :data:`CPU_PERCENTILE`).
     """
-    from memexport.calibration.stats import amax_from_stats
+    from memexport.calibration.stats import amax_from_stats, signed_ranges
 
-    amax = amax_from_stats(stats, "percentile", percentile)
-    out = {}
-    for index, name in enumerate(stats.names):
-        low, high = max(float(stats.minimum[index]), -amax[name]), min(float(stats.maximum[index]), amax[name])
-        out[name] = (min(low, 0.0), max(high, 0.0))
-    return out
+    # UINT8 ranges must hold zero (ReLU outputs start there; a zero point needs it).
+    clipped = signed_ranges(stats, amax_from_stats(stats, "percentile", percentile))
+    return {name: (min(low, 0.0), max(high, 0.0)) for name, (low, high) in clipped.items()}
 
 
 def constant_adds(proto: Any) -> list[str]:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memexport.errors import ArtifactError, BackendUnavailableError
+from memexport.errors import ArtifactError
+from memexport.optional import require
 
 # Kept in FP32: the sigmoid head's last step and the LRN's power/division, where half
 # precision's 11-bit mantissa costs the most for the least time.
@@ -37,10 +38,8 @@ class Fp16Options:
 
 def fp16_proto_from_proto(proto: Any, options: Fp16Options = Fp16Options()) -> Any:
     """Convert an FP32 ``onnx.ModelProto`` to FP16 with FP32 inputs and outputs."""
-    try:
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    except ImportError as exc:  # pragma: no cover - depends on the onnxruntime build
-        raise BackendUnavailableError(f"onnxruntime.transformers.float16 is unavailable ({exc}); install onnxruntime>=1.16") from None
+    float16 = require("onnxruntime.transformers.float16", "export", "FP16 conversion", "install onnxruntime>=1.16")
+    DEFAULT_OP_BLOCK_LIST, convert_float_to_float16 = float16.DEFAULT_OP_BLOCK_LIST, float16.convert_float_to_float16
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(options.keep_fp32_ops))
     converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
     sort_topologically(converted.graph)

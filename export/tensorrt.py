@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any, Callable
 from packaging.version import Version
 
 from memexport import __version__
+from memexport.cachedir import default_cache_dir
+from memexport.optional import require
 from memexport.errors import ArtifactError, BackendUnavailableError, CalibrationError, UsageError
 from memexport.gpu import GpuInfo, list_gpus, precision_advice, require_tensorrt_supports, tensorrt_install_hint
 from memexport.runtime import budget
@@ -118,14 +119,6 @@ def trt_features(version: str | Version) -> TrtFeatures:
         device_memory_attr="device_memory_size" if v.major < 10 else "device_memory_size_v2",
         max_opset=TRT86_MAX_OPSET if v.major < 10 else None,
     )
-
-
-def default_cache_dir() -> Path:
-    """``$MEMEXPORT_CACHE_DIR``, else ``$XDG_CACHE_HOME/memexport``, else ``~/.cache/memexport``."""
-    if os.environ.get("MEMEXPORT_CACHE_DIR"):
-        return Path(os.environ["MEMEXPORT_CACHE_DIR"])
-    root = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return root / "memexport"
 
 
 @dataclass(frozen=True)
@@ -221,10 +214,7 @@ def onnx_info(path: Path | str) -> OnnxInfo:
     Raises:
         BackendUnavailableError: ``onnx`` is not installed. ArtifactError: unreadable file or no metadata.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise BackendUnavailableError("building engines reads the ONNX graph with the onnx package; `pip install onnx`") from None
+    onnx = require("onnx", "tensorrt", "building an engine (to read the ONNX graph)")
     from memexport.runtime.metadata import metadata_from_map
 
     path = Path(path)
@@ -352,17 +342,12 @@ def import_tensorrt(device: int = 0) -> Any:
     Raises:
         BackendUnavailableError: TensorRT missing or broken (TensorRT 8.6 named for Pascal).
     """
-    try:
-        import tensorrt
-    except ImportError as exc:
-        gpus = list_gpus()
-        gpu = next((g for g in gpus if g.index == device), None)
+    def hint() -> str:
+        gpu = next((g for g in list_gpus() if g.index == device), None)
         seen = f"{gpu.name} ({gpu.sm})" if gpu else "no CUDA GPU seen"
-        detail = "" if getattr(exc, "name", None) == "tensorrt" else f" ({exc})"
-        raise BackendUnavailableError(
-            f"TensorRT is not installed{detail}; {seen}: {tensorrt_install_hint(gpu.compute_capability if gpu else None)}"
-        ) from None
-    return tensorrt
+        return f"{seen}: {tensorrt_install_hint(gpu.compute_capability if gpu else None)}"
+
+    return require("tensorrt", "tensorrt", "building an engine", hint)
 
 
 def select_gpu(device: int = 0) -> GpuInfo:
@@ -603,16 +588,9 @@ def calibration_cache_for(onnx_path: Path, images: Path, workdir: Path) -> Path:
     """Calibrate on the way (``--calib DIR``) with the calibration module, returning the cache path.
 
     Raises:
-        BackendUnavailableError: The calibration module (``memexport.calibration``) lacks
-            ``calibration_cache_from_images``.
+        CalibrationError: Calibration wrote no cache.
     """
-    try:
-        from memexport.calibration import CalibrationOptions, calibration_cache_from_images  # type: ignore[attr-defined]
-    except ImportError:
-        raise BackendUnavailableError(
-            "--calib DIR needs memexport.calibration.calibration_cache_from_images, which this install lacks; "
-            "run `memexport calibrate` and pass --calib-cache FILE instead"
-        ) from None
+    from memexport.calibration import CalibrationOptions, calibration_cache_from_images
     result = calibration_cache_from_images(onnx_path, images, workdir, CalibrationOptions(outputs=("cache",)))
     cache = Path(getattr(result, "cache", result) or workdir / f"{onnx_path.stem}.calib.cache")
     if not cache.is_file():

@@ -9,7 +9,8 @@ import numpy as np
 from memexport.errors import BackendUnavailableError, UsageError
 from memexport.export.weights import WeightsSource
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.runtime.runners import Runner
+from memexport.optional import require
+from memexport.runtime.base import Runner, RunnerOptions, parse_device
 from memexport.spec import ModelSpec
 
 
@@ -26,21 +27,39 @@ class TorchRunner(Runner):
     backend = "torch"
 
     def __init__(self, spec: ModelSpec, weights: WeightsSource, device: str = "cpu", model: Any = None) -> None:
-        super().__init__()
-        self.spec, self.weights, self.device, self.model = spec, weights, device, model
+        super().__init__(None, RunnerOptions(device=device))
+        self.spec, self.weights, self.model = spec, weights, model
+        self._torch_device: str | None = None
+
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda:N``; ``auto`` resolves when active (CUDA when torch sees it)."""
+        if self._torch_device is not None:
+            return self._torch_device
+        kind, index = parse_device(self.options.device)
+        return "cpu" if kind == "cpu" else (f"cuda:{index}" if kind == "cuda" else kind)
+
+    def memory_bytes(self) -> int | None:
+        """Bytes of the module's parameters and buffers, once active."""
+        if self.model is None or self._torch_device is None:
+            return None
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return int(sum(t.numel() * t.element_size() for t in tensors))
 
     def activate(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise BackendUnavailableError("the torch reference needs torch; install memexport[export]") from None
-        if self.device == "cuda" and not torch.cuda.is_available():
+        torch = require("torch", "export", "the torch reference")
+        kind, index = parse_device(self.options.device)
+        if kind == "auto":
+            kind = "cuda" if torch.cuda.is_available() else "cpu"
+        elif kind == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("torch sees no CUDA device; use --device cpu")
+        device = "cpu" if kind == "cpu" else f"cuda:{index}"
         if self.model is None:
             from memexport.export.onnx_export import build_torch_model
 
             self.model = build_torch_model(self.spec, self.weights)
-        self.model = self.model.to(self.device).eval()
+        self.model = self.model.to(device).eval()
+        self._torch_device = device
         spec = self.spec
         self.metadata = ArtifactMetadata(
             model=spec.name, precision="fp32", input_name=spec.input_name, output_name=spec.output_name,
@@ -49,14 +68,14 @@ class TorchRunner(Runner):
         )
 
     def deactivate(self) -> None:
-        pass
+        self._torch_device = None
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
             out = self.model(torch.from_numpy(batch).to(self.device))
-            if self.device == "cuda":
+            if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             return out.float().cpu().numpy()
 

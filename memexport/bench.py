@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from memexport.runtime.runners import Runner
+from memexport.runtime.base import Runner, RunnerOptions
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,8 @@ def input_batch(runner: Runner, batch_size: int, images: Path | None) -> np.ndar
 
 
 def runner_device(runner: Runner) -> str:
-    """``cuda`` when an active runner executes on the GPU (TensorRT, or ONNX Runtime's CUDA/TensorRT EPs), else ``cpu``."""
-    providers = getattr(runner, "providers", [])
-    return "cuda" if runner.backend == "tensorrt" or any("CUDA" in p or "Tensorrt" in p for p in providers) else "cpu"
+    """``cuda`` when an active runner executes on a GPU (whichever one), else ``cpu``: the records' device column."""
+    return "cuda" if runner.device.startswith("cuda") else "cpu"
 
 
 def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str, free_before: int | None = None) -> list[BenchRecord]:
@@ -123,8 +122,8 @@ def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str,
     from memexport.runtime.budget import MIB, free_vram, vram_delta
 
     assert runner.metadata is not None
-    estimate = getattr(runner, "vram_estimate", None)
-    estimate_mb = (estimate.total - estimate.context) / MIB if estimate is not None else None
+    held = runner.memory_bytes() if device == "cuda" else None
+    estimate_mb = held / MIB if held is not None else None
     records = []
     for batch_size in options.batch_sizes:
         batch = input_batch(runner, batch_size, options.images)
@@ -162,7 +161,7 @@ def bench_artifacts(
         progress: Called with a short line before each back end runs (default: silent).
     """
     from memexport.runtime.budget import free_vram
-    from memexport.runtime.runners import runner_for
+    from memexport.runtime.registry import runner_for
 
     records: list[BenchRecord] = []
     baselines: dict[str, object] = {}
@@ -170,7 +169,7 @@ def bench_artifacts(
         progress(f"timing {artifact}")
         on_gpu = options.device != "cpu" or Path(artifact).suffix.lower() in (".plan", ".engine", ".trt")
         free_before = free_vram() if on_gpu else None
-        with runner_for(artifact, device=options.device) as runner:
+        with runner_for(artifact, RunnerOptions(device=options.device)) as runner:
             device = runner_device(runner)
             records += bench_runner(runner, str(artifact), options, device, free_before if device == "cuda" else None)
             assert runner.metadata is not None
@@ -242,14 +241,14 @@ def bench_end_to_end(
     from memexport.runtime.batch import decoded_batches, default_workers
     from memexport.runtime.files import collect_images
     from memexport.runtime.predictor import Predictor
-    from memexport.runtime.runners import runner_for
+    from memexport.runtime.registry import runner_for
 
     paths = collect_images([folder]).paths
     if not paths:
         raise UsageError(f"{folder}: no images to benchmark; create some with `make synthetic-images`")
     workers = default_workers() if workers is None else workers
     records: list[BenchRecord] = []
-    with runner_for(artifact, device=device) as runner, Predictor(runner, batch_size=batch_size) as predictor:
+    with runner_for(artifact, RunnerOptions(device=device)) as runner, Predictor(runner, batch_size=batch_size) as predictor:
         assert runner.metadata is not None
         run_device = runner_device(runner)
         progress(f"timing {artifact} inference at batch {batch_size}")

@@ -7,6 +7,8 @@ import importlib.util
 import platform
 from typing import Any
 
+from memexport.optional import optional
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -30,12 +32,8 @@ def environment_report() -> dict[str, Any]:
         "onnxruntime_gpu": _version("onnxruntime-gpu"),
         "tensorrt": None,
     }
-    try:
-        import onnxruntime
-
-        report["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    except ImportError:
-        report["onnxruntime_providers"] = []
+    onnxruntime = optional("onnxruntime")
+    report["onnxruntime_providers"] = onnxruntime.get_available_providers() if onnxruntime is not None else []
     if importlib.util.find_spec("tensorrt") is not None:
         try:
             import tensorrt

@@ -8,7 +8,6 @@ and which says nothing about INT8).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from packaging.version import Version
@@ -58,11 +57,10 @@ def _gpus_from_cuda() -> list[GpuInfo] | None:
 
 
 def _gpus_from_torch() -> list[GpuInfo]:
-    if importlib.util.find_spec("torch") is None:
-        return []
-    import torch
+    from memexport.optional import optional
 
-    if not torch.cuda.is_available():
+    torch = optional("torch")
+    if torch is None or not torch.cuda.is_available():
         return []
     gpus = []
     for index in range(torch.cuda.device_count()):

@@ -61,18 +61,15 @@ def _io(values: Any) -> list[dict[str, Any]]:
 def _graph_facts(path: Path) -> dict[str, Any]:
     """Inputs, outputs, metadata map, initializer elements, external files and activations, from ``onnx``."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
 
     from memexport.runtime.budget import activation_profile, onnx_parameter_count
-    from memexport.runtime.runners import check_external_data_location
+    from memexport.runtime.integrity import check_external_data_location, onnx_external_locations
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact
         raise ArtifactError(f"{path}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
-    locations = sorted(
-        {e.value for t in _get_all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
-    )
+    locations = onnx_external_locations(proto)
     check_external_data_location(path, locations)
     missing = [loc for loc in locations if not (path.parent / loc).is_file()]
     if missing:
@@ -95,9 +92,10 @@ def _graph_facts(path: Path) -> dict[str, Any]:
 
 def _runtime_facts(path: Path) -> dict[str, Any]:
     """The same facts from an ONNX Runtime session, for installs without ``onnx`` (no activations)."""
-    from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+    from memexport.runtime.base import RunnerOptions
+    from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-    with OnnxRuntimeRunner(path, OrtOptions(device="cpu")) as runner:
+    with OnnxRuntimeRunner(path, RunnerOptions(device="cpu")) as runner:
         session = runner.session
         return {
             "inputs": [{"name": i.name, "shape": i.shape, "type": i.type} for i in session.get_inputs()],
@@ -133,16 +131,12 @@ def inspect_artifact(
     from memexport.runtime.budget import DEFAULT_BUDGET_BYTES
     from memexport.runtime.integrity import check_onnx
     from memexport.runtime.metadata import metadata_from_map
-    from memexport.runtime.runners import runner_for
+    from memexport.runtime.registry import runner_for
 
     path = Path(path)
     budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
     if path.suffix.lower() != ".onnx":
-        runner = runner_for(path)
-        describe = getattr(runner, "describe", None)
-        if describe is None:
-            raise ArtifactError(f"{path}: cannot inspect this artifact type; expected .onnx or a TensorRT engine with its sidecar")
-        return describe()
+        return runner_for(path).describe()
     if not path.is_file():
         raise ArtifactError(f"{path}: model file not found; export one with `memexport export resmem -o {path.name}`")
     facts = _graph_facts(path) if importlib.util.find_spec("onnx") is not None else _runtime_facts(path)

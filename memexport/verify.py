@@ -11,7 +11,8 @@ import numpy as np
 from memexport.errors import InputImageError, UsageError
 from memexport.parity import ParityReport, compare
 from memexport.runtime.preprocess import preprocess
-from memexport.runtime.runners import Runner, runner_for
+from memexport.runtime.base import Runner, RunnerOptions
+from memexport.runtime.registry import runner_for
 from memexport.spec import Tolerance, get_spec
 
 
@@ -59,7 +60,7 @@ def verify_artifact(artifact: Path | str, images: Sequence[Path], options: Verif
     """
     from memexport.export.torch_runner import reference_runner_for
 
-    with runner_for(artifact, device=options.device) as runner:
+    with runner_for(artifact, RunnerOptions(device=options.device)) as runner:
         meta = runner.metadata
         assert meta is not None
         arrays, names, bad = [], [], []

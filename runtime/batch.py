@@ -34,7 +34,8 @@ from memexport.atomic import fsync_dir
 from memexport.errors import InputImageError, Interrupted, UsageError
 from memexport.runtime.files import collect_images
 from memexport.runtime.predictor import Item, Predictor, group_batches
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions, runner_for
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.registry import runner_for
 
 SCORES_HEADER = ("path", "score")
 ERRORS_HEADER = ("path", "error")
@@ -365,10 +366,7 @@ def scores_csv_from_images(
     summary.skipped = len(collected.paths) - len(todo)
     summary.total = len(todo)
 
-    if Path(model).suffix.lower() == ".onnx":
-        runner = OnnxRuntimeRunner(model, OrtOptions(device=options.device, check_integrity=options.check_integrity))
-    else:
-        runner = runner_for(model, device=options.device)
+    runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity))
     errors_file = errors_path_for(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:

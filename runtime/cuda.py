@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from memexport.errors import BackendUnavailableError, CudaError
+from memexport.optional import optional
 
 # cudaMemcpyKind values (stable across CUDA releases).
 MEMCPY_HOST_TO_DEVICE = 1
@@ -315,14 +316,8 @@ def load_cuda(prefer: str = "auto") -> CudaApi:
         return _CACHED[0]
     api: CudaApi | None = None
     if prefer in ("auto", "cuda-python"):
-        module = None
-        try:
-            from cuda.bindings import runtime as module  # cuda-python >= 12.6
-        except ImportError:
-            try:
-                from cuda import cudart as module  # type: ignore[no-redef]  # cuda-python < 12.6
-            except ImportError:
-                module = None
+        # cuda-python >= 12.6 has cuda.bindings.runtime; older releases cuda.cudart.
+        module = optional("cuda.bindings.runtime") or optional("cuda.cudart")
         if module is not None:
             api = CudaPythonApi(module)
     if api is None and prefer in ("auto", "ctypes"):

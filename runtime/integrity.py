@@ -34,7 +34,51 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from memexport.errors import ArtifactError
+from memexport.optional import optional
 from memexport.runtime.metadata import METADATA_KEY
+
+def check_external_data_location(model_path: Path, locations: Sequence[str]) -> None:
+    """Refuse external-data references that leave the model's folder.
+
+    Raises:
+        ArtifactError: For an absolute path, a ``..`` escape or a symlink out of the folder.
+    """
+    folder = model_path.resolve().parent
+    for location in locations:
+        candidate = Path(location)
+        target = (folder / candidate).resolve()
+        if candidate.is_absolute() or (folder != target and folder not in target.parents):
+            raise ArtifactError(
+                f"{model_path}: external data {location!r} points outside the model's folder {folder}; "
+                "refusing to read it. Keep the .onnx and its data file side by side (re-export or move them together)"
+            )
+
+
+def external_data_locations(model_path: Path) -> list[str]:
+    """Locations of every external-data tensor in an ONNX file (needs the ``onnx`` package).
+
+    Returns an empty list where ``onnx`` is not installed; ONNX Runtime then applies its own
+    checks (it also refuses paths that escape the model folder).
+    """
+    onnx = optional("onnx")
+    if onnx is None:
+        return []
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact
+        raise ArtifactError(f"{model_path}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    return onnx_external_locations(proto)
+
+
+def onnx_external_locations(proto: Any) -> list[str]:
+    """Sorted external-data locations of a loaded ``onnx.ModelProto``."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    return sorted(
+        {e.value for t in _get_all_tensors(proto) if t.data_location == TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    )
+
 
 SCHEME = "sha256:onnx-without-memexport-entry+canonical-metadata/v1"
 INTEGRITY_KEY = "integrity"
@@ -191,8 +235,6 @@ def seal_onnx(path: Path | str, external_locations: Sequence[str] = ()) -> dict[
     """
     path = Path(path)
     digest, span = onnx_digest(path)
-    from memexport.runtime.runners import check_external_data_location
-
     check_external_data_location(path, list(external_locations))
     record = {
         "scheme": SCHEME,
@@ -271,8 +313,6 @@ def check_onnx(path: Path | str, parsed_value: str | None = None, use_cache: boo
         )
     external = record.get("external", {})
     if external:
-        from memexport.runtime.runners import check_external_data_location
-
         check_external_data_location(path, list(external))
         for location, expected in external.items():
             target = path.parent / location

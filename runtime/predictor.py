@@ -10,7 +10,8 @@ import numpy as np
 
 from memexport.errors import InputImageError, UsageError
 from memexport.runtime.preprocess import ImageInput, describe, preprocess
-from memexport.runtime.runners import Runner, runner_for
+from memexport.runtime.base import Runner, RunnerOptions
+from memexport.runtime.registry import runner_for
 
 
 Item = Union[np.ndarray, InputImageError]
@@ -80,7 +81,7 @@ class Predictor:
             if model.metadata is None:
                 raise UsageError("pass an active runner (inside its `with` block) or a path")
         else:
-            self.runner, self._owns_runner = runner_for(model, device=device), True
+            self.runner, self._owns_runner = runner_for(model, RunnerOptions(device=device)), True
             self.runner.__enter__()
         assert self.runner.metadata is not None
         self.metadata = self.runner.metadata

@@ -23,7 +23,7 @@ import ctypes
 import hashlib
 import json
 import threading
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from packaging.version import InvalidVersion, Version
 from memexport.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, UsageError
 from memexport.runtime import budget
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.runtime.runners import Runner
+from memexport.optional import require
+from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.integrity import sha256_file
 
 SIDECAR_FORMAT = "memexport-tensorrt-engine"
@@ -149,29 +150,27 @@ def check_engine_compatible(record: dict[str, Any], tensorrt_version: str, gpu_n
 
 @dataclass(frozen=True)
 class TensorRTOptions:
-    """TensorRT runner options.
+    """What only the TensorRT runner takes (device, budget, integrity: :class:`RunnerOptions`).
 
     Attributes:
-        device_index: CUDA device ordinal (default 0).
-        vram_budget_bytes: Budget the load estimate is checked against (default 11 GiB).
         allow_other_gpu_model: Load an engine built on another GPU model of the same compute
             capability (default ``False``).
-        verify_plan_hash: Check the plan's sha256 against the sidecar before loading (default ``True``).
     """
 
-    device_index: int = 0
-    vram_budget_bytes: int = budget.DEFAULT_BUDGET_BYTES
     allow_other_gpu_model: bool = False
-    verify_plan_hash: bool = True
 
 
 class TensorRTRunner(Runner):
     """Runs a TensorRT plan with its sidecar (see the module docstring for the thread-safety rule).
 
+    An engine always runs on a GPU: ``options.device`` picks which (``cuda:N``; ``auto``, ``cuda``
+    and, as before, ``cpu``, which applies to ONNX artifacts only, mean GPU 0).
+    ``options.check_integrity`` checks the plan's sha256 against the sidecar before loading.
+
     Args:
         path: The ``.plan``/``.engine`` file; ``<path>.json`` must sit beside it.
-        options: Runner options (default :class:`TensorRTOptions`).
-        **overrides: Individual :class:`TensorRTOptions` fields (what ``runner_for`` passes on).
+        options: Shared runner options (default :class:`RunnerOptions`).
+        backend_options: :class:`TensorRTOptions` (default ``None``: its defaults).
 
     Attributes:
         record: The sidecar, once active.
@@ -180,15 +179,10 @@ class TensorRTRunner(Runner):
     """
 
     backend = "tensorrt"
+    options_class = TensorRTOptions
 
-    def __init__(self, path: Path | str, options: TensorRTOptions | None = None, **overrides: Any) -> None:
-        super().__init__()
-        self.path = Path(path)
-        known = {f.name for f in fields(TensorRTOptions)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise UsageError(f"TensorRT runner: unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-        self.options = replace(options or TensorRTOptions(), **overrides)
+    def __init__(self, path: Path | str, options: RunnerOptions = RunnerOptions(), backend_options: TensorRTOptions | None = None) -> None:
+        super().__init__(path, options, backend_options)
         self.record: dict[str, Any] | None = None
         self.vram_estimate: budget.VramEstimate | None = None
         self.vram_measured: int | None = None
@@ -205,6 +199,15 @@ class TensorRTRunner(Runner):
         self._output_elements = 1
 
     @property
+    def device(self) -> str:
+        return f"cuda:{self.options.device_index}"
+
+    def memory_bytes(self) -> int | None:
+        """The load estimate without the CUDA context (plan, execution memory, I/O buffers), once active."""
+        estimate = self.vram_estimate
+        return None if estimate is None else estimate.total - estimate.context
+
+    @property
     def max_batch(self) -> int | None:
         return self._max_batch
 
@@ -218,6 +221,7 @@ class TensorRTRunner(Runner):
             "precision": record["precision"],
             "precision_source": record.get("precision_source"),
             "backend": "tensorrt",
+            "device": self.device,
             "tensorrt": record["tensorrt"],
             "gpu": record["gpu"],
             "profile": record["profile"],
@@ -239,15 +243,11 @@ class TensorRTRunner(Runner):
     def activate(self) -> None:
         record = read_sidecar(self.path)
         meta = sidecar_metadata(record, self.path)
-        if self.options.verify_plan_hash:
+        if self.options.check_integrity:
             check_plan_matches(self.path, record)
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise BackendUnavailableError(
-                f"{self.path}: TensorRT is not installed; this engine needs tensorrt=={record['tensorrt']} "
-                f"(`pip install 'tensorrt=={record['tensorrt']}' cuda-python`), or run the ONNX artifact with ONNX Runtime"
-            ) from None
+        built = record["tensorrt"]
+        trt = require("tensorrt", "tensorrt", f"{self.path}: running this engine", f"it needs tensorrt=={built} "
+                      f"(`pip install 'tensorrt=={built}' cuda-python`), or run the ONNX artifact with ONNX Runtime")
         from memexport.runtime.cuda import load_cuda
 
         cuda = load_cuda()
@@ -256,7 +256,7 @@ class TensorRTRunner(Runner):
             raise BackendUnavailableError(f"{self.path}: no CUDA GPU {index} here; TensorRT engines need the GPU they were built for ({record['gpu']['name']})")
         props = cuda.device_properties(index)
         # Refuse before deserialising: TensorRT's own error for a foreign plan is opaque.
-        check_engine_compatible(record, trt.__version__, props.name, props.compute_capability, self.path, self.options.allow_other_gpu_model)
+        check_engine_compatible(record, trt.__version__, props.name, props.compute_capability, self.path, self.backend_options.allow_other_gpu_model)
         cuda.set_device(index)
         max_shape = [int(d) for d in record["profile"]["max"]]
         estimate = budget.estimate_engine_load(
@@ -267,7 +267,7 @@ class TensorRTRunner(Runner):
         budget.require_engine_fits(str(self.path), estimate, free_before)
         self._cuda = cuda
         try:
-            self._load(trt, meta, record)
+            self._load(trt, meta)
         except BaseException:
             self.deactivate()
             raise
@@ -277,7 +277,7 @@ class TensorRTRunner(Runner):
         self.record = record
         self.metadata = meta
 
-    def _load(self, trt: Any, meta: ArtifactMetadata, record: dict[str, Any]) -> None:
+    def _load(self, trt: Any, meta: ArtifactMetadata) -> None:
         cuda = self._cuda
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._runtime = runtime

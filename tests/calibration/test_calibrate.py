@@ -16,7 +16,8 @@ from memexport.calibration.stats import ActivationStats, amax_from_stats
 from memexport.cli import app
 from memexport.errors import UsageError
 from memexport.inspect import inspect_artifact
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from tests.models import SENSITIVE_LAYER, write_tiny_cnn
 
 OPTIONS = CalibrationOptions(method="minmax", held_out_fraction=0.5, augment=1)
@@ -121,10 +122,10 @@ def test_runner_scores_track_fp32(calibrated, sample_images):
 
     model, result, _ = calibrated
     batch = load_all(sample_images, TINY_PREPROCESS)
-    with OnnxRuntimeRunner(model, OrtOptions(device="cpu")) as fp32:
+    with OnnxRuntimeRunner(model, RunnerOptions(device="cpu")) as fp32:
         reference = fp32.infer(batch)
     for path in (result.qdq, result.cpu):
-        with OnnxRuntimeRunner(path, OrtOptions(device="cpu")) as runner:
+        with OnnxRuntimeRunner(path, RunnerOptions(device="cpu")) as runner:
             assert np.abs(runner.infer(batch) - reference).mean() <= 0.01
 
 

@@ -9,7 +9,8 @@ from onnx import numpy_helper
 
 from memexport.calibration.cpu_int8 import CpuInt8Options, cpu_int8_onnx_from_ranges, cpu_int8_proto_from_ranges
 from memexport.calibration.guard import ort_session, session_scores
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from tests.models import tiny_cnn_proto, tiny_metadata, write_tiny_cnn
 
 RANGES = {"image": (0.0, 1.0), "a": (-4.0, 4.0), "a_relu": (0.0, 4.0), "b": (-3.0, 3.0), "b_relu": (0.0, 3.0),
@@ -44,7 +45,7 @@ def test_written_artifact_carries_metadata(tmp_path):
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
     meta = tiny_metadata(precision="int8").with_extra(calibration_method="minmax", fallback_layers=["conv_b"])
     out = cpu_int8_onnx_from_ranges(model, RANGES, tmp_path / "tiny.int8-cpu.onnx", meta)
-    with OnnxRuntimeRunner(out, OrtOptions(device="cpu")) as runner:
+    with OnnxRuntimeRunner(out, RunnerOptions(device="cpu")) as runner:
         assert runner.metadata.precision == "int8" and runner.metadata.extra["fallback_layers"] == ["conv_b"]
         assert runner.infer(np.ones((3, 3, 32, 32), np.float32)).shape == (3,)
 

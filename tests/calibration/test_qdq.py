@@ -17,7 +17,8 @@ from memexport.calibration.qdq import (
     tensorrt_qdq_violations,
 )
 from memexport.errors import ArtifactError, UsageError
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from tests.models import tiny_cnn_proto, tiny_metadata
 
 AMAX = {"image": 1.0, "a_relu": 4.0, "b_relu": 3.0, "flat": 2.0}
@@ -67,7 +68,7 @@ def test_written_artifact_runs_in_the_runtime(tmp_path):
 
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
     out = qdq_onnx_from_ranges(model, AMAX, tmp_path / "tiny.int8-qdq.onnx", tiny_metadata(precision="int8"))
-    with OnnxRuntimeRunner(out, OrtOptions(device="cpu")) as runner:
+    with OnnxRuntimeRunner(out, RunnerOptions(device="cpu")) as runner:
         assert runner.precision == "int8"
         assert runner.infer(np.zeros((2, 3, 32, 32), np.float32)).shape == (2,)
 

@@ -10,13 +10,14 @@ from typer.testing import CliRunner
 from memexport.cli import app
 from memexport.errors import UsageError
 from memexport.export.fp16 import fp16_onnx_from_onnx
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from memexport.stats import spearman
 from tests.models import write_tiny_cnn
 
 
 def _scores(path, batch):
-    with OnnxRuntimeRunner(path, OrtOptions(device="cpu")) as runner:
+    with OnnxRuntimeRunner(path, RunnerOptions(device="cpu")) as runner:
         return runner.infer(batch), runner.metadata
 
 

@@ -235,7 +235,8 @@ def test_predict_scores_m3m_as_verify_did(m3m_onnx, m3m_verified, data_dir, tmp_
 def test_model_whose_data_points_outside_its_folder_is_refused(m3m_onnx, tmp_path):
     """A copy of the real graph whose tensors read ../<export folder>/m3m.onnx.data is never opened."""
     from memexport.inspect import inspect_artifact
-    from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+    from memexport.runtime.base import RunnerOptions
+    from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
     proto = onnx.load(str(m3m_onnx), load_external_data=False)
     escape = os.path.relpath(m3m_onnx.with_name("m3m.onnx.data"), tmp_path / "inner")
@@ -247,7 +248,7 @@ def test_model_whose_data_points_outside_its_folder_is_refused(m3m_onnx, tmp_pat
     moved.parent.mkdir()
     onnx.save(proto, str(moved))
     with pytest.raises(ArtifactError, match="points outside the model's folder"):
-        OnnxRuntimeRunner(moved, OrtOptions(device="cpu", check_integrity=False)).activate()
+        OnnxRuntimeRunner(moved, RunnerOptions(device="cpu", check_integrity=False)).activate()
     with pytest.raises(ArtifactError, match="points outside the model's folder"):
         inspect_artifact(moved)
 

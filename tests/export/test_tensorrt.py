@@ -306,7 +306,7 @@ def test_cli_build_without_tensorrt_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: TensorRT is not installed") and "tensorrt==8.6.1" in lines[0] and "Pascal" in lines[0]
+    assert lines[0].startswith("error: building an engine needs tensorrt, which is not installed") and "tensorrt==8.6.1" in lines[0] and "Pascal" in lines[0]
     assert not (tmp_path / "r.plan").exists()
 
 

@@ -12,13 +12,14 @@ import pytest
 from memexport.errors import ArtifactError
 from memexport.runtime import integrity
 from memexport.runtime.integrity import check_onnx, find_metadata_entry, metadata_entry_bytes, onnx_digest
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from tests.models import write_tiny_scorer
 
-CPU = OrtOptions(device="cpu")
+CPU = RunnerOptions(device="cpu")
 
 
-def activate(path: Path, options: OrtOptions = CPU) -> None:
+def activate(path: Path, options: RunnerOptions = CPU) -> None:
     with OnnxRuntimeRunner(path, options) as runner:
         runner.infer(np.zeros((1, 3, 227, 227), np.float32))
 
@@ -55,7 +56,7 @@ def test_a_changed_weight_is_caught_at_activation(sealed):
     flip_weight(sealed)
     with pytest.raises(ArtifactError, match=r"model\.onnx: sha256 .* does not match"):
         activate(sealed)
-    activate(sealed, OrtOptions(device="cpu", check_integrity=False))  # opt-out still works
+    activate(sealed, RunnerOptions(device="cpu", check_integrity=False))  # opt-out still works
 
 
 def test_edited_metadata_is_caught(sealed):
@@ -121,7 +122,7 @@ def test_external_data_tampering_and_escape_are_refused(tmp_path):
     escaping = tmp_path / "ext" / "escape.onnx"
     onnx.save(proto, str(escaping))
     with pytest.raises(ArtifactError, match="points outside the model's folder"):
-        activate(escaping, OrtOptions(device="cpu", check_integrity=False))
+        activate(escaping, RunnerOptions(device="cpu", check_integrity=False))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

@@ -13,7 +13,8 @@ from PIL import Image
 
 from memexport.errors import InputImageError, UsageError
 from memexport.runtime.predictor import Predictor
-from memexport.runtime.runners import OnnxRuntimeRunner, OrtOptions
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
 
 def test_scores_match_original_resmem(resmem_onnx, sample_images, reference_scores):
@@ -50,7 +51,7 @@ def test_score_iter_keeps_good_results_around_bad_inputs(resmem_onnx, sample_ima
 
 
 def test_runner_contract_rejects_bad_batches(resmem_onnx):
-    runner = OnnxRuntimeRunner(resmem_onnx, OrtOptions(device="cpu"))
+    runner = OnnxRuntimeRunner(resmem_onnx, RunnerOptions(device="cpu"))
     with pytest.raises(UsageError, match="not active"):
         runner.infer(np.zeros((1, 3, 227, 227), np.float32))
     with runner:
@@ -63,7 +64,7 @@ def test_runner_contract_rejects_bad_batches(resmem_onnx):
 
 def test_runner_splits_batches_over_its_limit(resmem_onnx, monkeypatch):
     calls = []
-    runner = OnnxRuntimeRunner(resmem_onnx, OrtOptions(device="cpu"))
+    runner = OnnxRuntimeRunner(resmem_onnx, RunnerOptions(device="cpu"))
     monkeypatch.setattr(OnnxRuntimeRunner, "max_batch", property(lambda self: 2))
     with runner:
         original = runner._infer
@@ -71,7 +72,7 @@ def test_runner_splits_batches_over_its_limit(resmem_onnx, monkeypatch):
         batch = np.random.default_rng(0).random((5, 3, 227, 227), dtype=np.float32)
         split = runner.infer(batch)
     assert calls == [2, 2, 1]
-    with OnnxRuntimeRunner(resmem_onnx, OrtOptions(device="cpu")) as whole:
+    with OnnxRuntimeRunner(resmem_onnx, RunnerOptions(device="cpu")) as whole:
         np.testing.assert_allclose(split, whole.infer(batch), atol=1e-6)
 
 

@@ -18,7 +18,9 @@ import pytest
 
 from memexport.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, UsageError
 from memexport.runtime import cuda as cuda_mod
-from memexport.runtime.runners import runner_for
+from memexport.runtime.base import RunnerOptions
+from memexport.runtime.onnxruntime_runner import OrtOptions
+from memexport.runtime.registry import runner_for
 from memexport.runtime.tensorrt_runner import (
     SIDECAR_FORMAT, SIDECAR_SCHEMA, TensorRTRunner, check_engine_compatible, read_sidecar, sha256_bytes, sidecar_path,
 )
@@ -126,11 +128,19 @@ def test_replaced_plan_is_refused(tmp_path, fakes):
     assert not fakes["recorder"].named("deserialize_cuda_engine")
 
 
+def test_no_integrity_check_skips_the_plan_hash_as_it_skips_the_onnx_digest(tmp_path, fakes):
+    plan = write_engine(tmp_path)
+    plan.write_bytes(PLAN[:-1] + b"?")
+    with runner_for(plan, RunnerOptions(check_integrity=False)) as runner:
+        assert runner.device == "cuda:0" and runner.memory_bytes() == runner.vram_estimate.total - runner.vram_estimate.context
+    assert fakes["recorder"].named("deserialize_cuda_engine")
+
+
 def test_infer_copies_splits_and_frees(tmp_path, fakes):
     plan = write_engine(tmp_path, max_batch=4)
     batch = np.random.default_rng(0).random((10, *TINY_SHAPE), dtype=np.float32)
     cuda = fakes["cuda"]
-    runner = runner_for(plan, device="cuda", vram_budget_bytes=8 * 2**30)
+    runner = runner_for(plan, RunnerOptions(device="cuda", vram_budget_bytes=8 * 2**30))
     assert isinstance(runner, TensorRTRunner) and runner.options.vram_budget_bytes == 8 * 2**30
     with runner:
         assert runner.max_batch == 4 and runner.precision == "fp16" and runner.metadata.model == "tiny"
@@ -173,13 +183,13 @@ def test_over_budget_engine_names_the_batch_that_fits(tmp_path, fakes):
 
     # 64 MiB device memory at batch 32 -> 2 MiB per image; 600 MiB context + 20 MiB leaves room for 10.
     with pytest.raises(BudgetError, match=r"rebuild with --max-batch (\d+)"):
-        TensorRTRunner(plan, vram_budget_bytes=620 * 2**20 + len(PLAN)).activate()
+        TensorRTRunner(plan, RunnerOptions(vram_budget_bytes=620 * 2**20 + len(PLAN))).activate()
     assert not fakes["recorder"].named("deserialize_cuda_engine")
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="unknown option"):
-        TensorRTRunner(tmp_path / "x.plan", device="cuda")
+        TensorRTRunner(tmp_path / "x.plan", RunnerOptions(device="cuda"), OrtOptions())
 
 
 def test_describe_and_inspect_need_no_tensorrt(tmp_path, monkeypatch):

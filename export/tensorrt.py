@@ -1,124 +1,35 @@
 """``engine_from_onnx``: build a TensorRT engine (plan + JSON sidecar) from an exported ONNX model.
 
-One code base serves TensorRT 8.6 (the last release for Pascal, e.g. the GTX 1080 Ti) and
-TensorRT 10.x/11.x. Only the name-based tensor API is used. What differs by version is
-decided in :func:`trt_features` from ``tensorrt.__version__`` (parsed with ``packaging``):
+What differs between TensorRT 8.6, 10.x and 11.x is decided in :mod:`memexport.export.trt_version`
+(which also imports ``tensorrt``, lazily); the sidecar is :class:`memexport.runtime.engine_sidecar.EngineSidecar`;
+export -> calibrate -> build from a model name is :func:`memexport.pipeline.build`.
 
-* 8.6: explicit batch must be requested with ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``;
-  ``ICudaEngine.device_memory_size``.
-* 10.x: explicit batch is the only mode (the flag is ignored); ``device_memory_size_v2``.
-* 11.x: strong typing only. ``BuilderFlag.FP16``/``INT8`` and INT8 calibrators are gone, so
-  precision comes from the ONNX itself: an FP16 ONNX (``memexport convert --fp16``) or a
-  Q/DQ ONNX (``memexport calibrate``).
-
-On 8.6 and 10 the builder flags work too, and INT8 can come from a TensorRT calibration
+On 8.6 and 10 the builder flags work, and INT8 can come from a TensorRT calibration
 cache, read by a calibrator that only replays the cache (it never sees images).
-
-``tensorrt`` is imported lazily, inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
-
-from packaging.version import Version
+from typing import Any
 
 from memexport import __version__
+from memexport import gpu as gpu_facts
 from memexport.cachedir import default_cache_dir
-from memexport.optional import require
 from memexport.errors import ArtifactError, BackendUnavailableError, CalibrationError, UsageError
-from memexport.gpu import GpuInfo, list_gpus, precision_advice, require_tensorrt_supports, tensorrt_install_hint
+from memexport.export.trt_version import TrtFeatures, device_memory_size, enum_member, network_flags, tensorrt, trt_features
+from memexport.gpu import GpuInfo, precision_advice, require_tensorrt_supports
+from memexport.optional import require
 from memexport.runtime import budget
+from memexport.runtime.engine_sidecar import EngineSidecar, io_bytes, sha256_bytes, sha256_path, sidecar_path
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.runtime.tensorrt_runner import SIDECAR_FORMAT, SIDECAR_SCHEMA, sidecar_path, sha256_bytes, sha256_path
 from memexport.spec import PRECISIONS
 
-# Every TensorRT attribute this package uses (module attributes, enum members and methods
-# of TensorRT objects), in one place. tests/export/test_tensorrt.py checks each name against
-# the Python bindings of TensorRT 8.6.1 and the newest 10.x, and checks that this list is
-# complete by scanning export/tensorrt.py and runtime/tensorrt_runner.py.
-TRT_API: tuple[str, ...] = (
-    # module
-    "__version__", "Logger", "Builder", "Runtime", "OnnxParser",
-    "NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "TensorIOMode",
-    "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator",
-    # enum members
-    "WARNING", "EXPLICIT_BATCH", "FP16", "INT8", "WORKSPACE", "INPUT", "FLOAT",
-    # IBuilder
-    "create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network",
-    # INetworkDefinition / ITensor
-    "num_inputs", "get_input", "name",
-    # IParser / IParserError
-    "parse_from_file", "num_errors", "get_error", "desc",
-    # IBuilderConfig / IOptimizationProfile / ITimingCache
-    "set_memory_pool_limit", "set_flag", "add_optimization_profile", "int8_calibrator", "set_calibration_profile",
-    "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize", "set_shape",
-    # IInt8Calibrator overrides
-    "get_batch_size", "get_batch", "read_calibration_cache", "write_calibration_cache",
-    # IRuntime / ICudaEngine / IExecutionContext
-    "deserialize_cuda_engine", "device_memory_size", "device_memory_size_v2", "num_io_tensors", "get_tensor_name",
-    "get_tensor_mode", "get_tensor_dtype", "get_tensor_shape", "get_tensor_profile_shape", "create_execution_context",
-    "set_input_shape", "set_tensor_address", "execute_async_v3",
-)
-# Names used only where TRT_FEATURES says the running version has them.
-TRT_API_VERSIONED: dict[str, str] = {
-    "EXPLICIT_BATCH": "< 10 (ignored in 10, removed in 11)",
-    "device_memory_size": "< 10 (removed in 11)",
-    "device_memory_size_v2": ">= 10",
-    "FP16": "< 11 as a BuilderFlag (DataType.HALF elsewhere)",
-    "IInt8EntropyCalibrator2": "< 11",
-    "IInt8MinMaxCalibrator": "< 11",
-    "int8_calibrator": "< 11",
-    "set_calibration_profile": "< 11",
-    "get_batch_size": "< 11", "get_batch": "< 11", "read_calibration_cache": "< 11", "write_calibration_cache": "< 11",
-}
-
-# TensorRT 8.6's ONNX parser reads opset 17 at most.
-TRT86_MAX_OPSET = 17
 CALIBRATION_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
 CALIBRATORS = {"EntropyCalibration2": "IInt8EntropyCalibrator2", "MinMaxCalibration": "IInt8MinMaxCalibrator"}
-
-
-@dataclass(frozen=True)
-class TrtFeatures:
-    """What the installed TensorRT can do, from its version alone.
-
-    Attributes:
-        version: The parsed TensorRT version.
-        explicit_batch_flag: The network must be created with ``EXPLICIT_BATCH`` (8.x).
-        precision_flags: ``BuilderFlag.FP16``/``INT8`` exist (before 11).
-        implicit_int8: INT8 calibrators and calibration caches work (before 11).
-        device_memory_attr: ``device_memory_size`` (8.x) or ``device_memory_size_v2`` (10+).
-        max_opset: Highest ONNX opset the parser reads (``None``: not limited here).
-    """
-
-    version: Version
-    explicit_batch_flag: bool
-    precision_flags: bool
-    implicit_int8: bool
-    device_memory_attr: str
-    max_opset: int | None
-
-
-def trt_features(version: str | Version) -> TrtFeatures:
-    """Version gates for TensorRT 8.6, 10.x and 11.x (see the module docstring)."""
-    v = version if isinstance(version, Version) else Version(str(version))
-    if v < Version("8.6"):
-        raise BackendUnavailableError(f"TensorRT {v} is too old; memexport needs TensorRT 8.6 or newer ({tensorrt_install_hint(None)})")
-    return TrtFeatures(
-        version=v,
-        explicit_batch_flag=v.major < 10,
-        precision_flags=v.major < 11,
-        implicit_int8=v.major < 11,
-        device_memory_attr="device_memory_size" if v.major < 10 else "device_memory_size_v2",
-        max_opset=TRT86_MAX_OPSET if v.major < 10 else None,
-    )
 
 
 @dataclass(frozen=True)
@@ -311,10 +222,10 @@ def calibration_algorithm(data: bytes, path: Path) -> str:
     return CALIBRATORS[match.group(2)]
 
 
-def cache_only_calibrator(trt: Any, cache: bytes, path: Path) -> Any:
+def cache_only_calibrator(cache: bytes, path: Path) -> Any:
     """An INT8 calibrator that only replays ``cache``: it has no images, so a cache missing
     tensors fails the build instead of calibrating on nothing."""
-    base = getattr(trt, calibration_algorithm(cache, path))
+    base = getattr(tensorrt(), calibration_algorithm(cache, path))
 
     class CacheOnlyCalibrator(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -336,27 +247,13 @@ def cache_only_calibrator(trt: Any, cache: bytes, path: Path) -> Any:
     return CacheOnlyCalibrator()
 
 
-def import_tensorrt(device: int = 0) -> Any:
-    """``import tensorrt``, or a one-line error saying how to install it for this GPU.
-
-    Raises:
-        BackendUnavailableError: TensorRT missing or broken (TensorRT 8.6 named for Pascal).
-    """
-    def hint() -> str:
-        gpu = next((g for g in list_gpus() if g.index == device), None)
-        seen = f"{gpu.name} ({gpu.sm})" if gpu else "no CUDA GPU seen"
-        return f"{seen}: {tensorrt_install_hint(gpu.compute_capability if gpu else None)}"
-
-    return require("tensorrt", "tensorrt", "building an engine", hint)
-
-
 def select_gpu(device: int = 0) -> GpuInfo:
     """The build GPU.
 
     Raises:
         BackendUnavailableError: No CUDA GPU with that ordinal.
     """
-    gpus = list_gpus()
+    gpus = gpu_facts.list_gpus()
     for gpu in gpus:
         if gpu.index == device:
             return gpu
@@ -364,20 +261,9 @@ def select_gpu(device: int = 0) -> GpuInfo:
     raise BackendUnavailableError(f"building an engine needs CUDA GPU {device}; visible GPUs: {seen}. Engines are built on the GPU they run on")
 
 
-def enum_member(trt: Any, enum: str, member: str) -> Any:
-    return getattr(getattr(trt, enum), member)
-
-
-def network_flags(trt: Any, features: TrtFeatures) -> int:
-    """``create_network`` flags: EXPLICIT_BATCH on 8.x; 0 on 10+ (explicit batch, and on 11 strong typing, are the only modes)."""
-    if features.explicit_batch_flag:
-        return 1 << int(enum_member(trt, "NetworkDefinitionCreationFlag", "EXPLICIT_BATCH"))
-    return 0
-
-
-def parse_onnx(trt: Any, network: Any, logger: Any, path: Path) -> Any:
+def parse_onnx(network: Any, logger: Any, path: Path) -> Any:
     """Parse ``path`` into ``network``; parser errors become one :class:`ArtifactError`."""
-    parser = trt.OnnxParser(network, logger)
+    parser = tensorrt().OnnxParser(network, logger)
     # parse_from_file resolves external data beside the model (ONNX over 2 GB).
     if not parser.parse_from_file(str(path)):
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
@@ -386,20 +272,20 @@ def parse_onnx(trt: Any, network: Any, logger: Any, path: Path) -> Any:
 
 
 def configure_builder(
-    trt: Any, builder: Any, network: Any, options: BuildOptions, plan: PrecisionPlan, workspace: int, input_name: str,
+    builder: Any, options: BuildOptions, plan: PrecisionPlan, workspace: int, input_name: str,
     input_shape: tuple[int, ...], timing_cache: bytes | None, features: TrtFeatures,
 ) -> Any:
     """Create the builder config: workspace limit, precision flags, profile, calibrator, timing cache."""
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    config.set_memory_pool_limit(enum_member("MemoryPoolType", "WORKSPACE"), workspace)
     for flag in plan.flags:
-        config.set_flag(enum_member(trt, "BuilderFlag", flag))
+        config.set_flag(enum_member("BuilderFlag", flag))
     profile = builder.create_optimization_profile()
     shapes = [(b, *input_shape) for b in (options.min_batch, options.opt_batch, options.max_batch)]
     profile.set_shape(input_name, *shapes)
     config.add_optimization_profile(profile)
     if plan.calibration_cache is not None and features.implicit_int8:
-        config.int8_calibrator = cache_only_calibrator(trt, Path(plan.calibration_cache).read_bytes(), Path(plan.calibration_cache))
+        config.int8_calibrator = cache_only_calibrator(Path(plan.calibration_cache).read_bytes(), Path(plan.calibration_cache))
         config.set_calibration_profile(profile)
     cache = config.create_timing_cache(timing_cache or b"")
     config.set_timing_cache(cache, False)
@@ -413,13 +299,13 @@ def timing_cache_file(options: BuildOptions, features: TrtFeatures, gpu: GpuInfo
     return (options.cache_dir or default_cache_dir()) / "tensorrt" / f"timing-{features.version}-{gpu.sm}.cache"
 
 
-def engine_device_memory(trt: Any, features: TrtFeatures, logger: Any, plan_bytes: bytes) -> int:
+def engine_device_memory(features: TrtFeatures, logger: Any, plan_bytes: bytes) -> int:
     """Execution memory the engine needs at its profile's maximum, read back from the built plan."""
-    runtime = trt.Runtime(logger)
+    runtime = tensorrt().Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan_bytes)
     if engine is None:
         raise ArtifactError("TensorRT built a plan it cannot deserialise; see TensorRT's messages above")
-    return int(getattr(engine, features.device_memory_attr))
+    return device_memory_size(engine, features)
 
 
 def cuda_runtime_version() -> str | None:
@@ -439,14 +325,27 @@ class BuildResult:
     Attributes:
         engine: The plan file.
         sidecar: Its JSON sidecar.
-        record: The sidecar's content.
+        info: The sidecar's content, typed.
         notes: Advice worth printing (e.g. FP16 on Pascal).
     """
 
     engine: Path
     sidecar: Path
-    record: dict[str, Any]
+    info: EngineSidecar
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The sidecar as the JSON record written."""
+        return self.info.as_dict()
+
+
+def check_onnx_for(info: OnnxInfo, features: TrtFeatures) -> None:
+    """Refuse an opset this TensorRT's parser cannot read."""
+    if features.max_opset is not None and info.opset > features.max_opset:
+        raise UsageError(
+            f"{info.path}: opset {info.opset} but TensorRT {features.version}'s parser reads opset <= {features.max_opset}; re-export with --opset 17"
+        )
 
 
 def engine_from_onnx(onnx_path: Path | str, output: Path | str, options: BuildOptions = BuildOptions()) -> BuildResult:
@@ -469,150 +368,93 @@ def engine_from_onnx(onnx_path: Path | str, output: Path | str, options: BuildOp
     output = Path(output)
     if output.suffix.lower() not in (".plan", ".engine", ".trt"):
         raise UsageError(f"{output}: engine files end in .plan or .engine (the runtime picks the TensorRT runner by suffix)")
-    trt = import_tensorrt(options.device)
-    features = trt_features(trt.__version__)
+    features = trt_features(tensorrt(options.device).__version__)
     gpu = select_gpu(options.device)
     require_tensorrt_supports(gpu, features.version)
     info = onnx_info(onnx_path)
-    if features.max_opset is not None and info.opset > features.max_opset:
-        raise UsageError(
-            f"{info.path}: opset {info.opset} but TensorRT {features.version}'s parser reads opset <= {features.max_opset}; re-export with --opset 17"
-        )
+    check_onnx_for(info, features)
     plan = precision_plan(features, options, info)
-    notes = []
-    if plan.precision == "fp16" and gpu.compute_capability[0] == 6:
-        notes.append(precision_advice(gpu.compute_capability))
-    meta = info.metadata
-    input_shape = tuple(meta.input_shape)
+    notes = (precision_advice(gpu.compute_capability),) if plan.precision == "fp16" and gpu.compute_capability[0] == 6 else ()
     workspace = options.workspace_bytes or budget.workspace_for_budget(
         info.parameters, plan.precision, options.max_batch, info.activation_elements, options.vram_budget_bytes
     )
     estimate = budget.require_fits(
         str(info.path), info.parameters, plan.precision, options.max_batch, info.activation_elements, options.vram_budget_bytes, workspace
     )
-    timing_path = timing_cache_file(options, features, gpu)
-    timing = timing_path.read_bytes() if timing_path.is_file() else None
+    plan_bytes, device_memory = serialized_engine(info, options, plan, workspace, features, timing_cache_file(options, features, gpu))
+    sidecar = engine_sidecar(output, plan_bytes, device_memory, info, options, plan, features, gpu, workspace, estimate)
+    from memexport.atomic import write_bytes_atomic, write_text_atomic
 
+    # Plan first, sidecar last: a crash in between leaves a plan the runner refuses (no
+    # sidecar, or a sidecar whose sha256 names another plan), never a silent mismatch.
+    write_bytes_atomic(output, plan_bytes)
+    write_text_atomic(sidecar_path(output), sidecar.to_json())
+    return BuildResult(output, sidecar_path(output), sidecar, notes)
+
+
+def serialized_engine(info: OnnxInfo, options: BuildOptions, plan: PrecisionPlan, workspace: int, features: TrtFeatures,
+                      timing_path: Path) -> tuple[bytes, int]:
+    """Parse, configure and build: the plan bytes and the execution memory read back from them.
+
+    The timing cache at ``timing_path`` is read first and written back after the build.
+    """
+    from memexport.atomic import write_bytes_atomic
+
+    trt = tensorrt()
+    meta = info.metadata
+    timing = timing_path.read_bytes() if timing_path.is_file() else None
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt, features))
-    parser = parse_onnx(trt, network, logger, info.path)
+    network = builder.create_network(network_flags(features))
+    parser = parse_onnx(network, logger, info.path)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     if [t.name for t in inputs] != [meta.input_name]:
         raise ArtifactError(f"{info.path}: TensorRT sees inputs {[t.name for t in inputs]}, metadata names {meta.input_name!r}; re-export it")
-    config = configure_builder(trt, builder, network, options, plan, workspace, meta.input_name, input_shape, timing, features)
+    config = configure_builder(builder, options, plan, workspace, meta.input_name, tuple(meta.input_shape), timing, features)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ArtifactError(f"{info.path}: TensorRT could not build the {plan.precision} engine (see TensorRT's messages above)")
     plan_bytes = bytes(memoryview(serialized))
     del parser
-    from memexport.atomic import write_bytes_atomic, write_text_atomic
-
     write_bytes_atomic(timing_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    device_memory = engine_device_memory(trt, features, logger, plan_bytes)
-    calibration = None
+    return plan_bytes, engine_device_memory(features, logger, plan_bytes)
+
+
+def calibration_record(plan: PrecisionPlan, meta: ArtifactMetadata) -> dict[str, Any] | None:
+    """Where the INT8 scales came from: the calibration cache (with its sha256) or the Q/DQ ONNX."""
     if plan.calibration_cache is not None:
-        calibration = {"file": str(plan.calibration_cache), "sha256": sha256_path(Path(plan.calibration_cache))}
-    elif plan.source == "qdq-onnx":
-        calibration = {"file": None, "sha256": None, "note": "explicit Q/DQ scales inside the ONNX", **dict(meta.extra.get("calibration", {}) or {})}
-    metadata = replace(meta, precision=plan.precision, versions={**meta.versions, "tensorrt": str(features.version)})
-    load_estimate = budget.estimate_engine_load(len(plan_bytes), device_memory, io_bytes(input_shape, options.max_batch), plan.precision, options.max_batch, options.vram_budget_bytes)
-    record = {
-        "format": SIDECAR_FORMAT,
-        "schema": SIDECAR_SCHEMA,
-        "plan": {"file": output.name, "bytes": len(plan_bytes), "sha256": sha256_bytes(plan_bytes)},
-        "tensorrt": str(features.version),
-        "cuda_runtime": cuda_runtime_version(),
-        "gpu": {"name": gpu.name, "compute_capability": f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}", "total_memory": gpu.total_memory},
-        "precision": plan.precision,
-        "precision_source": plan.source,
-        "profile": {
+        return {"file": str(plan.calibration_cache), "sha256": sha256_path(Path(plan.calibration_cache))}
+    if plan.source == "qdq-onnx":
+        return {"file": None, "sha256": None, "note": "explicit Q/DQ scales inside the ONNX", **dict(meta.extra.get("calibration", {}) or {})}
+    return None
+
+
+def engine_sidecar(output: Path, plan_bytes: bytes, device_memory: int, info: OnnxInfo, options: BuildOptions, plan: PrecisionPlan,
+                   features: TrtFeatures, gpu: GpuInfo, workspace: int, estimate: budget.VramEstimate) -> EngineSidecar:
+    """The sidecar of a freshly built plan: what it is and what it is tied to."""
+    meta = info.metadata
+    input_shape = tuple(meta.input_shape)
+    load_estimate = budget.estimate_engine_load(len(plan_bytes), device_memory, io_bytes(input_shape, options.max_batch), plan.precision,
+                                                options.max_batch, options.vram_budget_bytes)
+    return EngineSidecar(
+        plan={"file": output.name, "bytes": len(plan_bytes), "sha256": sha256_bytes(plan_bytes)},
+        tensorrt=str(features.version),
+        cuda_runtime=cuda_runtime_version(),
+        gpu={"name": gpu.name, "compute_capability": f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}", "total_memory": gpu.total_memory},
+        precision=plan.precision,
+        precision_source=plan.source,
+        profile={
             "input": meta.input_name,
             "min": [options.min_batch, *input_shape], "opt": [options.opt_batch, *input_shape], "max": [options.max_batch, *input_shape],
         },
-        "onnx": {"file": str(info.path), "sha256": info.sha256, "opset": info.opset},
-        "calibration": calibration,
-        "build_options": options.as_record(),
-        "workspace_bytes": workspace,
-        "device_memory_size": device_memory,
-        "vram_estimate": {"build": estimate.as_dict(), "load": load_estimate.as_dict()},
-        "memexport_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        onnx={"file": str(info.path), "sha256": info.sha256, "opset": info.opset},
+        calibration=calibration_record(plan, meta),
+        build_options=options.as_record(),
+        workspace_bytes=workspace,
+        device_memory_size=device_memory,
+        vram_estimate={"build": estimate.as_dict(), "load": load_estimate.as_dict()},
+        memexport_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         # The artifact metadata, so the runtime needs nothing but the plan and this file.
-        "metadata": json.loads(metadata.to_json()),
-    }
-    # Plan first, sidecar last: a crash in between leaves a plan the runner refuses (no
-    # sidecar, or a sidecar whose sha256 names another plan), never a silent mismatch.
-    write_bytes_atomic(output, plan_bytes)
-    write_text_atomic(sidecar_path(output), json.dumps(record, indent=2, sort_keys=True))
-    return BuildResult(output, sidecar_path(output), record, tuple(notes))
-
-
-def io_bytes(input_shape: tuple[int, ...], max_batch: int, output_elements: int = 1) -> int:
-    """Device bytes of the runner's FP32 input and output buffers at ``max_batch``."""
-    elements = 1
-    for d in input_shape:
-        elements *= d
-    return 4 * max_batch * (elements + output_elements)
-
-
-def onnx_cache_key(model: str, weights_record: dict[str, Any], opset: int) -> str:
-    """Hash of everything that determines an export: model, weights (by sha256), opset, memexport version."""
-    payload = json.dumps({"model": model, "weights": weights_record, "opset": opset, "memexport": __version__}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def onnx_for_model(name: str, cache_dir: Path | None = None, weights: Path | None = None, opset: int = 17,
-                   warn: Callable[[str], None] = print) -> Path:
-    """Export model ``name`` once and reuse the ONNX from the cache while its inputs are unchanged.
-
-    The file is ``<cache_dir>/onnx/<name>-<hash>.onnx``; the hash covers the model name, the
-    weights' sha256, the opset and the memexport version.
-    """
-    from memexport.export import export_model, require_export_deps
-    from memexport.export.weights import resolve
-    from memexport.spec import get_spec
-
-    get_spec(name)
-    require_export_deps()
-    source = resolve(weights)
-    key = onnx_cache_key(name, source.describe(), opset)
-    path = (cache_dir or default_cache_dir()) / "onnx" / f"{name}-{key}.onnx"
-    if not path.is_file():
-        warn(f"exporting {name} to {path}")
-        export_model(name, path, weights=weights, opset=opset, warn=warn)
-    return path
-
-
-def calibration_cache_for(onnx_path: Path, images: Path, workdir: Path) -> Path:
-    """Calibrate on the way (``--calib DIR``) with the calibration module, returning the cache path.
-
-    Raises:
-        CalibrationError: Calibration wrote no cache.
-    """
-    from memexport.calibration import CalibrationOptions, calibration_cache_from_images
-    result = calibration_cache_from_images(onnx_path, images, workdir, CalibrationOptions(outputs=("cache",)))
-    cache = Path(getattr(result, "cache", result) or workdir / f"{onnx_path.stem}.calib.cache")
-    if not cache.is_file():
-        raise CalibrationError(f"calibration of {onnx_path} from {images} wrote no cache at {cache}")
-    return cache
-
-
-def build(model_or_onnx: str | Path, output: Path | str, options: BuildOptions = BuildOptions(),
-          warn: Callable[[str], None] = print) -> BuildResult:
-    """The CLI's ``build``: a model name (exported and cached first) or an ONNX file in, an engine out.
-
-    TensorRT is checked first, so a machine without it fails in a second, not after an export.
-    """
-    options.validate()
-    import_tensorrt(options.device)
-    source = Path(model_or_onnx)
-    if source.suffix.lower() == ".onnx" or source.exists():
-        onnx_path = source
-    else:
-        onnx_path = onnx_for_model(str(model_or_onnx), options.cache_dir, warn=warn)
-    if options.calibration_images is not None:
-        workdir = (options.cache_dir or default_cache_dir()) / "calibration" / sha256_path(onnx_path)[:16]
-        cache = calibration_cache_for(onnx_path, Path(options.calibration_images), workdir)
-        options = replace(options, calibration_cache=cache, calibration_images=None)
-    return engine_from_onnx(onnx_path, output, options)
+        metadata=replace(meta, precision=plan.precision, versions={**meta.versions, "tensorrt": str(features.version)}),
+    )

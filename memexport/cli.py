@@ -253,7 +253,8 @@ def build_cmd(
 ) -> None:
     """Build a TensorRT engine (plan + JSON sidecar) from a model name or an ONNX file."""
     from memexport.errors import UsageError
-    from memexport.export.tensorrt import BuildOptions, build
+    from memexport.export.tensorrt import BuildOptions
+    from memexport.pipeline import build
     from memexport.runtime.budget import parse_bytes
 
     chosen = [name for name, on in (("fp32", fp32), ("fp16", fp16), ("int8", int8)) if on]
@@ -266,11 +267,11 @@ def build_cmd(
     result = build(model, output or Path(f"{Path(model).stem}.{chosen[0]}.plan"), options, warn=err)
     for note in result.notes:
         err(f"note: {note}")
-    record = result.record
+    side = result.info
+    cc = side.compute_capability
     typer.echo(
-        f"wrote {result.engine} and {result.sidecar.name} ({record['precision']} via {record['precision_source']}, TensorRT {record['tensorrt']}, "
-        f"{record['gpu']['name']} sm_{record['gpu']['compute_capability'].replace('.', '')}, batch {min_batch}..{max_batch}, "
-        f"device memory {record['device_memory_size'] / 1024**2:.0f} MiB)"
+        f"wrote {result.engine} and {result.sidecar.name} ({side.precision} via {side.precision_source}, TensorRT {side.tensorrt}, "
+        f"{side.gpu['name']} sm_{cc[0]}{cc[1]}, batch {min_batch}..{max_batch}, device memory {side.device_memory_size / 1024**2:.0f} MiB)"
     )
 
 

@@ -1,6 +1,7 @@
 """The TensorRT runner: runs a ``.plan`` built by ``memexport build``, without torch.
 
-Every plan has a JSON sidecar, ``<plan>.json``, written by the builder. It records what
+Every plan has a JSON sidecar, ``<plan>.json``, written by the builder
+(:mod:`memexport.runtime.engine_sidecar`). It records what
 the engine is (model, precision, profile, preprocessing: the full artifact metadata) and
 what it is tied to (the TensorRT version and the GPU). The runner reads the sidecar first
 and refuses a TensorRT version or GPU that differs, with a clear message, before TensorRT
@@ -20,132 +21,21 @@ shared. For parallel inference use one runner per thread (each costs another
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from packaging.version import InvalidVersion, Version
 
-from memexport.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, UsageError
-from memexport.runtime import budget
-from memexport.runtime.metadata import ArtifactMetadata
+from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
 from memexport.optional import require
+from memexport.runtime import budget
 from memexport.runtime.base import Runner, RunnerOptions
-from memexport.runtime.integrity import sha256_file
+from memexport.runtime.engine_sidecar import EngineSidecar, check_engine_compatible, check_plan_matches, read_sidecar
+from memexport.runtime.metadata import ArtifactMetadata
 
-SIDECAR_FORMAT = "memexport-tensorrt-engine"
-SIDECAR_SCHEMA = 1
-SIDECAR_KEYS = ("format", "schema", "plan", "tensorrt", "gpu", "precision", "profile", "onnx", "calibration",
-                "build_options", "device_memory_size", "memexport_version", "metadata")
 NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32}
-
-
-def sidecar_path(plan: Path | str) -> Path:
-    """``resmem.plan`` -> ``resmem.plan.json``."""
-    plan = Path(plan)
-    return plan.with_name(plan.name + ".json")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-sha256_path = sha256_file  # the sidecar records plan and ONNX digests with the one file hasher
-
-
-def read_sidecar(plan: Path | str) -> dict[str, Any]:
-    """Read and check a plan's sidecar (no TensorRT or GPU needed).
-
-    Raises:
-        ArtifactError: Missing plan or sidecar, unreadable JSON, unknown format or missing fields.
-    """
-    plan = Path(plan)
-    side = sidecar_path(plan)
-    if not plan.is_file():
-        raise ArtifactError(f"{plan}: engine file not found; build one with `memexport build resmem --fp16 -o {plan.name}`")
-    if not side.is_file():
-        raise ArtifactError(f"{plan}: its sidecar {side.name} is missing; engines are only loaded with the sidecar `memexport build` writes: rebuild it")
-    try:
-        record = json.loads(side.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{side}: sidecar is not valid JSON ({type(exc).__name__}); rebuild the engine") from None
-    if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
-        raise ArtifactError(f"{side}: not a memexport engine sidecar (expected format {SIDECAR_FORMAT!r}); rebuild the engine")
-    if record.get("schema") != SIDECAR_SCHEMA:
-        raise ArtifactError(f"{side}: sidecar schema {record.get('schema')!r}, this memexport reads {SIDECAR_SCHEMA}; rebuild or upgrade memexport")
-    missing = [k for k in SIDECAR_KEYS if k not in record]
-    if missing:
-        raise ArtifactError(f"{side}: sidecar lacks {', '.join(missing)}; rebuild the engine")
-    return record
-
-
-def sidecar_metadata(record: dict[str, Any], plan: Path | str) -> ArtifactMetadata:
-    return ArtifactMetadata.from_json(json.dumps(record["metadata"]), str(sidecar_path(plan)))
-
-
-def check_plan_matches(plan: Path, record: dict[str, Any]) -> None:
-    """Refuse a plan that is not the one its sidecar describes (replaced, truncated or tampered).
-
-    Raises:
-        ArtifactError: Size or sha256 differ.
-    """
-    expected = record["plan"]
-    size = plan.stat().st_size
-    if size != expected.get("bytes") or sha256_path(plan) != expected.get("sha256"):
-        raise ArtifactError(
-            f"{plan}: the plan ({size} bytes) is not the one its sidecar describes ({expected.get('bytes')} bytes, sha256 "
-            f"{str(expected.get('sha256'))[:12]}...); the file was replaced or damaged: rebuild it with `memexport build`"
-        )
-
-
-def parse_compute_capability(text: str) -> tuple[int, int]:
-    major, _, minor = str(text).partition(".")
-    return int(major), int(minor or 0)
-
-
-def check_engine_compatible(record: dict[str, Any], tensorrt_version: str, gpu_name: str, compute_capability: tuple[int, int],
-                            plan: Path | str, allow_other_gpu_model: bool = False) -> None:
-    """Refuse an engine built with another TensorRT version or for another GPU.
-
-    Args:
-        record: The sidecar.
-        tensorrt_version: ``tensorrt.__version__`` here.
-        gpu_name: This GPU's name.
-        compute_capability: This GPU's ``(major, minor)``.
-        plan: The plan path (for the message).
-        allow_other_gpu_model: Accept another GPU model of the same compute capability
-            (TensorRT allows it but may run slower; default ``False``).
-
-    Raises:
-        EngineMismatchError: With what was built for, what is here, and how to fix it.
-    """
-    built, here = str(record["tensorrt"]), str(tensorrt_version)
-    try:
-        same_trt = Version(built) == Version(here)
-    except InvalidVersion:
-        same_trt = built == here
-    if not same_trt:
-        raise EngineMismatchError(
-            f"{plan}: built with TensorRT {built} but TensorRT {here} is installed; an engine only loads in the TensorRT "
-            f"version that built it: rebuild it here with `memexport build` or install tensorrt=={built}"
-        )
-    gpu = record["gpu"]
-    built_cc = parse_compute_capability(gpu["compute_capability"])
-    built_sm, here_sm = f"sm_{built_cc[0]}{built_cc[1]}", f"sm_{compute_capability[0]}{compute_capability[1]}"
-    if built_cc != tuple(compute_capability):
-        raise EngineMismatchError(
-            f"{plan}: built for {gpu['name']} ({built_sm}) but this GPU is {gpu_name} ({here_sm}); engines are tied to the GPU "
-            "architecture: rebuild it on this GPU with `memexport build`"
-        )
-    if gpu["name"] != gpu_name and not allow_other_gpu_model:
-        raise EngineMismatchError(
-            f"{plan}: built for {gpu['name']} but this GPU is {gpu_name} (both {here_sm}); rebuild it on this GPU with "
-            "`memexport build`, or pass allow_other_gpu_model=True to accept possibly slower kernels"
-        )
 
 
 @dataclass(frozen=True)
@@ -183,7 +73,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, path: Path | str, options: RunnerOptions = RunnerOptions(), backend_options: TensorRTOptions | None = None) -> None:
         super().__init__(path, options, backend_options)
-        self.record: dict[str, Any] | None = None
+        self.record: EngineSidecar | None = None
         self.vram_estimate: budget.VramEstimate | None = None
         self.vram_measured: int | None = None
         self._lock = threading.Lock()
@@ -213,39 +103,38 @@ class TensorRTRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         """What the engine is, from its sidecar (no TensorRT or GPU needed); for ``memexport inspect``."""
-        record = read_sidecar(self.path)
-        meta = sidecar_metadata(record, self.path)
+        side = read_sidecar(self.path)
+        meta = side.metadata
         info: dict[str, Any] = {
             "path": str(self.path),
             "model": meta.model,
-            "precision": record["precision"],
-            "precision_source": record.get("precision_source"),
+            "precision": side.precision,
+            "precision_source": side.precision_source,
             "backend": "tensorrt",
             "device": self.device,
-            "tensorrt": record["tensorrt"],
-            "gpu": record["gpu"],
-            "profile": record["profile"],
-            "device_memory_size": record["device_memory_size"],
-            "workspace_bytes": record.get("workspace_bytes"),
-            "onnx": record["onnx"],
-            "calibration": record["calibration"],
-            "build_options": record["build_options"],
-            "vram_estimate": record.get("vram_estimate"),
+            "tensorrt": side.tensorrt,
+            "gpu": side.gpu,
+            "profile": side.profile,
+            "device_memory_size": side.device_memory_size,
+            "workspace_bytes": side.workspace_bytes,
+            "onnx": side.onnx,
+            "calibration": side.calibration,
+            "build_options": side.build_options,
+            "vram_estimate": side.vram_estimate,
             "preprocess": meta.preprocess.__dict__ | {"resize": list(meta.preprocess.resize)},
             "weights": dict(meta.weights),
             "versions": dict(meta.versions),
-            "memexport_version": record["memexport_version"],
+            "memexport_version": side.memexport_version,
             "file_bytes": self.path.stat().st_size,
         }
         info.update({k: v for k, v in meta.extra.items() if k not in info})
         return info
 
     def activate(self) -> None:
-        record = read_sidecar(self.path)
-        meta = sidecar_metadata(record, self.path)
+        side = read_sidecar(self.path)
         if self.options.check_integrity:
-            check_plan_matches(self.path, record)
-        built = record["tensorrt"]
+            check_plan_matches(self.path, side)
+        built = side.tensorrt
         trt = require("tensorrt", "tensorrt", f"{self.path}: running this engine", f"it needs tensorrt=={built} "
                       f"(`pip install 'tensorrt=={built}' cuda-python`), or run the ONNX artifact with ONNX Runtime")
         from memexport.runtime.cuda import load_cuda
@@ -253,29 +142,28 @@ class TensorRTRunner(Runner):
         cuda = load_cuda()
         index = self.options.device_index
         if cuda.device_count() <= index:
-            raise BackendUnavailableError(f"{self.path}: no CUDA GPU {index} here; TensorRT engines need the GPU they were built for ({record['gpu']['name']})")
+            raise BackendUnavailableError(f"{self.path}: no CUDA GPU {index} here; TensorRT engines need the GPU they were built for ({side.gpu['name']})")
         props = cuda.device_properties(index)
         # Refuse before deserialising: TensorRT's own error for a foreign plan is opaque.
-        check_engine_compatible(record, trt.__version__, props.name, props.compute_capability, self.path, self.backend_options.allow_other_gpu_model)
+        check_engine_compatible(side, trt.__version__, props.name, props.compute_capability, self.path, self.backend_options.allow_other_gpu_model)
         cuda.set_device(index)
-        max_shape = [int(d) for d in record["profile"]["max"]]
+        max_batch = side.max_shape[0]
         estimate = budget.estimate_engine_load(
-            int(record["plan"]["bytes"]), int(record["device_memory_size"]), 4 * max_shape[0] * (int(np.prod(max_shape[1:])) + 1),
-            record["precision"], max_shape[0], self.options.vram_budget_bytes,
+            int(side.plan["bytes"]), int(side.device_memory_size), side.io_bytes(), side.precision, max_batch, self.options.vram_budget_bytes,
         )
         free_before, _ = cuda.mem_get_info()
         budget.require_engine_fits(str(self.path), estimate, free_before)
         self._cuda = cuda
         try:
-            self._load(trt, meta)
+            self._load(trt, side.metadata)
         except BaseException:
             self.deactivate()
             raise
         free_after, _ = cuda.mem_get_info()
         self.vram_estimate = estimate
         self.vram_measured = budget.vram_delta(free_before, free_after)
-        self.record = record
-        self.metadata = meta
+        self.record = side
+        self.metadata = side.metadata
 
     def _load(self, trt: Any, meta: ArtifactMetadata) -> None:
         cuda = self._cuda
@@ -349,7 +237,7 @@ class TensorRTRunner(Runner):
             self._host_arrays[in_name][: batch.size] = batch.reshape(-1)
             self._cuda.memcpy_async(self._device[in_name], self._host[in_name], in_bytes, MEMCPY_HOST_TO_DEVICE, self._stream)
             if not self._context.set_input_shape(in_name, (n, *meta.input_shape)):
-                raise UsageError(f"{self.path}: batch {n} is outside the engine's profile {self.record['profile'] if self.record else ''}")
+                raise UsageError(f"{self.path}: batch {n} is outside the engine's profile {self.record.profile if self.record else ''}")
             if not self._context.execute_async_v3(self._stream):
                 raise ArtifactError(f"{self.path}: TensorRT failed to run the engine (see its messages above)")
             self._cuda.memcpy_async(self._host[out_name], self._device[out_name], out_count * 4, MEMCPY_DEVICE_TO_HOST, self._stream)

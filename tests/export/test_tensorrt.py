@@ -19,11 +19,15 @@ import numpy as np
 import pytest
 
 from memexport.errors import ArtifactError, BackendUnavailableError, BudgetError, CalibrationError, UsageError
+from memexport import gpu as gpu_facts
+from memexport import pipeline
 from memexport.export import tensorrt as trt_build
-from memexport.export.tensorrt import BuildOptions, OnnxInfo, TRT_API, calibration_algorithm, precision_plan, trt_features
+from memexport.export import trt_version
+from memexport.export.tensorrt import BuildOptions, OnnxInfo, calibration_algorithm, precision_plan
+from memexport.export.trt_version import TRT_API, trt_features
 from memexport.gpu import GpuInfo
 from memexport.runtime.budget import GIB
-from memexport.runtime.tensorrt_runner import read_sidecar, sidecar_path
+from memexport.runtime.engine_sidecar import read_sidecar, sidecar_path
 from tests.fake_tensorrt import Recorder, fake_tensorrt
 from tests.models import TINY_SHAPE, tiny_cnn_proto, tiny_metadata, write_tiny_cnn
 
@@ -145,7 +149,7 @@ def install(monkeypatch, version: str, gpu: GpuInfo = PASCAL, **kwargs):
     recorder = Recorder()
     trt = fake_tensorrt(version, recorder, **kwargs)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_build, "list_gpus", lambda: [gpu])
+    monkeypatch.setattr(gpu_facts, "list_gpus", lambda: [gpu])
     return recorder
 
 
@@ -170,7 +174,7 @@ def test_int8_build_on_tensorrt86_maps_options_and_writes_sidecar(monkeypatch, t
     assert timing.read_bytes() == b"timing:previous"  # reused, then written back
 
     assert (tmp_path / "tiny.plan").read_bytes() == b"fake-plan"
-    record = read_sidecar(tmp_path / "tiny.plan")
+    record = read_sidecar(tmp_path / "tiny.plan").as_dict()
     assert record == json.loads(sidecar_path(tmp_path / "tiny.plan").read_text())
     assert record["tensorrt"] == "8.6.1" and record["gpu"]["compute_capability"] == "6.1"
     assert record["gpu"]["name"] == "NVIDIA GeForce GTX 1080 Ti"
@@ -259,17 +263,17 @@ def test_opset_above_17_is_refused_on_tensorrt86(monkeypatch, tmp_path, tiny_onn
 
 
 def test_onnx_cache_key_follows_weights_and_opset():
-    base = trt_build.onnx_cache_key("resmem", {"sha256": "a"}, 17)
-    assert base == trt_build.onnx_cache_key("resmem", {"sha256": "a"}, 17)
-    assert len({base, trt_build.onnx_cache_key("resmem", {"sha256": "b"}, 17), trt_build.onnx_cache_key("resmem", {"sha256": "a"}, 16)}) == 3
+    base = pipeline.onnx_cache_key("resmem", {"sha256": "a"}, 17)
+    assert base == pipeline.onnx_cache_key("resmem", {"sha256": "a"}, 17)
+    assert len({base, pipeline.onnx_cache_key("resmem", {"sha256": "b"}, 17), pipeline.onnx_cache_key("resmem", {"sha256": "a"}, 16)}) == 3
 
 
 def test_build_checks_tensorrt_before_exporting(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    monkeypatch.setattr(trt_build, "list_gpus", lambda: [PASCAL])
-    monkeypatch.setattr(trt_build, "onnx_for_model", lambda *a, **k: pytest.fail("exported before checking TensorRT"))
+    monkeypatch.setattr(gpu_facts, "list_gpus", lambda: [PASCAL])
+    monkeypatch.setattr(pipeline, "onnx_for_model", lambda *a, **k: pytest.fail("exported before checking TensorRT"))
     with pytest.raises(BackendUnavailableError, match=r"GTX 1080 Ti \(sm_61\): pip install 'tensorrt==8.6.1'") as caught:
-        trt_build.build("resmem", tmp_path / "r.plan", BuildOptions("fp16"))
+        pipeline.build("resmem", tmp_path / "r.plan", BuildOptions("fp16"))
     assert caught.value.exit_code == 2
 
 
@@ -291,7 +295,7 @@ def test_calib_dir_calibrates_on_the_way_then_builds_from_the_cache(monkeypatch,
     recorder = install(monkeypatch, "8.6.1")
     images = tmp_path / "photos"
     images.mkdir()
-    result = trt_build.build(tiny_onnx, tmp_path / "t.plan", BuildOptions("int8", calibration_images=images, cache_dir=tmp_path))
+    result = pipeline.build(tiny_onnx, tmp_path / "t.plan", BuildOptions("int8", calibration_images=images, cache_dir=tmp_path))
     assert calls == [(tiny_onnx, images, ("cache",))]
     assert recorder.named("int8_calibrator")[0][2] == CACHE
     assert result.record["precision_source"] == "calibration-cache" and result.record["calibration"]["sha256"] == trt_build.sha256_bytes(CACHE)
@@ -323,7 +327,7 @@ def test_cli_build_needs_exactly_one_precision():
 # --------------------------------------------------------------------------------- API surface
 
 TRT_API_DIR = ROOT / ".trt-api"
-SOURCES = [ROOT / "export" / "tensorrt.py", ROOT / "runtime" / "tensorrt_runner.py"]
+SOURCES = [ROOT / "export" / "trt_version.py", ROOT / "export" / "tensorrt.py", ROOT / "runtime" / "tensorrt_runner.py"]
 # Variables that hold TensorRT objects in our sources (the names we use for them).
 TRT_OBJECTS = r"(?:trt|builder|network|config|parser|profile|runtime|engine|context|cache|self\._engine|self\._context)"
 
@@ -334,7 +338,8 @@ def used_trt_names() -> set[str]:
         text = source.read_text()
         names |= set(re.findall(r"\btrt\.(?:\w+\.)*?(\w+)", text))
         names |= set(re.findall(rf"\b{TRT_OBJECTS}\.(\w+)\(", text))
-        names |= {n for pair in re.findall(r'enum_member\(trt, "(\w+)", "(\w+)"\)', text) for n in pair}
+        names |= set(re.findall(r"\btensorrt\(\)\.(\w+)", text))
+        names |= {n for pair in re.findall(r'enum_member\("(\w+)", "(\w+)"\)', text) for n in pair}
     # Our own attributes and Python built-ins that the patterns also catch.
     ours = {"read_bytes", "is_file", "parent", "get", "copy", "reshape", "append", "record", "path", "notes", "__init__"}
     return names - ours
@@ -342,7 +347,7 @@ def used_trt_names() -> set[str]:
 
 def test_trt_api_list_is_complete():
     used = used_trt_names()
-    builder_flags = {"FP16", "INT8"}  # set through enum_member(trt, "BuilderFlag", flag) from PrecisionPlan.flags
+    builder_flags = {"FP16", "INT8"}  # set through enum_member("BuilderFlag", flag) from PrecisionPlan.flags
     missing = sorted((used | builder_flags) - set(TRT_API))
     assert not missing, f"TensorRT names used in the sources but missing from TRT_API: {missing}"
     # Nothing listed that the sources no longer mention.
@@ -387,7 +392,7 @@ def test_trt_api_exists_in_bindings(wheel, absent):
 def test_tensorrt11_lacks_exactly_the_names_we_gate():
     binary, init = binding_names("tensorrt_cu12_bindings-11.*.whl")
     missing = {n for n in TRT_API if not present(n, binary, init)}
-    assert missing <= set(trt_build.TRT_API_VERSIONED), f"ungated names missing in TensorRT 11: {sorted(missing - set(trt_build.TRT_API_VERSIONED))}"
+    assert missing <= set(trt_version.TRT_API_VERSIONED), f"ungated names missing in TensorRT 11: {sorted(missing - set(trt_version.TRT_API_VERSIONED))}"
     assert {"IInt8EntropyCalibrator2", "int8_calibrator", "EXPLICIT_BATCH", "device_memory_size"} <= missing
 
 
@@ -450,7 +455,7 @@ def test_resmem_int8_engine_parity(gpu_or_skip, resmem_onnx, sample_images, resm
     from memexport.stats import spearman
 
     try:
-        cache = trt_build.calibration_cache_for(resmem_onnx, data_dir, tmp_path / "calib")
+        cache = pipeline.calibration_cache_for(resmem_onnx, data_dir, tmp_path / "calib")
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     features = trt_features(sys.modules["tensorrt"].__version__ if "tensorrt" in sys.modules else __import__("tensorrt").__version__)

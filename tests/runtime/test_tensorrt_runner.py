@@ -21,9 +21,10 @@ from memexport.runtime import cuda as cuda_mod
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.onnxruntime_runner import OrtOptions
 from memexport.runtime.registry import runner_for
-from memexport.runtime.tensorrt_runner import (
-    SIDECAR_FORMAT, SIDECAR_SCHEMA, TensorRTRunner, check_engine_compatible, read_sidecar, sha256_bytes, sidecar_path,
+from memexport.runtime.engine_sidecar import (
+    SIDECAR_FORMAT, SIDECAR_SCHEMA, check_engine_compatible, read_sidecar, sha256_bytes, sidecar_path,
 )
+from memexport.runtime.tensorrt_runner import TensorRTRunner
 from tests.fake_tensorrt import HostCuda, Recorder, TinyEngine, fake_tensorrt
 from tests.models import TINY_SHAPE, tiny_metadata
 
@@ -72,7 +73,7 @@ def fakes(monkeypatch):
 
 def test_sidecar_problems_are_artifact_errors(tmp_path):
     plan = write_engine(tmp_path)
-    assert read_sidecar(plan)["tensorrt"] == "8.6.1"
+    assert read_sidecar(plan).tensorrt == "8.6.1"
     side = sidecar_path(plan)
     record = json.loads(side.read_text())
     side.write_text("{not json")

@@ -8,11 +8,11 @@ and which says nothing about INT8).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from packaging.version import Version
 
 from memexport.errors import BackendUnavailableError, CudaError
+from memexport.runtime import cuda
+from memexport.runtime.cuda import DeviceProperties
 
 # The last TensorRT release that supports Pascal (sm_6x) and Maxwell (sm_5x).
 PASCAL_TENSORRT = "8.6"
@@ -24,34 +24,14 @@ INSTALL_PASCAL = "pip install 'tensorrt==8.6.1' 'cuda-python>=12' (TensorRT 8.6 
 INSTALL_NEWER = "pip install 'tensorrt-cu12>=10' 'cuda-python>=12'"
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    """One CUDA device.
-
-    Attributes:
-        index: CUDA device ordinal.
-        name: Marketing name.
-        compute_capability: ``(major, minor)``.
-        total_memory: Bytes of device memory.
-    """
-
-    index: int
-    name: str
-    compute_capability: tuple[int, int]
-    total_memory: int
-
-    @property
-    def sm(self) -> str:
-        """``"sm_61"`` for compute capability 6.1."""
-        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+# One device record for the whole package: the CUDA layer's. ``GpuInfo`` is its name here.
+GpuInfo = DeviceProperties
 
 
 def _gpus_from_cuda() -> list[GpuInfo] | None:
-    from memexport.runtime.cuda import load_cuda
-
     try:
-        api = load_cuda()
-        return [GpuInfo(d.index, d.name, d.compute_capability, d.total_memory) for d in (api.device_properties(i) for i in range(api.device_count()))]
+        api = cuda.load_cuda()
+        return [api.device_properties(i) for i in range(api.device_count())]
     except (BackendUnavailableError, CudaError):
         return None
 
@@ -65,7 +45,7 @@ def _gpus_from_torch() -> list[GpuInfo]:
     gpus = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
-        gpus.append(GpuInfo(index, props.name, (props.major, props.minor), props.total_memory))
+        gpus.append(DeviceProperties(index, props.name, (props.major, props.minor), props.total_memory))
     return gpus
 
 
@@ -87,10 +67,6 @@ def has_fast_fp16(compute_capability: tuple[int, int]) -> bool:
 def has_int8(compute_capability: tuple[int, int]) -> bool:
     """Whether the GPU has fast INT8 (DP4A from sm_61, tensor cores from sm_72/75)."""
     return compute_capability >= (6, 1)
-
-
-def is_pascal(compute_capability: tuple[int, int]) -> bool:
-    return compute_capability[0] == 6
 
 
 def tensorrt_install_hint(compute_capability: tuple[int, int] | None) -> str:

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 from memexport.atomic import fsync_dir
 from memexport.errors import InputImageError, Interrupted, UsageError
-from memexport.runtime.files import collect_images
+from memexport.runtime.files import Collected, collect_images
 from memexport.runtime.predictor import Item, Predictor, group_batches
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.registry import runner_for
@@ -367,45 +367,15 @@ def scores_csv_from_images(
     summary.total = len(todo)
 
     runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity))
-    errors_file = errors_path_for(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
         started = time.perf_counter()
         scores = _CsvAppender(output, SCORES_HEADER, append=bool(done_keys) or options.resume)
-        errors: _CsvAppender | None = None
-        errors_file.unlink(missing_ok=True)  # recomputed by this run (see module docstring)
-
-        def report(rows: list[tuple[str, str]]) -> None:
-            nonlocal errors
-            if rows:
-                if errors is None:
-                    errors = _CsvAppender(errors_file, ERRORS_HEADER, append=False)
-                    summary.errors_path = errors_file
-                errors.write(rows)
-
+        errors = _ErrorsFile(errors_path_for(output), summary)
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:
-            upfront = [(str(p), f"{reason}: {_MISSING_DETAIL.get(reason, 'cannot be read')}") for p, reason in collected.missing]
-            upfront += [(str(p), f"{reason}: {detail}") for p, reason, detail in collected.rejected]
-            for p, reason in collected.missing:
-                summary.failures[reason] += 1
-            for p, reason, _ in collected.rejected:
-                summary.failures[reason] += 1
-            report(upfront)
-            done = 0
-            for batch in batches:
-                rows, bad = [], []
-                for result in predictor.score_batch(batch):
-                    if result.error is not None:
-                        bad.append((result.source, _error_text(result.error)))
-                        summary.failures[result.error.reason] += 1
-                    else:
-                        rows.append((result.source, f"{result.score:.8f}"))
-                scores.write(rows)
-                report(bad)
-                summary.scored += len(rows)
-                done += len(batch)
-                progress(done, summary.total)
+            errors.write(_upfront_failures(collected, summary))
+            _score_batches(predictor, batches, scores, errors, summary, progress)
         except KeyboardInterrupt:
             summary.interrupted = True
             summary.elapsed_s = time.perf_counter() - started
@@ -417,7 +387,57 @@ def scores_csv_from_images(
         finally:
             batches.close()  # stops the decoding pool now, not when garbage collected
             scores.close()
-            if errors is not None:
-                errors.close()
+            errors.close()
     summary.elapsed_s = time.perf_counter() - started
     return summary
+
+
+class _ErrorsFile:
+    """``<stem>.errors.csv``: recomputed by every run (see module docstring), created on the first bad input."""
+
+    def __init__(self, path: Path, summary: PredictSummary) -> None:
+        self.path, self.summary = path, summary
+        self.appender: _CsvAppender | None = None
+        path.unlink(missing_ok=True)
+
+    def write(self, rows: list[tuple[str, str]]) -> None:
+        if not rows:
+            return
+        if self.appender is None:
+            self.appender = _CsvAppender(self.path, ERRORS_HEADER, append=False)
+            self.summary.errors_path = self.path
+        self.appender.write(rows)
+
+    def close(self) -> None:
+        if self.appender is not None:
+            self.appender.close()
+
+
+def _upfront_failures(collected: Collected, summary: PredictSummary) -> list[tuple[str, str]]:
+    """Rows for inputs refused before decoding (missing, unreadable, rejected), counted in ``summary``."""
+    rows = [(str(p), f"{reason}: {_MISSING_DETAIL.get(reason, 'cannot be read')}") for p, reason in collected.missing]
+    rows += [(str(p), f"{reason}: {detail}") for p, reason, detail in collected.rejected]
+    for p, reason in collected.missing:
+        summary.failures[reason] += 1
+    for p, reason, _ in collected.rejected:
+        summary.failures[reason] += 1
+    return rows
+
+
+def _score_batches(predictor: Predictor, batches: Iterable[list[tuple[Path, Item]]], scores: _CsvAppender, errors: _ErrorsFile,
+                   summary: PredictSummary, progress: Callable[[int, int], None]) -> None:
+    """Score each decoded batch; write its good rows and its errors before the next one starts."""
+    done = 0
+    for batch in batches:
+        rows, bad = [], []
+        for result in predictor.score_batch(batch):
+            if result.error is not None:
+                bad.append((result.source, _error_text(result.error)))
+                summary.failures[result.error.reason] += 1
+            else:
+                rows.append((result.source, f"{result.score:.8f}"))
+        scores.write(rows)
+        errors.write(bad)
+        summary.scored += len(rows)
+        done += len(batch)
+        progress(done, summary.total)

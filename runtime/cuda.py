@@ -55,6 +55,11 @@ class DeviceProperties:
     compute_capability: tuple[int, int]
     total_memory: int
 
+    @property
+    def sm(self) -> str:
+        """``"sm_61"`` for compute capability 6.1."""
+        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+
 
 class CudaApi:
     """The CUDA runtime subset memexport uses. Pointers and streams are plain ``int``s.

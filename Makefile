@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 ARTIFACTS ?= artifacts
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-gpu test-fast bench trt-api clean photos heldout-photos int8 synthetic-images bench-e2e
+.PHONY: install demo test test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos int8 synthetic-images bench-e2e
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ test-fast: $(STAMP)
 # GPU tests: build and check TensorRT engines. Needs a CUDA GPU and TensorRT installed.
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu -rs
+
+# The torch-free CUDA layer (runtime/cuda.py) on a real GPU, no TensorRT needed: which libcudart
+# it loads (CUDA 13's libcudart.so.13 or 12's) and its version, then allocation, pinned host
+# memory, byte-for-byte copies on a stream and cudaMemGetInfo deltas. Skips with a reason without a GPU.
+test-cuda: $(STAMP)
+	$(BIN)/python -m memexport.runtime.cuda || true
+	$(BIN)/python -m pytest -q -s -rs -m gpu tests/runtime/test_cuda.py
 
 bench: $(ARTIFACTS)/resmem.onnx
 	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx --batch-sizes 1,16 --json $(ARTIFACTS)/bench.json

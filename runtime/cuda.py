@@ -25,6 +25,11 @@ from typing import Any, Callable
 from memexport.errors import BackendUnavailableError, CudaError
 from memexport.optional import optional
 
+# The loader's names for libcudart, newest CUDA first: the device machines carry CUDA 13.
+SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
+# Where NVIDIA's pip wheels put libcudart below site-packages/nvidia: CUDA 13 wheels use cu13/,
+# CUDA 12 wheels cuda_runtime/.
+WHEEL_FOLDERS = ("cu13", "cuda_runtime")
 # cudaMemcpyKind values (stable across CUDA releases).
 MEMCPY_HOST_TO_DEVICE = 1
 MEMCPY_DEVICE_TO_HOST = 2
@@ -113,6 +118,14 @@ class CudaApi:
         """CUDA runtime version as ``"12.4"``."""
         raise NotImplementedError
 
+    def driver_version(self) -> str:
+        """Newest CUDA version the installed driver supports, as ``"13.0"``."""
+        raise NotImplementedError
+
+    def is_pinned(self, pointer: int) -> bool:
+        """Whether ``pointer`` is page-locked host memory from :meth:`malloc_host` (``cudaHostGetFlags``)."""
+        raise NotImplementedError
+
 
 def format_cuda_version(encoded: int) -> str:
     """CUDA encodes versions as ``1000 * major + 10 * minor`` (12040 -> ``"12.4"``)."""
@@ -189,6 +202,12 @@ class CudaPythonApi(CudaApi):
 
     def runtime_version(self) -> str:
         return format_cuda_version(int(self._call("cudaRuntimeGetVersion", self.rt.cudaRuntimeGetVersion)))
+
+    def driver_version(self) -> str:
+        return format_cuda_version(int(self._call("cudaDriverGetVersion", self.rt.cudaDriverGetVersion)))
+
+    def is_pinned(self, pointer: int) -> bool:
+        return _status_code(self.rt.cudaHostGetFlags(pointer)[0]) == 0
 
 
 class CtypesCudaApi(CudaApi):
@@ -283,26 +302,43 @@ class CtypesCudaApi(CudaApi):
         self._check("cudaRuntimeGetVersion", self.lib.cudaRuntimeGetVersion(ctypes.byref(version)))
         return format_cuda_version(version.value)
 
+    def driver_version(self) -> str:
+        version = ctypes.c_int(0)
+        self._check("cudaDriverGetVersion", self.lib.cudaDriverGetVersion(ctypes.byref(version)))
+        return format_cuda_version(version.value)
+
+    def is_pinned(self, pointer: int) -> bool:
+        flags = ctypes.c_uint(0)
+        return self.lib.cudaHostGetFlags(ctypes.byref(flags), ctypes.c_void_p(pointer)) == 0
+
 
 def libcudart_candidates() -> list[str]:
     """Where ``libcudart`` may live, most specific first.
 
-    Order: ``$MEMEXPORT_LIBCUDART``; the NVIDIA pip wheels (``nvidia/cuda_runtime/lib``) on
-    ``sys.path``; ``$CUDA_HOME``/``$CUDA_PATH``; ``/usr/local/cuda``; then the loader's own search.
+    Order: ``$MEMEXPORT_LIBCUDART``; the NVIDIA pip wheels on ``sys.path`` (CUDA 13's
+    ``nvidia/cu13/lib``, CUDA 12's ``nvidia/cuda_runtime/lib``); ``$CUDA_HOME``/``$CUDA_PATH``;
+    ``/usr/local/cuda``; then the loader's own search, newest soname first (``libcudart.so.13``,
+    ``.so.12``, ...). Within a folder, the newest version first.
     """
     names: list[str] = []
     if os.environ.get("MEMEXPORT_LIBCUDART"):
         names.append(os.environ["MEMEXPORT_LIBCUDART"])
-    roots = [os.path.join(p, "nvidia", "cuda_runtime", "lib") for p in sys.path if p]
+    roots = [os.path.join(p, "nvidia", wheel, "lib") for p in sys.path if p for wheel in WHEEL_FOLDERS]
     roots += [os.path.join(os.environ[v], "lib64") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     roots.append("/usr/local/cuda/lib64")
     for root in roots:
-        names += sorted(glob.glob(os.path.join(root, "libcudart.so*")), reverse=True)
+        names += sorted(glob.glob(os.path.join(root, "libcudart.so*")), key=_soname_version, reverse=True)
     found = ctypes.util.find_library("cudart")
     if found:
         names.append(found)
-    names += ["libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
+    names += list(SONAMES)
     return list(dict.fromkeys(names))
+
+
+def _soname_version(path: str) -> tuple[int, ...]:
+    """``libcudart.so.13.0.48`` -> ``(13, 0, 48)``: newest first, numerically (``.so.13`` after ``.so.9`` as text)."""
+    suffix = os.path.basename(path).partition(".so")[2]
+    return tuple(int(p) for p in suffix.split(".") if p.isdigit())
 
 
 _CACHED: list[CudaApi] = []
@@ -349,3 +385,59 @@ def list_devices(api: CudaApi | None = None) -> list[DeviceProperties]:
         return [api.device_properties(index) for index in range(api.device_count())]
     except BackendUnavailableError:
         return []
+
+
+def loaded_libcudart(maps: str = "/proc/self/maps") -> str | None:
+    """The libcudart file mapped into this process (Linux), or ``None`` (none loaded, or linked into cuda-python)."""
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("libcudart.so"):
+                    return parts[5].strip()
+    except OSError:
+        return None
+    return None
+
+
+def cuda_report(api: CudaApi | None = None) -> dict[str, Any]:
+    """Which CUDA runtime this process uses and what it sees: for ``make test-cuda`` and bug reports.
+
+    Raises:
+        BackendUnavailableError: No CUDA runtime at all (see :func:`load_cuda`).
+    """
+    api = api or load_cuda()
+    try:
+        driver: str | None = api.driver_version()
+    except CudaError:
+        driver = None
+    if driver == "0.0":  # cudaDriverGetVersion's answer when no driver is installed
+        driver = None
+    devices = [{"index": d.index, "name": d.name, "sm": d.sm, "total_memory": d.total_memory} for d in list_devices(api)]
+    return {
+        "source": api.source,
+        "library": loaded_libcudart(),
+        "runtime_version": api.runtime_version(),
+        "driver_version": driver,
+        "devices": devices,
+        # The CUDA layer is torch- and TensorRT-free: neither is imported to get here.
+        "torch_loaded": "torch" in sys.modules,
+        "tensorrt_loaded": "tensorrt" in sys.modules,
+    }
+
+
+def main() -> int:
+    """``python -m memexport.runtime.cuda [ctypes|cuda-python]``: print :func:`cuda_report` as JSON."""
+    import json
+
+    try:
+        report = cuda_report(load_cuda(sys.argv[1] if len(sys.argv) > 1 else "auto"))
+    except BackendUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,17 +28,25 @@ class Entry:
         default_for: Suffixes it is chosen for when no back end is named (default: all of ``suffixes``).
     """
 
-    suffixes: tuple[str, ...]
+    suffixes: tuple[str, ...] | str
     module: str
     cls: str
-    default_for: tuple[str, ...] | None = None
+    default_for: tuple[str, ...] | str | None = None
+
+    def __post_init__(self) -> None:
+        # One suffix may be given as a plain string: Entry(".onnx", ...).
+        for name in ("suffixes", "default_for"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+        object.__setattr__(self, "suffixes", tuple(s.lower() for s in self.suffixes))
 
     def load(self) -> type[Runner]:
         return getattr(importlib.import_module(self.module), self.cls)
 
 
 BACKENDS: dict[str, Entry] = {
-    "onnxruntime": Entry((".onnx",), "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner"),
+    "onnxruntime": Entry(".onnx", "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner"),
     "tensorrt": Entry((".plan", ".engine", ".trt"), "memexport.runtime.tensorrt_runner", "TensorRTRunner"),
 }
 

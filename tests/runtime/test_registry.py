@@ -43,7 +43,8 @@ def test_wrong_backend_options_type_is_refused():
 
 def test_add_backend_registers_one_entry(monkeypatch):
     monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
-    entry = registry.Entry((".onnx", ".xml"), "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner", default_for=(".xml",))
+    entry = registry.Entry((".onnx", ".XML"), "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner", default_for=".xml")
+    assert entry.suffixes == (".onnx", ".xml") and entry.default_for == (".xml",) and registry.BACKENDS["onnxruntime"].suffixes == (".onnx",)
     registry.add_backend("other", entry)
     registry.add_backend("other", entry)  # same entry again: no-op
     assert registry.backend_for("m.xml") == "other" and registry.backend_for("m.onnx") == "onnxruntime"

@@ -604,16 +604,16 @@ def calibration_cache_for(onnx_path: Path, images: Path, workdir: Path) -> Path:
 
     Raises:
         BackendUnavailableError: The calibration module (``memexport.calibration``) lacks
-            ``calibration_cache_from_images``.
+            ``calibrate``.
     """
     try:
-        from memexport.calibration import CalibrationOptions, calibration_cache_from_images  # type: ignore[attr-defined]
+        from memexport.calibration import CalibrationOptions, calibrate  # type: ignore[attr-defined]
     except ImportError:
         raise BackendUnavailableError(
-            "--calib DIR needs memexport.calibration.calibration_cache_from_images, which this install lacks; "
+            "--calib DIR needs memexport.calibration.calibrate, which this install lacks; "
             "run `memexport calibrate` and pass --calib-cache FILE instead"
         ) from None
-    result = calibration_cache_from_images(onnx_path, images, workdir, CalibrationOptions(outputs=("cache",)))
+    result = calibrate(onnx_path, images, workdir, CalibrationOptions(outputs=("cache",)))
     cache = Path(getattr(result, "cache", result) or workdir / f"{onnx_path.stem}.calib.cache")
     if not cache.is_file():
         raise CalibrationError(f"calibration of {onnx_path} from {images} wrote no cache at {cache}")

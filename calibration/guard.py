@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from memexport.errors import CalibrationError
-from memexport.stats import spearman
+from memexport.parity import ParityReport, compare
+from memexport.spec import Tolerance
 
 SWITCH_INPUT = "memexport_quant_switch"
 
@@ -34,27 +35,14 @@ class GuardTarget:
     min_spearman: float = 0.99
     max_mean_abs: float = 0.01
 
-
-@dataclass(frozen=True)
-class Fidelity:
-    """Agreement of INT8 scores with FP32 scores."""
-
-    spearman: float
-    mean_abs: float
-    max_abs: float
-    images: int
-
-    def meets(self, target: GuardTarget) -> bool:
-        return self.spearman >= target.min_spearman and self.mean_abs <= target.max_mean_abs
-
-    def as_dict(self) -> dict:
-        return {"spearman": round(self.spearman, 6), "mean_abs": round(self.mean_abs, 6), "max_abs": round(self.max_abs, 6), "images": self.images}
+    def tolerance(self) -> Tolerance:
+        """The target as a parity :class:`~memexport.spec.Tolerance` (no Kendall bound)."""
+        return Tolerance(atol=self.max_mean_abs, statistic="mean", min_spearman=self.min_spearman, min_kendall=-1.0)
 
 
-def fidelity(candidate: np.ndarray, reference: np.ndarray) -> Fidelity:
-    candidate, reference = np.asarray(candidate, np.float64).reshape(-1), np.asarray(reference, np.float64).reshape(-1)
-    error = np.abs(candidate - reference)
-    return Fidelity(spearman(candidate, reference), float(error.mean()), float(error.max()), int(candidate.size))
+def fidelity(candidate: np.ndarray, reference: np.ndarray, target: GuardTarget = GuardTarget()) -> ParityReport:
+    """Agreement of INT8 scores with FP32 scores; ``passed`` says whether ``target`` is met."""
+    return compare(candidate, reference, target.tolerance())
 
 
 @dataclass(frozen=True)
@@ -62,8 +50,8 @@ class GuardReport:
     """What the guard found for one artifact.
 
     Attributes:
-        initial: Fidelity with every layer quantised.
-        final: Fidelity of the artifact as written.
+        initial: Agreement with FP32 with every layer quantised.
+        final: Agreement with FP32 of the artifact as written.
         fallback: Layers kept in FP32, most sensitive first.
         sensitivity: Per-layer sensitivity (mean |score error| with only that layer in INT8),
             empty when the first check passed.
@@ -71,8 +59,8 @@ class GuardReport:
         passed: Whether ``final`` meets ``target``.
     """
 
-    initial: Fidelity
-    final: Fidelity
+    initial: ParityReport
+    final: ParityReport
     fallback: tuple[str, ...]
     sensitivity: Mapping[str, float]
     target: GuardTarget
@@ -226,7 +214,7 @@ def greedy_fallback(model: SwitchableModel, batch: np.ndarray, reference: np.nda
 
     def meets(count: int) -> bool:
         enabled = set(order[count:])
-        return fidelity(model.scores(batch, enabled), reference).meets(target)
+        return fidelity(model.scores(batch, enabled), reference, target).passed
 
     low, high = 0, len(order)
     if meets(0):
@@ -327,9 +315,9 @@ class Guard:
             CalibrationError: The target is out of reach even with every layer in FP32.
         """
         proto = build(frozenset())
-        initial = fidelity(session_scores(ort_session(proto), self.held_out), self.reference)
-        self.log(f"{what}: all layers INT8: spearman {initial.spearman:.4f}, mean abs {initial.mean_abs:.4f} on {initial.images} held-out images")
-        if initial.meets(self.target):
+        initial = fidelity(session_scores(ort_session(proto), self.held_out), self.reference, self.target)
+        self.log(f"{what}: all layers INT8: spearman {initial.spearman:.4f}, mean abs {initial.mean_abs:.4f} on {initial.count} held-out images")
+        if initial.passed:
             return proto, GuardReport(initial, initial, (), {}, self.target, True)
         wanted = set(self.layers if candidates is None else candidates)
         sensitivity = {name: value for name, value in self.sensitivity().items() if name in wanted}
@@ -340,10 +328,10 @@ class Guard:
         for _ in range(self.max_rounds):
             chosen = tuple(order[:count])
             proto = build(frozenset(chosen))
-            final = fidelity(session_scores(ort_session(proto), self.held_out), self.reference)
+            final = fidelity(session_scores(ort_session(proto), self.held_out), self.reference, self.target)
             tried = count
             self.log(f"{what}: {count} layer(s) in FP32: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f}")
-            if final.meets(self.target):
+            if final.passed:
                 return proto, GuardReport(initial, final, chosen, sensitivity, self.target, True)
             if count >= len(order):
                 break

@@ -45,21 +45,21 @@ def export_model(
         The :class:`~memexport.runtime.metadata.ArtifactMetadata` written.
     """
     from memexport.errors import UsageError
+    from memexport.spec import MODELS
 
     spec = get_spec(name)
     require_export_deps()
     from memexport.export.onnx_export import ExportOptions, onnx_from_torch
     from memexport.export.weights import resolve
 
-    if spec.name == "resmem":
-        if segmentation_weights is not None:
-            raise UsageError("--segmentation-weights applies to m3m only")
-        return onnx_from_torch(spec, resolve(weights, seed=seed), output, ExportOptions(opset=opset))
-    if spec.name == "m3m":
-        from memexport.export.m3m import SEGMENTATION_PART, onnx_with_external_data_from_torch
+    if segmentation_weights is not None and "segmentation" not in spec.weight_parts:
+        takers = sorted(other.name for other in MODELS.values() if "segmentation" in other.weight_parts)
+        raise UsageError(f"--segmentation-weights applies to {', '.join(takers)} only")
+    parts = {"segmentation": Path(segmentation_weights)} if segmentation_weights is not None else {}
+    # Default main checkpoint: ResMem's published weights (for M3M, its shared parts).
+    source = resolve(weights, parts, seed=seed)
+    if spec.external_data:
+        from memexport.export.m3m import onnx_with_external_data_from_torch
 
-        parts = {SEGMENTATION_PART: Path(segmentation_weights)} if segmentation_weights is not None else {}
-        # Default main checkpoint: ResMem's published weights for the shared parts.
-        source = resolve(weights, parts, seed=seed)
         return onnx_with_external_data_from_torch(spec, source, output, ExportOptions(opset=opset), warn=warn).metadata
-    raise UsageError(f"model {name!r} has no exporter yet")
+    return onnx_from_torch(spec, source, output, ExportOptions(opset=opset))

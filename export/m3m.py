@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -360,6 +359,26 @@ def attach_initializers(proto: Any, tensors: Mapping[str, torch.Tensor], sink: A
     return elements
 
 
+def declare_io(proto: Any, spec: "ModelSpec", output: Path) -> None:
+    """Check that only the image is left as a graph input, and state the declared output shape.
+
+    With the weights as graph inputs, the tracer could not tell that fc12 has one output
+    column; the declared per-image shape is written as the inline export has it.
+
+    Raises:
+        ArtifactError: A graph input that matched no parameter (the exporter renamed it).
+    """
+    stray = [i.name for i in proto.graph.input if i.name != spec.input_name]
+    if stray:
+        raise ArtifactError(f"{output}: graph inputs {stray[:4]} match no parameter of {spec.name}; the exporter renamed them")
+    for output_value in proto.graph.output:
+        if output_value.name == spec.output_name:
+            dims = output_value.type.tensor_type.shape.dim
+            for dim, size in zip(dims[1:], spec.output_shape):
+                dim.Clear()
+                dim.dim_value = size
+
+
 @dataclass(frozen=True)
 class ExternalExport:
     """What :func:`onnx_with_external_data_from_torch` wrote.
@@ -415,22 +434,16 @@ def onnx_with_external_data_from_torch(
     """
     import onnx
 
-    from memexport import __version__
     from memexport.atomic import fsync_dir, fsync_file
     from memexport.errors import MemexportError
-    from memexport.export.onnx_export import build_torch_model, count_parameters, export_metadata, require_valid_onnx, set_metadata
+    from memexport.export.onnx_export import checked_torch_model, export_metadata, require_valid_onnx, stamp, trace_to_onnx
     from memexport.runtime.integrity import seal_onnx
 
-    if options.opset < 13:
-        raise UsageError(f"opset {options.opset} is too old: expected 13..17 (default 17)")
     output = Path(output)
     if output.suffix.lower() != ".onnx":
         raise UsageError(f"{output}: the output must end in .onnx (its data file becomes {output.name}.data)")
     started = time.perf_counter()
-    model = build_torch_model(spec, weights)
-    parameters = count_parameters(model)
-    if spec.parameters is not None and parameters != spec.parameters:
-        raise CheckpointError(f"{spec.name}: built {parameters:,} parameters, expected {spec.parameters:,}; the model code is out of step with its spec")
+    model = checked_torch_model(spec, weights, options)
     random_parts = list(getattr(model, "random_init_parts", []))
     if random_parts:
         warn(random_init_warning(random_parts, weights.seed))
@@ -441,23 +454,7 @@ def onnx_with_external_data_from_torch(
     data_final = output.with_name(data_name)
     try:
         staged = workdir / output.name
-        dummy = torch.zeros((options.trace_batch, *spec.input_shape), dtype=torch.float32)
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript exporter warns about its own internals (deprecation, constant
-            # folding of Slice); users should only see memexport's messages.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (dummy,),
-                str(staged),
-                dynamo=False,
-                export_params=False,
-                do_constant_folding=False,
-                opset_version=options.opset,
-                input_names=[spec.input_name],
-                output_names=[spec.output_name],
-                dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()},
-            )
+        trace_to_onnx(model, spec, staged, options, export_params=False, do_constant_folding=False)
         proto = onnx.load(str(staged))
         tensors = dict(model.state_dict(keep_vars=False))
         with open(workdir / data_name, "wb") as sink:
@@ -465,21 +462,8 @@ def onnx_with_external_data_from_torch(
             sink.flush()
             os.fsync(sink.fileno())
         del tensors, model
-        stray = [i.name for i in proto.graph.input if i.name != spec.input_name]
-        if stray:
-            raise ArtifactError(f"{output}: graph inputs {stray[:4]} match no parameter of {spec.name}; the exporter renamed them")
-        # With the weights as graph inputs, the tracer could not tell that fc12 has one output
-        # column; state the declared per-image shape as the inline export does.
-        for output_value in proto.graph.output:
-            if output_value.name == spec.output_name:
-                dims = output_value.type.tensor_type.shape.dim
-                for dim, size in zip(dims[1:], spec.output_shape):
-                    dim.Clear()
-                    dim.dim_value = size
-        proto.producer_name = "memexport"
-        proto.producer_version = __version__
-        proto.doc_string = spec.description
-        set_metadata(proto, metadata)
+        declare_io(proto, spec, output)
+        stamp(proto, spec, metadata)
         onnx.save(proto, str(staged))
         fsync_file(staged)
         if options.check:

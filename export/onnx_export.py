@@ -155,6 +155,60 @@ def save_onnx_artifact(proto: Any, metadata: ArtifactMetadata, output: Path | st
     return Path(output)
 
 
+def checked_torch_model(spec: ModelSpec, weights: WeightsSource, options: ExportOptions) -> Any:
+    """Build ``spec``'s torch module after checking the opset, and check its parameter count.
+
+    Raises:
+        UsageError: An opset below 13. CheckpointError: Bad weights, or a count out of step with the spec.
+    """
+    # Opsets above 17 are allowed (TensorRT 10+ parses them) but TensorRT 8.6 will not.
+    if options.opset < 13:
+        raise UsageError(f"opset {options.opset} is too old: expected 13..{MAX_TENSORRT86_OPSET} (default 17)")
+    model = build_torch_model(spec, weights)
+    parameters = count_parameters(model)
+    if spec.parameters is not None and parameters != spec.parameters:
+        raise CheckpointError(f"{spec.name}: built {parameters:,} parameters, expected {spec.parameters:,}; the model code is out of step with its spec")
+    return model
+
+
+def trace_to_onnx(model: Any, spec: ModelSpec, path: Path, options: ExportOptions, **export_args: Any) -> None:
+    """Trace ``model`` into ``path`` with the TorchScript exporter (``dynamo=False``: opset 17 for TensorRT 8.6).
+
+    Args:
+        model: The torch module (eval mode).
+        spec: Its spec: input and output names, input shape, dynamic axes.
+        path: Where the exporter writes.
+        options: Opset and trace batch.
+        **export_args: Further ``torch.onnx.export`` arguments (``do_constant_folding``, ``export_params``).
+    """
+    import torch
+
+    dummy = torch.zeros((options.trace_batch, *spec.input_shape), dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter warns about constant folding and shape inference
+        # internals that do not affect the graph; users should only see our own messages.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            opset_version=options.opset,
+            input_names=[spec.input_name],
+            output_names=[spec.output_name],
+            dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()},
+            **export_args,
+        )
+
+
+def stamp(proto: Any, spec: ModelSpec, metadata: ArtifactMetadata) -> None:
+    """Mark an exported ``onnx.ModelProto`` as memexport's: producer, description and metadata."""
+    proto.producer_name = "memexport"
+    proto.producer_version = __version__
+    proto.doc_string = spec.description
+    set_metadata(proto, metadata)
+
+
 def onnx_from_torch(
     spec: ModelSpec, weights: WeightsSource, output: Path | str, options: ExportOptions = ExportOptions()
 ) -> ArtifactMetadata:
@@ -178,42 +232,16 @@ def onnx_from_torch(
             exported graph fails ``onnx.checker``.
     """
     import onnx
-    import torch
 
-    # Opsets above 17 are allowed (TensorRT 10+ parses them) but TensorRT 8.6 will not.
-    if options.opset < 13:
-        raise UsageError(f"opset {options.opset} is too old: expected 13..{MAX_TENSORRT86_OPSET} (default 17)")
     if spec.external_data:
         raise UsageError(f"model {spec.name!r} needs external data; use its own exporter")
     output = Path(output)
-    model = build_torch_model(spec, weights)
-    if spec.parameters is not None and count_parameters(model) != spec.parameters:
-        raise CheckpointError(
-            f"{spec.name}: built {count_parameters(model):,} parameters, expected {spec.parameters:,}; the model code is out of step with its spec"
-        )
+    model = checked_torch_model(spec, weights, options)
     metadata = export_metadata(spec, weights, options.opset, model)
-    dummy = torch.zeros((options.trace_batch, *spec.input_shape), dtype=torch.float32)
     with atomic_path(output, suffix=".onnx") as tmp:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript exporter warns about constant folding and shape inference
-            # internals that do not affect the graph; users should only see our own messages.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (dummy,),
-                str(tmp),
-                dynamo=False,
-                opset_version=options.opset,
-                input_names=[spec.input_name],
-                output_names=[spec.output_name],
-                dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()},
-                do_constant_folding=True,
-            )
+        trace_to_onnx(model, spec, tmp, options, do_constant_folding=True)
         proto = onnx.load(str(tmp))
-        proto.producer_name = "memexport"
-        proto.producer_version = __version__
-        proto.doc_string = spec.description
-        set_metadata(proto, metadata)
+        stamp(proto, spec, metadata)
         onnx.save(proto, str(tmp))
         if options.check:
             require_valid_onnx(tmp, output)

@@ -293,11 +293,11 @@ def calibrate_cmd(
     tensorrt_version: str = typer.Option("8.6.1", "--tensorrt-version", help="TensorRT version written into the cache header."),
 ) -> None:
     """INT8 calibration: TensorRT cache, Q/DQ ONNX and U8S8 CPU ONNX, each checked against FP32."""
-    from memexport.calibration import CalibrationOptions, calibration_cache_from_images
+    from memexport.calibration import CalibrationOptions, calibrate
 
     options = CalibrationOptions(
         method=method, max_images=max_images, min_spearman=min_spearman, held_out_fraction=held_out_fraction,
-        held_out=str(held_out) if held_out is not None else None, max_mean_abs=max_mean_abs, augment=augment,
+        held_out=held_out, max_mean_abs=max_mean_abs, augment=augment,
         outputs=tuple(part.strip() for part in outputs.split(",") if part.strip()), tensorrt_version=tensorrt_version,
     )
     bar: dict[str, Any] = {}
@@ -310,7 +310,7 @@ def calibrate_cmd(
         bar["done"] = done
 
     try:
-        result = calibration_cache_from_images(model, images, output, options, progress, log=err)
+        result = calibrate(model, images, output, options, progress, log=err)
     finally:
         if "bar" in bar:
             bar["bar"].__exit__(None, None, None)
@@ -325,7 +325,7 @@ def calibrate_cmd(
                 typer.echo(f"  ... {len(report.sensitivity) - len(rows)} less sensitive layers, all int8")
         final = report.final
         typer.echo(
-            f"{kind}: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f} vs FP32 on {final.images} held-out images; "
+            f"{kind}: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f} vs FP32 on {final.count} held-out images; "
             f"{len(report.fallback)} layer(s) kept in FP32"
         )
     for path in (result.cache, result.qdq, result.cpu, result.stats, result.record):

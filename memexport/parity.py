@@ -55,6 +55,13 @@ class ParityReport:
         data["would_pass"] = self.would_pass()
         return data
 
+    def summary(self) -> dict:
+        """The measured agreement alone, rounded, for records: spearman, kendall, mean/max abs, images."""
+        return {
+            "spearman": round(self.spearman, 6), "kendall": round(self.kendall, 6), "mean_abs": round(self.mean_abs, 6),
+            "max_abs": round(self.max_abs, 6), "images": self.count,
+        }
+
     def lines(self) -> list[str]:
         return [
             f"images: {self.count}",

@@ -55,9 +55,9 @@ def calibration_cache_for(onnx_path: Path, images: Path, workdir: Path) -> Path:
     Raises:
         CalibrationError: Calibration wrote no cache.
     """
-    from memexport.calibration import CalibrationOptions, calibration_cache_from_images
+    from memexport.calibration import CalibrationOptions, calibrate
 
-    result = calibration_cache_from_images(onnx_path, images, workdir, CalibrationOptions(outputs=("cache",)))
+    result = calibrate(onnx_path, images, workdir, CalibrationOptions(outputs=("cache",)))
     cache = Path(getattr(result, "cache", result) or workdir / f"{onnx_path.stem}.calib.cache")
     if not cache.is_file():
         raise CalibrationError(f"calibration of {onnx_path} from {images} wrote no cache at {cache}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 from memexport.errors import UsageError
 
@@ -99,6 +99,8 @@ class ModelSpec:
         description: One line for ``--help`` and ``inspect``.
         int8_cpu_fp32_layers: Node-name prefixes the ONNX Runtime CPU INT8 artifact always keeps
             in FP32, on top of what the fidelity guard adds (default none).
+        weight_parts: Named checkpoints the builder accepts besides the main one (default none;
+            M3M's ``segmentation``, fed by ``export --segmentation-weights``).
     """
 
     name: str
@@ -117,6 +119,7 @@ class ModelSpec:
     external_data: bool = False
     description: str = ""
     int8_cpu_fp32_layers: tuple[str, ...] = ()
+    weight_parts: tuple[str, ...] = ()
 
     def tolerance(self, precision: str) -> Tolerance:
         try:
@@ -157,16 +160,11 @@ M3M = ModelSpec(
     tolerances={"fp32": DEFAULT_TOLERANCES["fp32"]},
     parameters=509_742_158,
     external_data=True,
+    weight_parts=("segmentation",),
     description="M3M (reconstruction): ResMem + frozen DeepLabV3-ResNet-101 segmentation branch, 13 classes",
 )
 
 MODELS: dict[str, ModelSpec] = {RESMEM.name: RESMEM, M3M.name: M3M}
-
-
-def register(spec: ModelSpec) -> ModelSpec:
-    """Add a model spec to :data:`MODELS` and return it."""
-    MODELS[spec.name] = spec
-    return spec
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -179,14 +177,3 @@ def get_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise UsageError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}") from None
-
-
-def spec_summary(spec: ModelSpec) -> dict[str, Any]:
-    """JSON-friendly summary used by ``inspect`` and artifact metadata."""
-    return {
-        "name": spec.name,
-        "input_name": spec.input_name,
-        "input_shape": list(spec.input_shape),
-        "output_name": spec.output_name,
-        "opset": spec.opset,
-    }

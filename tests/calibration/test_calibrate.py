@@ -1,4 +1,4 @@
-"""``calibration_cache_from_images`` and ``memexport calibrate`` end to end on a tiny model."""
+"""``calibrate`` and ``memexport calibrate`` end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from memexport.calibration import CalibrationOptions, calibration_cache_from_images
+from memexport.calibration import CalibrationOptions, calibrate
 from memexport.calibration.cache import read_calibration_cache
 from memexport.calibration.qdq import tensorrt_qdq_violations
 from memexport.calibration.stats import ActivationStats, amax_from_stats
@@ -28,7 +28,7 @@ def calibrated(tmp_path_factory, sample_images):
     folder = tmp_path_factory.mktemp("calib")
     model = write_tiny_cnn(folder / "tiny.onnx", planted=True)
     lines: list[str] = []
-    result = calibration_cache_from_images(model, sample_images[0].parent, folder / "out", OPTIONS, log=lines.append)
+    result = calibrate(model, sample_images[0].parent, folder / "out", OPTIONS, log=lines.append)
     return model, result, lines
 
 
@@ -72,7 +72,7 @@ def test_changing_method_reuses_statistics_without_reading_images(calibrated, tm
 
     model, result, _ = calibrated
     monkeypatch.setattr(images, "iter_batches", lambda *a, **k: pytest.fail("images were read again"))
-    again = calibration_cache_from_images(
+    again = calibrate(
         model, sample_images[0].parent, result.stats.parent,
         CalibrationOptions(method="percentile", held_out_fraction=0.5, augment=1, outputs=("cache",)),
     )
@@ -82,9 +82,9 @@ def test_changing_method_reuses_statistics_without_reading_images(calibrated, tm
 def test_refuses_non_fp32_models_and_bad_options(calibrated, tmp_path, sample_images):
     _, result, _ = calibrated
     with pytest.raises(UsageError, match="FP32"):
-        calibration_cache_from_images(result.cpu, sample_images[0].parent, tmp_path, OPTIONS)
+        calibrate(result.cpu, sample_images[0].parent, tmp_path, OPTIONS)
     with pytest.raises(UsageError, match="method"):
-        calibration_cache_from_images(result.cpu, sample_images[0].parent, tmp_path, CalibrationOptions(method="mse"))
+        calibrate(result.cpu, sample_images[0].parent, tmp_path, CalibrationOptions(method="mse"))
 
 
 def test_cli_calibrate_predict_bench(tmp_path, sample_images):
@@ -138,14 +138,14 @@ def test_held_out_folder_replaces_the_split(tmp_path, sample_images):
         for image in images:
             shutil.copy(image, folder / image.name)
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
-    options = CalibrationOptions(method="minmax", held_out=str(held), outputs=("cpu",))
-    result = calibration_cache_from_images(model, calib, tmp_path / "out", options)
+    options = CalibrationOptions(method="minmax", held_out=held, outputs=("cpu",))
+    result = calibrate(model, calib, tmp_path / "out", options)
     assert result.images == 4 and result.held_out == len(sample_images) - 4
-    assert result.guards["cpu"].final.images == len(sample_images) - 4
+    assert result.guards["cpu"].final.count == len(sample_images) - 4
     with pytest.raises(UsageError, match="in both --images and --held-out"):
-        calibration_cache_from_images(model, calib, tmp_path / "out", CalibrationOptions(held_out=str(calib), outputs=("cpu",)))
+        calibrate(model, calib, tmp_path / "out", CalibrationOptions(held_out=calib, outputs=("cpu",)))
     with pytest.raises(UsageError, match="held-out folder not found"):
-        calibration_cache_from_images(model, calib, tmp_path / "out", CalibrationOptions(held_out=str(tmp_path / "none"), outputs=("cpu",)))
+        calibrate(model, calib, tmp_path / "out", CalibrationOptions(held_out=tmp_path / "none", outputs=("cpu",)))
 
 
 def test_guard_bounds_follow_the_held_out_count(tmp_path, sample_images):
@@ -157,11 +157,11 @@ def test_guard_bounds_follow_the_held_out_count(tmp_path, sample_images):
     for index in range(30):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(held / f"noise{index:02d}.png")
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
-    options = CalibrationOptions(method="minmax", held_out=str(held), outputs=("qdq", "cpu"))
-    many = calibration_cache_from_images(model, sample_images[0].parent, tmp_path / "many", options)
+    options = CalibrationOptions(method="minmax", held_out=held, outputs=("qdq", "cpu"))
+    many = calibrate(model, sample_images[0].parent, tmp_path / "many", options)
     # 30 held-out images: the CPU artifact gets the spec's whole INT8 error bound, Q/DQ keeps half (TensorRT margin)
     assert many.guards["cpu"].target.max_mean_abs == 0.01 and many.guards["qdq"].target.max_mean_abs == 0.005
-    few = calibration_cache_from_images(model, sample_images[0].parent, tmp_path / "few", dataclasses.replace(options, held_out=None, held_out_fraction=0.5))
+    few = calibrate(model, sample_images[0].parent, tmp_path / "few", dataclasses.replace(options, held_out=None, held_out_fraction=0.5))
     assert few.held_out < 30 and few.guards["cpu"].target.max_mean_abs == 0.005
-    fixed = calibration_cache_from_images(model, sample_images[0].parent, tmp_path / "fixed", dataclasses.replace(options, max_mean_abs=0.02))
+    fixed = calibrate(model, sample_images[0].parent, tmp_path / "fixed", dataclasses.replace(options, max_mean_abs=0.02))
     assert {report.target.max_mean_abs for report in fixed.guards.values()} == {0.02}

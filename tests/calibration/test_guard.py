@@ -38,15 +38,15 @@ def test_guard_finds_the_planted_layer(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
     layers = quantizable_layers(proto)
     build = lambda exclude: qdq_proto_from_ranges(proto, amax, QdqOptions(exclude=exclude))  # noqa: E731
-    naive = fidelity(session_scores(ort_session(build(frozenset())), held), reference)
-    assert not naive.meets(GuardTarget())  # the plant works: all-INT8 is off target
+    naive = fidelity(session_scores(ort_session(build(frozenset())), held), reference, GuardTarget())
+    assert not naive.passed  # the plant works: all-INT8 is off target
     lines = []
     guard = Guard(proto, amax, layers, held, reference, GuardTarget(0.99, 0.01), lines.append)
     final_proto, report = guard.run(build, "tiny")
     sensitivity = report.sensitivity
     assert max(sensitivity, key=sensitivity.get) == SENSITIVE_LAYER
     assert report.fallback == (SENSITIVE_LAYER,)
-    assert report.passed and report.final.meets(report.target)
+    assert report.passed and report.final.passed
     assert report.table()[0] == (SENSITIVE_LAYER, sensitivity[SENSITIVE_LAYER], "fp32")
     assert all(precision == "int8" for _, _, precision in report.table()[1:])
     # the returned proto is the one measured: conv_b reads the FP32 activation
@@ -64,7 +64,7 @@ def test_sensitivity_ranks_on_a_subset_and_still_finds_the_planted_layer(tmp_pat
     assert any("on 2 held-out images" in line for line in lines)
     assert max(report.sensitivity, key=report.sensitivity.get) == SENSITIVE_LAYER
     # the fallback is still chosen and checked on every held-out image
-    assert report.passed and report.final.images == len(held)
+    assert report.passed and report.final.count == len(held)
 
 
 def test_guard_skips_sensitivity_when_the_target_is_met(tmp_path, sample_images):

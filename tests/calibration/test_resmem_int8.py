@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from memexport.calibration import CalibrationOptions, calibration_cache_from_images
+from memexport.calibration import CalibrationOptions, calibrate
 from memexport.calibration.cache import read_calibration_cache
 
 
@@ -25,7 +25,7 @@ def test_resmem_int8_parity(resmem_onnx, data_dir, sample_images, tmp_path):
     # The guard sees only 3 held-out images here, so its error bound is set tight (0.0025) to keep
     # the ranking on all 8, whose closest scores are under 0.01 apart.
     options = CalibrationOptions(method="entropy", held_out_fraction=0.4, augment=3, outputs=("cache", "qdq"), max_mean_abs=0.0025)
-    result = calibration_cache_from_images(resmem_onnx, data_dir, tmp_path, options)
+    result = calibrate(resmem_onnx, data_dir, tmp_path, options)
     assert result.images == 5 and result.held_out == 3
     cache = read_calibration_cache(result.cache)
     assert cache.algorithm == "EntropyCalibration2" and "image" in cache.ranges and "/features/conv1/Conv_output_0" in cache.ranges
@@ -43,7 +43,7 @@ def test_resmem_int8_parity(resmem_onnx, data_dir, sample_images, tmp_path):
     # the recipe itself is what is checked: residual Adds in UINT8, the spec's pinned stem and
     # layer1 in FP32, the score offset measured on the calibration images.
     cpu_options = dataclasses.replace(options, outputs=("cpu",), min_spearman=0.0)
-    cpu = calibration_cache_from_images(resmem_onnx, data_dir, tmp_path, cpu_options)
+    cpu = calibrate(resmem_onnx, data_dir, tmp_path, cpu_options)
     assert cpu.reused_stats
     proto = onnx.load(str(cpu.cpu), load_external_data=False)
     ops = {node.name: node.op_type for node in proto.graph.node}

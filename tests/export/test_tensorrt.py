@@ -291,7 +291,7 @@ def test_calib_dir_calibrates_on_the_way_then_builds_from_the_cache(monkeypatch,
         cache.write_bytes(CACHE)
         return types.SimpleNamespace(cache=cache)
 
-    monkeypatch.setattr(calibration, "calibration_cache_from_images", fake_calibrate)
+    monkeypatch.setattr(calibration, "calibrate", fake_calibrate)
     recorder = install(monkeypatch, "8.6.1")
     images = tmp_path / "photos"
     images.mkdir()

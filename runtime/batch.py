@@ -332,30 +332,46 @@ def _prepare_output(output: Path, options: PredictOptions, summary: PredictSumma
     return state.keys
 
 
+class CsvScores:
+    """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,score`` rows, 8 decimals."""
+
+    def __init__(self, output: Path, append: bool) -> None:
+        self.appender = _CsvAppender(output, SCORES_HEADER, append=append)
+
+    def write(self, rows: Sequence[tuple]) -> None:
+        """Append ``(path, score, ...)`` rows (fields past the score are not written)."""
+        self.appender.write([(row[0], f"{row[1]:.8f}") for row in rows])
+
+    def close(self) -> None:
+        self.appender.close()
+
+
 class ResultWriter:
-    """Writes a job's results: scores to ``output`` and failures to ``<stem>.errors.csv``, each
+    """Writes a job's results: scores to a sink and failures to ``<stem>.errors.csv``, each
     incrementally (one write, flush and fsync per call), counting both in ``summary``.
 
     The errors file is recomputed by every run (see the module docstring): an old one is removed
     now and a new one is created at the first failure.
 
     Args:
-        output: The scores CSV.
+        output: The scores output (names the errors file).
         summary: Counts ``scored`` and ``failures`` as rows are written.
         append: Keep the rows ``output`` already holds (``resume``).
+        scores: Where scores go (default: a :class:`CsvScores` on ``output``).
     """
 
-    def __init__(self, output: Path, summary: PredictSummary, append: bool) -> None:
+    def __init__(self, output: Path, summary: PredictSummary, append: bool, scores: CsvScores | None = None) -> None:
         self.summary = summary
         self.errors_file = errors_path_for(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        self.scores = _CsvAppender(output, SCORES_HEADER, append=append)
+        self.scores = scores if scores is not None else CsvScores(output, append)
         self.errors: _CsvAppender | None = None
         self.errors_file.unlink(missing_ok=True)
 
-    def write(self, scored: Sequence[tuple[str, float]], failed: Sequence[tuple[str, str, str]] = ()) -> None:
-        """Append ``(path, score)`` rows and ``(path, reason, detail)`` failures."""
-        self.scores.write([(path, f"{score:.8f}") for path, score in scored])
+    def write(self, scored: Sequence[tuple], failed: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Append ``(path, score, ...)`` rows and ``(path, reason, detail)`` failures."""
+        if scored:
+            self.scores.write(scored)
         self.summary.scored += len(scored)
         if failed:
             if self.errors is None:
@@ -370,8 +386,15 @@ class ResultWriter:
             self.errors.close()
 
 
-def plan_job(inputs: Sequence[Path], output: Path, options: PredictOptions, summary: PredictSummary) -> tuple[frozenset[str], Collected, list[Path]]:
+def plan_job(
+    inputs: Sequence[Path], output: Path, options: PredictOptions, summary: PredictSummary,
+    prepare: Callable[[Path, PredictOptions, PredictSummary], frozenset[str]] = _prepare_output,
+) -> tuple[frozenset[str], Collected, list[Path]]:
     """Check the options and ``output``, collect the inputs, and leave out those already scored.
+
+    Args:
+        prepare: Checks ``output`` against resume/overwrite and returns the keys it already
+            scores (default: the CSV's own check, which also repairs a torn last row).
 
     Returns:
         ``(keys already in output, collected inputs, images to score)``; ``summary`` gets the
@@ -384,7 +407,7 @@ def plan_job(inputs: Sequence[Path], output: Path, options: PredictOptions, summ
         raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
     if options.resume and options.overwrite:
         raise UsageError("--resume keeps the existing output and --overwrite replaces it; pass one of them")
-    done_keys = _prepare_output(output, options, summary)
+    done_keys = prepare(output, options, summary)
     collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
     summary.duplicates = list(collected.duplicates)
     todo = [p for p in collected.paths if path_key(p) not in done_keys] if done_keys else list(collected.paths)

@@ -1,0 +1,34 @@
+"""Shared pieces of the Ray tests: skip without Ray, read CSVs, find and kill scoring actors."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'memexport[ray]' (make test installs it)")
+
+ACTOR_TITLE = b"ScoringActor"
+
+
+def rows(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def scoring_actor_pids() -> set[int]:
+    """PIDs of live processes running a memexport scoring actor (Ray titles its workers
+    ``ray::MapWorker(MapBatches(ScoringActor))``)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    title = handle.read()
+            except OSError:
+                continue
+            if title.startswith(b"ray::") and ACTOR_TITLE in title:
+                pids.add(int(entry))
+    return pids

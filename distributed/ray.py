@@ -420,7 +420,11 @@ def scores_from_images_on_ray(
         if todo:
             with RaySession(address) as ray:
                 started = time.perf_counter()
-                _write_blocks(_scored_blocks(ray, model, todo, ray_options), todo, writer, progress)
+                blocks = _scored_blocks(ray, model, todo, ray_options)
+                try:
+                    _write_blocks(blocks, todo, writer, progress)
+                finally:
+                    blocks.close()  # stops Ray Data's execution now, while Ray is still up
     except KeyboardInterrupt:
         raise interrupted(summary, output, started) from None
     except MemexportError:

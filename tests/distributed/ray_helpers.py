@@ -1,21 +1,14 @@
-"""Shared pieces of the Ray tests: skip without Ray, read CSVs, find and kill scoring actors."""
+"""Shared pieces of the Ray tests: skip without Ray, find scoring actors."""
 
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'memexport[ray]' (make test installs it)")
 
 ACTOR_TITLE = b"ScoringActor"
-
-
-def rows(path: Path) -> list[list[str]]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        return list(csv.reader(handle))
 
 
 def scoring_actor_pids() -> set[int]:

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.distributed.ray_helpers import ray, rows, scoring_actor_pids
+from tests.distributed.ray_helpers import ray, scoring_actor_pids
 from memexport.distributed.ray import Pool, RayOptions, pool_for, scores_dataset, scores_from_images_on_ray
 from memexport.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, scores_csv_from_images
-from memexport.runtime.preprocess import preprocess
-from memexport.spec import RESMEM
-from tests.models import scorer_scores, write_tiny_scorer
+from tests.models import write_tiny_scorer
+from tests.scoring import expected_tiny, rows, write_copies
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8
 
 CPU = {"device": "cpu"}
@@ -41,16 +40,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture()
 def copies(tmp_path, data_dir) -> Path:
     """240 distinct files holding one real photo: decoding takes long enough to act mid-run."""
-    folder = tmp_path / "many"
-    folder.mkdir()
-    data = (data_dir / "china.jpg").read_bytes()
-    for index in range(240):
-        (folder / f"img_{index:04d}.jpg").write_bytes(data)
-    return folder
-
-
-def expected_tiny(path: Path) -> float:
-    return float(scorer_scores(preprocess(path, RESMEM.preprocess)[None])[0])
+    return write_copies(tmp_path / "many", data_dir / "china.jpg", 240)
 
 
 def as_dict(path: Path) -> dict[str, str]:

@@ -45,24 +45,19 @@ from memexport.runtime.batch import (
     safe_item,
     upfront_failures,
 )
+from memexport.optional import require
+from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.predictor import Predictor
-from memexport.runtime.runners import Runner, runner_for
+from memexport.runtime.registry import backend_for, runner_for
 
 RESULT_COLUMNS = ("path", "score", "error", "model", "precision", "node")
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+GPU_BACKENDS = ("tensorrt",)  # back ends that only run on a GPU
 
 
 def ray_module() -> Any:
-    """``import ray`` (with Ray Data), or one line saying how to install it."""
-    from memexport.errors import BackendUnavailableError
-
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the [data] extra: pyarrow, pandas
-    except ImportError:
-        raise BackendUnavailableError(
-            "scoring with --engine ray needs ray, which is not installed; install it with pip install 'memexport[ray]'"
-        ) from None
+    """``import ray`` with Ray Data, or one line saying how to install it (exit code 2)."""
+    ray = require("ray", "ray", "scoring with --engine ray")
+    require("ray.data", "ray", "scoring with --engine ray")  # the [data] extra: pyarrow, pandas
     return ray
 
 
@@ -77,6 +72,8 @@ class RayOptions:
             node's CPUs less ``reserve_cpus``, at most 4 (1 on GPU actors) (default 0).
         gpus_per_actor: GPUs per actor; ``None`` gives TensorRT engines and ``device`` ``cuda``
             one GPU each, else none (default ``None``).
+        backend: Runtime back end (``onnxruntime``, ``openvino``, ``tensorrt``...; default
+            ``None``: chosen from the artifact's suffix by the runtime's registry).
         reserve_cpus: CPUs per node left free for the read tasks of the input Dataset. A
             Dataset of paths built with ``from_items`` has none, so the CLI passes 0; with
             ``read_binary_files``, actors that take every CPU starve the reads and the job hangs
@@ -90,6 +87,7 @@ class RayOptions:
     actors: int = 0
     cpus_per_actor: float = 0
     gpus_per_actor: float | None = None
+    backend: str | None = None
     reserve_cpus: float = 1
     batch_size: int = 16
     device: str = "auto"
@@ -127,7 +125,7 @@ def pool_for(node_cpus: Sequence[float], total_gpus: float, model: str | os.Path
         raise UsageError(f"--actors and --cpus-per-actor must be >= 0, got {options.actors} and {options.cpus_per_actor}")
     gpus = options.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if Path(model).suffix.lower() in ENGINE_SUFFIXES or options.device.startswith("cuda") else 0.0
+        gpus = 1.0 if backend_for(model, options.backend) in GPU_BACKENDS or options.device.startswith("cuda") else 0.0
     if gpus and total_gpus <= 0:
         raise UsageError(f"{model}: needs a GPU per actor but the Ray cluster has none; use an .onnx artifact with --device cpu, or add GPU nodes")
     free = [max(0.0, cpus - options.reserve_cpus) for cpus in node_cpus] or [0.0]
@@ -142,9 +140,8 @@ def pool_for(node_cpus: Sequence[float], total_gpus: float, model: str | os.Path
 
 
 def _runner(model: str, options: RayOptions, threads: int) -> Runner:
-    if Path(model).suffix.lower() == ".onnx":
-        return runner_for(model, device=options.device, intra_op_threads=threads, check_integrity=options.check_integrity)
-    return runner_for(model, device=options.device)
+    shared = RunnerOptions(device=options.device, threads=threads, check_integrity=options.check_integrity)
+    return runner_for(model, shared, backend=options.backend)
 
 
 def _name(path: Any) -> str:

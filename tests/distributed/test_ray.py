@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.distributed.ray_helpers import ray, scoring_actor_pids
-from memexport.distributed.ray import Pool, RayOptions, pool_for, scores_dataset, scores_from_images_on_ray
+from memexport.distributed.ray import Pool, RayOptions, ScoringActor, pool_for, scores_dataset, scores_from_images_on_ray
 from memexport.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, scores_csv_from_images
 from tests.models import write_tiny_scorer
@@ -59,6 +59,13 @@ def test_pool_sizes_leave_room_for_reads_and_fit_the_nodes():
         pool_for([8.0], 0, "m.engine", RayOptions())
     with pytest.raises(UsageError, match=">= 0"):
         pool_for([8.0], 0, "m.onnx", RayOptions(actors=-1))
+
+
+def test_actor_sizes_onnx_runtime_to_its_cpus(tiny):
+    actor = ScoringActor(str(tiny), RayOptions(device="cpu"), threads=2)
+    session = actor.runner.session.get_session_options()
+    assert (session.intra_op_num_threads, session.inter_op_num_threads) == (2, 1)
+    assert actor.decoders._max_workers == 2
 
 
 def hostile_folder(tmp_path: Path, data_dir: Path) -> Path:

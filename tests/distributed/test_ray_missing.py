@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
 
 BLOCK_RAY = "import sys; sys.modules['ray'] = None; sys.argv[0] = 'memexport'; from memexport.cli import main; main()"
 
@@ -27,14 +25,3 @@ def test_engine_ray_without_ray_is_one_line_and_exit_2(tmp_path, data_dir):
 def test_help_and_local_predict_work_without_ray():
     result = subprocess.run([sys.executable, "-c", BLOCK_RAY, "predict", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--engine" in result.stdout
-
-
-def test_distributed_imports_only_the_runtime_and_below():
-    import memexport.distributed
-
-    folder = Path(memexport.distributed.__file__).parent
-    for path in folder.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                assert not name.startswith(("memexport.export", "memexport.calibration", "torch")), f"{path.name} imports {name}"

@@ -98,6 +98,28 @@ def _summary_lines(summary: Any, output: Path) -> list[str]:
     return lines
 
 
+def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_actor: float, output_format: str) -> Callable[..., Any]:
+    """The job function for ``--engine``; Ray-only options are refused on the local engine."""
+    from functools import partial
+
+    from memexport.errors import UsageError
+
+    if engine == "local":
+        given = [name for name, value in (("--ray-address", address), ("--actors", actors), ("--cpus-per-actor", cpus_per_actor)) if value]
+        given += ["--format parquet"] if output_format != "csv" else []
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to --engine ray; add --engine ray or drop them")
+        from memexport.runtime.batch import scores_csv_from_images
+
+        return scores_csv_from_images
+    if engine != "ray":
+        raise UsageError(f"--engine must be local or ray, got {engine!r}")
+    from memexport.distributed.ray import RayOptions, scores_from_images_on_ray
+
+    pool = RayOptions(actors=actors, cpus_per_actor=cpus_per_actor, reserve_cpus=0)
+    return partial(scores_from_images_on_ray, ray_options=pool, address=address, output_format=output_format)
+
+
 @command("predict")
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and folders (folders recursively, sorted)."),
@@ -111,6 +133,11 @@ def predict_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is refused)."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symlinks that leave the folders given (default: report them)."),
     integrity_check: bool = typer.Option(True, "--integrity-check/--no-integrity-check", help="Verify the artifact's recorded sha256 first (~1 s per 500 MB)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; pip install 'memexport[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: cluster address (auto, host:port, ray://...); default: a local Ray instance sized to this machine."),
+    actors: int = typer.Option(0, "--actors", help="--engine ray: scoring actors (default: as many as the cluster's CPUs or GPUs allow)."),
+    cpus_per_actor: float = typer.Option(0, "--cpus-per-actor", help="--engine ray: CPUs (and back-end threads) per actor (default: a node's CPUs, at most 4)."),
+    output_format: str = typer.Option("csv", "--format", help="--engine ray: csv, or parquet (-o names a folder of Parquet parts)."),
 ) -> None:
     """Score images into a CSV, incrementally. Bad inputs go to <stem>.errors.csv.
 
@@ -120,7 +147,7 @@ def predict_cmd(
     import warnings
 
     from memexport.errors import Interrupted
-    from memexport.runtime.batch import PredictOptions, scores_csv_from_images
+    from memexport.runtime.batch import PredictOptions
 
     # Pillow warns about odd files it still decodes (bad EXIF, oversized TIFF tags); the
     # summary and errors file are the report, so keep the terminal to one line per problem.
@@ -140,9 +167,10 @@ def predict_cmd(
         raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: finished rows are already on disk
 
     options = PredictOptions(batch_size, device, exif_transpose, workers, resume, overwrite, follow_symlinks, integrity_check)
+    job = _predict_engine(engine, ray_address, actors, cpus_per_actor, output_format)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        summary = scores_csv_from_images(model, paths, output, options, progress)
+        summary = job(model, paths, output, options, progress)
     except Interrupted as stop:
         if "bar" in bar:
             bar["bar"].__exit__(None, None, None)

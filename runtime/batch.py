@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
+import numpy as np
+
 from memexport.atomic import fsync_dir
 from memexport.errors import InputImageError, Interrupted, UsageError
 from memexport.runtime.files import Collected, collect_images
@@ -234,20 +236,22 @@ _MISSING_DETAIL = {
 }
 
 
-def _error_text(error: InputImageError) -> str:
-    return f"{error.reason}: {error.detail}"
-
-
 # --------------------------------------------------------------------------- decoding
 
 
-def _safe_preprocess(predictor: Predictor, path: Path) -> Item:
+def safe_item(name: str, make: Callable[[], np.ndarray]) -> Item:
+    """``make()``, or the :class:`InputImageError` it raised; any other exception also becomes
+    an error naming ``name`` (reason ``internal-error``), so a bug costs one image, never the run."""
     try:
-        return predictor.preprocess(path)
+        return make()
     except InputImageError as error:
         return error
     except Exception as exc:  # noqa: BLE001 - a bug must cost one image, never the run
-        return InputImageError(str(path), "internal-error", f"unexpected {type(exc).__name__}: {exc}; please report it")
+        return InputImageError(name, "internal-error", f"unexpected {type(exc).__name__}: {exc}; please report it")
+
+
+def _safe_preprocess(predictor: Predictor, path: Path) -> Item:
+    return safe_item(str(path), lambda: predictor.preprocess(path))
 
 
 def decoded_batches(
@@ -328,6 +332,107 @@ def _prepare_output(output: Path, options: PredictOptions, summary: PredictSumma
     return state.keys
 
 
+class CsvScores:
+    """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,score`` rows, 8 decimals."""
+
+    def __init__(self, output: Path, append: bool) -> None:
+        self.appender = _CsvAppender(output, SCORES_HEADER, append=append)
+
+    def write(self, rows: Sequence[tuple]) -> None:
+        """Append ``(path, score, ...)`` rows (fields past the score are not written)."""
+        self.appender.write([(row[0], f"{row[1]:.8f}") for row in rows])
+
+    def close(self) -> None:
+        self.appender.close()
+
+
+class ResultWriter:
+    """Writes a job's results: scores to a sink and failures to ``<stem>.errors.csv``, each
+    incrementally (one write, flush and fsync per call), counting both in ``summary``.
+
+    The errors file is recomputed by every run (see the module docstring): an old one is removed
+    now and a new one is created at the first failure.
+
+    Args:
+        output: The scores output (names the errors file).
+        summary: Counts ``scored`` and ``failures`` as rows are written.
+        append: Keep the rows ``output`` already holds (``resume``).
+        scores: Where scores go (default: a :class:`CsvScores` on ``output``).
+    """
+
+    def __init__(self, output: Path, summary: PredictSummary, append: bool, scores: CsvScores | None = None) -> None:
+        self.summary = summary
+        self.errors_file = errors_path_for(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.scores = scores if scores is not None else CsvScores(output, append)
+        self.errors: _CsvAppender | None = None
+        self.errors_file.unlink(missing_ok=True)
+
+    def write(self, scored: Sequence[tuple], failed: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Append ``(path, score, ...)`` rows and ``(path, reason, detail)`` failures."""
+        if scored:
+            self.scores.write(scored)
+        self.summary.scored += len(scored)
+        if failed:
+            if self.errors is None:
+                self.errors = _CsvAppender(self.errors_file, ERRORS_HEADER, append=False)
+                self.summary.errors_path = self.errors_file
+            self.errors.write([(path, f"{reason}: {detail}") for path, reason, detail in failed])
+            self.summary.failures.update(reason for _, reason, _ in failed)
+
+    def close(self) -> None:
+        self.scores.close()
+        if self.errors is not None:
+            self.errors.close()
+
+
+def plan_job(
+    inputs: Sequence[Path], output: Path, options: PredictOptions, summary: PredictSummary,
+    prepare: Callable[[Path, PredictOptions, PredictSummary], frozenset[str]] = _prepare_output,
+) -> tuple[frozenset[str], Collected, list[Path]]:
+    """Check the options and ``output``, collect the inputs, and leave out those already scored.
+
+    Args:
+        prepare: Checks ``output`` against resume/overwrite and returns the keys it already
+            scores (default: the CSV's own check, which also repairs a torn last row).
+
+    Returns:
+        ``(keys already in output, collected inputs, images to score)``; ``summary`` gets the
+        duplicates, the skipped count and the total.
+
+    Raises:
+        UsageError: Bad options, or ``output`` exists without ``resume``/``overwrite``.
+    """
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.resume and options.overwrite:
+        raise UsageError("--resume keeps the existing output and --overwrite replaces it; pass one of them")
+    done_keys = prepare(output, options, summary)
+    collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
+    summary.duplicates = list(collected.duplicates)
+    todo = [p for p in collected.paths if path_key(p) not in done_keys] if done_keys else list(collected.paths)
+    summary.skipped = len(collected.paths) - len(todo)
+    summary.total = len(todo)
+    return done_keys, collected, todo
+
+
+def upfront_failures(collected: Collected) -> list[tuple[str, str, str]]:
+    """``(path, reason, detail)`` for inputs refused before decoding (missing, symlinks outside, ...)."""
+    failed = [(str(p), reason, _MISSING_DETAIL.get(reason, "cannot be read")) for p, reason in collected.missing]
+    return failed + [(str(p), reason, detail) for p, reason, detail in collected.rejected]
+
+
+def interrupted(summary: PredictSummary, output: Path, started: float) -> Interrupted:
+    """The :class:`Interrupted` error for a run stopped by Ctrl-C or SIGTERM."""
+    summary.interrupted = True
+    summary.elapsed_s = time.perf_counter() - started
+    return Interrupted(
+        f"interrupted after scoring {summary.scored} of {summary.total} images; every finished score is in {output}; "
+        "rerun the same command with --resume to continue",
+        summary,
+    )
+
+
 def scores_csv_from_images(
     model: Path, inputs: Sequence[Path], output: Path, options: PredictOptions = PredictOptions(),
     progress: Callable[[int, int], None] = lambda done, total: None,
@@ -350,94 +455,33 @@ def scores_csv_from_images(
             disk and ``error.summary`` says how far it got.
         ArtifactError: The model cannot be loaded (missing, corrupt, tampered).
     """
-    if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
-    if options.resume and options.overwrite:
-        raise UsageError("--resume keeps the existing output and --overwrite replaces it; pass one of them")
     workers = default_workers() if options.workers is None else options.workers
     if workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
     output = Path(output)
     summary = PredictSummary()
-    done_keys = _prepare_output(output, options, summary)
-    collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
-    summary.duplicates = list(collected.duplicates)
-    todo = [p for p in collected.paths if path_key(p) not in done_keys] if done_keys else list(collected.paths)
-    summary.skipped = len(collected.paths) - len(todo)
-    summary.total = len(todo)
+    done_keys, collected, todo = plan_job(inputs, output, options, summary)
 
     runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity))
-    output.parent.mkdir(parents=True, exist_ok=True)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
         started = time.perf_counter()
-        scores = _CsvAppender(output, SCORES_HEADER, append=bool(done_keys) or options.resume)
-        errors = _ErrorsFile(errors_path_for(output), summary)
+        writer = ResultWriter(output, summary, append=bool(done_keys) or options.resume)
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:
-            errors.write(_upfront_failures(collected, summary))
-            _score_batches(predictor, batches, scores, errors, summary, progress)
+            writer.write([], upfront_failures(collected))
+            done = 0
+            for batch in batches:
+                results = predictor.score_batch(batch)
+                writer.write(
+                    [(r.source, r.score) for r in results if r.error is None],
+                    [(r.source, r.error.reason, r.error.detail) for r in results if r.error is not None],
+                )
+                done += len(batch)
+                progress(done, summary.total)
         except KeyboardInterrupt:
-            summary.interrupted = True
-            summary.elapsed_s = time.perf_counter() - started
-            raise Interrupted(
-                f"interrupted after scoring {summary.scored} of {summary.total} images; every finished score is in {output}; "
-                "rerun the same command with --resume to continue",
-                summary,
-            ) from None
+            raise interrupted(summary, output, started) from None
         finally:
             batches.close()  # stops the decoding pool now, not when garbage collected
-            scores.close()
-            errors.close()
+            writer.close()
     summary.elapsed_s = time.perf_counter() - started
     return summary
-
-
-class _ErrorsFile:
-    """``<stem>.errors.csv``: recomputed by every run (see module docstring), created on the first bad input."""
-
-    def __init__(self, path: Path, summary: PredictSummary) -> None:
-        self.path, self.summary = path, summary
-        self.appender: _CsvAppender | None = None
-        path.unlink(missing_ok=True)
-
-    def write(self, rows: list[tuple[str, str]]) -> None:
-        if not rows:
-            return
-        if self.appender is None:
-            self.appender = _CsvAppender(self.path, ERRORS_HEADER, append=False)
-            self.summary.errors_path = self.path
-        self.appender.write(rows)
-
-    def close(self) -> None:
-        if self.appender is not None:
-            self.appender.close()
-
-
-def _upfront_failures(collected: Collected, summary: PredictSummary) -> list[tuple[str, str]]:
-    """Rows for inputs refused before decoding (missing, unreadable, rejected), counted in ``summary``."""
-    rows = [(str(p), f"{reason}: {_MISSING_DETAIL.get(reason, 'cannot be read')}") for p, reason in collected.missing]
-    rows += [(str(p), f"{reason}: {detail}") for p, reason, detail in collected.rejected]
-    for p, reason in collected.missing:
-        summary.failures[reason] += 1
-    for p, reason, _ in collected.rejected:
-        summary.failures[reason] += 1
-    return rows
-
-
-def _score_batches(predictor: Predictor, batches: Iterable[list[tuple[Path, Item]]], scores: _CsvAppender, errors: _ErrorsFile,
-                   summary: PredictSummary, progress: Callable[[int, int], None]) -> None:
-    """Score each decoded batch; write its good rows and its errors before the next one starts."""
-    done = 0
-    for batch in batches:
-        rows, bad = [], []
-        for result in predictor.score_batch(batch):
-            if result.error is not None:
-                bad.append((result.source, _error_text(result.error)))
-                summary.failures[result.error.reason] += 1
-            else:
-                rows.append((result.source, f"{result.score:.8f}"))
-        scores.write(rows)
-        errors.write(bad)
-        summary.scored += len(rows)
-        done += len(batch)
-        progress(done, summary.total)

@@ -116,7 +116,10 @@ class OnnxRuntimeRunner(Runner):
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3
         if self.options.threads:
+            # A runner sized to N CPUs (a Ray actor's num_cpus) must not take the host: ORT ignores
+            # OMP_NUM_THREADS, and its inter-op pool (parallel execution mode only) stays at one.
             session_options.intra_op_num_threads = self.options.threads
+            session_options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=session_options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidProtobuf types

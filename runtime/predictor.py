@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar, Union
 import numpy as np
 
 from memexport.errors import InputImageError, UsageError
-from memexport.runtime.preprocess import ImageInput, describe, preprocess
+from memexport.runtime.preprocess import ImageInput, describe, preprocess, preprocess_bytes
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.registry import runner_for
 
@@ -99,6 +99,10 @@ class Predictor:
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image input to the model input (float32 CHW)."""
         return preprocess(image, self.metadata.preprocess, self.exif_transpose)
+
+    def preprocess_bytes(self, data: bytes, name: str) -> np.ndarray:
+        """An encoded image held in memory to the model input; errors name ``name``."""
+        return preprocess_bytes(data, name, self.metadata.preprocess, self.exif_transpose)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Scores for an already preprocessed batch."""

@@ -10,6 +10,7 @@ EXIF orientation is ignored by default, as the original code ignores it; pass
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -41,6 +42,8 @@ ALLOWED_FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 # keeps decoding thread-safe: catch_warnings mutates process-wide state.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+_EMPTY = "file is empty (0 bytes); re-copy or remove it"
+
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -68,7 +71,7 @@ def _open_path(path: Path, exif_transpose: bool) -> Image.Image:
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
         raise InputImageError(name, "not-a-file", f"is {kind}, not a regular file; pass image files or folders of them")
     if info.st_size == 0:
-        raise InputImageError(name, "empty", "file is empty (0 bytes); re-copy or remove it")
+        raise InputImageError(name, "empty", _EMPTY)
     try:
         # O_NONBLOCK: a file swapped for a FIFO after the check above must not hang the worker.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -191,8 +194,30 @@ def preprocess(source: ImageInput, spec: PreprocessSpec, exif_transpose: bool = 
     Raises:
         InputImageError: The only exception a bad input can cause, whatever its bytes.
     """
-    name = describe(source)
-    image = load_image(source, exif_transpose)
+    return _model_input(load_image(source, exif_transpose), spec, describe(source))
+
+
+def preprocess_bytes(data: bytes, name: str, spec: PreprocessSpec, exif_transpose: bool = False) -> np.ndarray:
+    """Decode and preprocess an encoded image held in memory (for example a file read by Ray Data).
+
+    The same checks as for a path (allowed formats, pixel limit, decode errors) apply.
+
+    Args:
+        data: The file's bytes.
+        name: The name errors give (the file's path).
+        spec: The artifact's preprocessing.
+        exif_transpose: Apply the EXIF orientation tag (default ``False``, as the original code).
+
+    Raises:
+        InputImageError: The only exception a bad input can cause, whatever its bytes.
+    """
+    if not data:
+        raise InputImageError(name, "empty", _EMPTY)
+    return _model_input(_decode(io.BytesIO(data), name, exif_transpose), spec, name)
+
+
+def _model_input(image: Image.Image, spec: PreprocessSpec, name: str) -> np.ndarray:
+    """:func:`preprocess_image`, with every failure turned into an :class:`InputImageError` naming ``name``."""
     try:
         return preprocess_image(image, spec)
     except InputImageError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -16,9 +15,8 @@ import pytest
 
 from memexport.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, read_scores_file, scores_csv_from_images
-from memexport.runtime.preprocess import preprocess
-from memexport.spec import RESMEM
-from tests.models import scorer_scores, write_tiny_scorer
+from tests.models import write_tiny_scorer
+from tests.scoring import expected_tiny, rows, write_copies
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8
 
 CPU = {"device": "cpu"}
@@ -26,11 +24,6 @@ CPU = {"device": "cpu"}
 
 def memexport(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "memexport", *args], capture_output=True, timeout=600, **kwargs)
-
-
-def rows(path: Path) -> list[list[str]]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        return list(csv.reader(handle))
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +34,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture()
 def copies(tmp_path, data_dir) -> Path:
     """300 distinct files holding one real photo: slow enough to kill mid-way, all with one known score."""
-    folder = tmp_path / "many"
-    folder.mkdir()
-    data = (data_dir / "china.jpg").read_bytes()
-    for index in range(300):
-        (folder / f"img_{index:04d}.jpg").write_bytes(data)
-    return folder
-
-
-def expected_tiny(path: Path) -> float:
-    return float(scorer_scores(preprocess(path, RESMEM.preprocess)[None])[0])
+    return write_copies(tmp_path / "many", data_dir / "china.jpg", 300)
 
 
 def test_mixed_folder_scores_good_images_and_lists_every_bad_one(resmem_onnx, data_dir, reference_scores, tmp_path):

@@ -1,0 +1,231 @@
+"""``memexport.distributed.ray`` on a local Ray instance with 2 CPUs: same results as the local
+engine, hostile files as error rows, a killed actor, an interrupted run resumed, Parquet output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.distributed.ray_helpers import ray, scoring_actor_pids
+from memexport.distributed.ray import Pool, RayOptions, ScoringActor, pool_for, scores_dataset, scores_from_images_on_ray
+from memexport.errors import Interrupted, UsageError
+from memexport.runtime.batch import PredictOptions, errors_path_for, scores_csv_from_images
+from tests.models import write_tiny_scorer
+from tests.scoring import expected_tiny, rows, write_copies
+from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8
+
+CPU = {"device": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance with 2 CPUs for the module (start-up costs seconds)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_scorer(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture()
+def copies(tmp_path, data_dir) -> Path:
+    """240 distinct files holding one real photo: decoding takes long enough to act mid-run."""
+    return write_copies(tmp_path / "many", data_dir / "china.jpg", 240)
+
+
+def as_dict(path: Path) -> dict[str, str]:
+    return {row[0]: row[1] for row in rows(path)[1:]}
+
+
+def test_pool_sizes_leave_room_for_reads_and_fit_the_nodes():
+    assert pool_for([2.0], 0, "m.onnx", RayOptions()) == Pool(1, 1.0, 0.0)  # 1 CPU left for read tasks
+    assert pool_for([2.0], 0, "m.onnx", RayOptions(reserve_cpus=0)) == Pool(1, 2.0, 0.0)  # paths only: no reads
+    assert pool_for([1.0, 1.0], 0, "m.onnx", RayOptions(reserve_cpus=0)) == Pool(2, 1.0, 0.0)
+    assert pool_for([16.0, 16.0, 8.0], 0, "m.onnx", RayOptions()) == Pool(7, 4.0, 0.0)  # 3 + 3 + 1
+    assert pool_for([8.0], 4, "m.plan", RayOptions()) == Pool(4, 1.0, 1.0)  # TensorRT: one GPU each
+    assert pool_for([8.0], 2, "m.onnx", RayOptions(device="cuda", actors=1)) == Pool(1, 1.0, 1.0)
+    assert pool_for([8.0], 0, "m.onnx", RayOptions(actors=3, cpus_per_actor=2)).threads == 2
+    with pytest.raises(UsageError, match="GPU"):
+        pool_for([8.0], 0, "m.engine", RayOptions())
+    with pytest.raises(UsageError, match=">= 0"):
+        pool_for([8.0], 0, "m.onnx", RayOptions(actors=-1))
+
+
+def test_actor_sizes_onnx_runtime_to_its_cpus(tiny):
+    actor = ScoringActor(str(tiny), RayOptions(device="cpu"), threads=2)
+    session = actor.runner.session.get_session_options()
+    assert (session.intra_op_num_threads, session.inter_op_num_threads) == (2, 1)
+    assert actor.decoders._max_workers == 2
+
+
+def hostile_folder(tmp_path: Path, data_dir: Path) -> Path:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("china.jpg", "flower.jpg", "brick.png"):
+        (folder / name).write_bytes((data_dir / name).read_bytes())
+    write_bad_inputs(folder, data_dir, tmp_path / "outside")
+    write_good_modes(folder)
+    write_non_utf8(folder, data_dir)
+    return folder
+
+
+def test_same_rows_and_errors_as_the_local_engine_on_hostile_files(tiny, tmp_path, data_dir):
+    folder = hostile_folder(tmp_path, data_dir)
+    options = PredictOptions(batch_size=4, **CPU)
+    local = scores_csv_from_images(tiny, [folder], tmp_path / "local.csv", options)
+    remote = scores_from_images_on_ray(tiny, [folder], tmp_path / "ray.csv", options)
+    expected_names = {"china.jpg", "flower.jpg", "brick.png", *GOOD_MODES, os.fsdecode(NON_UTF8_NAME)}
+    scores = as_dict(tmp_path / "ray.csv")
+    assert {Path(p).name for p in scores} == expected_names
+    local_scores = as_dict(tmp_path / "local.csv")
+    assert set(scores) == set(local_scores)  # the same paths, as given
+    for path, text in scores.items():  # batches group differently: the last float bits may differ
+        assert float(text) == pytest.approx(float(local_scores[path]), abs=1e-6)
+        assert float(text) == pytest.approx(expected_tiny(Path(path)), abs=1e-5)  # float32 ReduceMean vs float64
+    errors = as_dict(errors_path_for(tmp_path / "ray.csv"))
+    assert errors == as_dict(errors_path_for(tmp_path / "local.csv"))
+    assert {Path(p).name: text.split(":")[0] for p, text in errors.items()} == BAD_REASONS
+    assert (remote.scored, remote.failures, remote.total) == (local.scored, local.failures, local.total)
+
+
+def test_dataset_of_bytes_gives_error_rows_and_model_columns(tiny, tmp_path, data_dir):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "china.jpg").write_bytes((data_dir / "china.jpg").read_bytes())
+    write_good_modes(folder)
+    jpeg = (data_dir / "flower.jpg").read_bytes()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "text.jpg").write_text("not an image\n")
+    from tests.runtime.hostile_images import png_declaring
+
+    (folder / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
+    files = ray.data.read_binary_files(str(folder), include_paths=True)
+    table = scores_dataset(files, tiny, RayOptions(batch_size=4, device="cpu")).to_pandas()
+    assert set(table.columns) == {"path", "score", "error", "model", "precision", "node"}
+    by_name = {Path(p).name: row for p, row in zip(table["path"], table.itertuples())}
+    assert set(by_name) == {"china.jpg", *GOOD_MODES, "zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"}
+    reasons = {name: row.error.split(":")[0] for name, row in by_name.items() if isinstance(row.error, str)}
+    assert reasons == {"zero.jpg": "empty", "truncated.jpg": "truncated", "text.jpg": "not-an-image", "bomb.png": "too-large"}
+    for name in ("china.jpg", *GOOD_MODES):
+        assert by_name[name].score == pytest.approx(expected_tiny(folder / name), abs=1e-6)
+    assert np.isnan(by_name["zero.jpg"].score)
+    assert set(table["model"]) == {"tiny-scorer"} and set(table["precision"]) == {"fp32"}
+
+
+def test_killed_actor_is_replaced_and_every_image_is_written_once(tiny, copies, tmp_path):
+    out = tmp_path / "scores.csv"
+    killed: list[int] = []
+    after_kill: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not killed:
+            pids = scoring_actor_pids()
+            assert pids, "no scoring actor process found"
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed.extend(pids)
+            after_kill.append(done)
+        else:
+            after_kill.append(done)
+
+    summary = scores_from_images_on_ray(tiny, [copies], out, PredictOptions(batch_size=8, **CPU), progress)
+    assert killed and after_kill[0] < 240 and after_kill[-1] == 240, "the kill did not land mid-run"
+    names = [Path(row[0]).name for row in rows(out)[1:]]
+    assert len(names) == len(set(names)) == 240 and summary.scored == 240 and summary.failed == 0
+    assert not set(killed) & scoring_actor_pids()  # the killed process is gone; Ray restarted the actor
+
+
+def test_interrupted_run_resumes_and_scores_each_image_exactly_once(tiny, copies, tmp_path):
+    out = tmp_path / "scores.csv"
+
+    def ctrl_c(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C lands in the driver's loop
+
+    with pytest.raises(Interrupted, match="--resume") as caught:
+        scores_from_images_on_ray(tiny, [copies], out, PredictOptions(batch_size=8, **CPU), ctrl_c)
+    first = caught.value.summary.scored
+    assert 0 < first == len(rows(out)) - 1 < 240
+    resumed = scores_from_images_on_ray(tiny, [copies], out, PredictOptions(batch_size=8, resume=True, **CPU))
+    assert (resumed.skipped, resumed.scored) == (first, 240 - first)
+    names = [Path(row[0]).name for row in rows(out)[1:]]
+    assert sorted(names) == sorted(p.name for p in copies.iterdir()) and len(set(names)) == 240
+    expected = expected_tiny(next(copies.iterdir()))
+    assert all(float(row[1]) == pytest.approx(expected, abs=1e-6) for row in rows(out)[1:])
+
+
+def test_parquet_output_resumes_without_rescoring(tiny, copies, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scores.parquet"
+    (copies / "empty.jpg").write_bytes(b"")
+
+    def stop_after_first(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    options = PredictOptions(batch_size=8, **CPU)
+    with pytest.raises(Interrupted):
+        scores_from_images_on_ray(tiny, [copies], out, options, stop_after_first, output_format="parquet")
+    with pytest.raises(UsageError, match="--resume"):
+        scores_from_images_on_ray(tiny, [copies], out, options, output_format="parquet")
+    resumed = scores_from_images_on_ray(tiny, [copies], out, PredictOptions(batch_size=8, resume=True, **CPU), output_format="parquet")
+    table = pq.read_table(out)  # the folder of parts reads as one table
+    names = [Path(p).name for p in table.column("path").to_pylist()]
+    assert len(names) == len(set(names)) == 240 and resumed.skipped + resumed.scored == 240
+    assert set(table.column("model").to_pylist()) == {"tiny-scorer"}
+    assert [row[1].split(":")[0] for row in rows(errors_path_for(out))[1:]] == ["empty"]
+
+
+def test_cli_refuses_ray_options_on_the_local_engine(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from memexport.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "-m", str(tiny), "-o", str(tmp_path / "s.csv"), "--actors", "2"])
+    assert result.exit_code == 2 and "--engine ray" in result.output
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "-m", str(tiny), "-o", str(tmp_path / "s.csv"), "--engine", "spark"])
+    assert result.exit_code == 2 and "local or ray" in result.output
+
+
+@pytest.mark.slow
+def test_same_scores_as_the_local_engine_with_resmem(resmem_onnx, data_dir, tmp_path):
+    options = PredictOptions(batch_size=4, **CPU)
+    scores_csv_from_images(resmem_onnx, [data_dir], tmp_path / "local.csv", options)
+    scores_from_images_on_ray(resmem_onnx, [data_dir], tmp_path / "ray.csv", options)
+    local, remote = as_dict(tmp_path / "local.csv"), as_dict(tmp_path / "ray.csv")
+    assert set(local) == set(remote) and len(local) == 8
+    assert max(abs(float(local[p]) - float(remote[p])) for p in local) <= 1e-6
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_from_the_command_line(tiny, copies, tmp_path):
+    ray.shutdown()  # the CLI starts its own local instance, as a user's would
+    try:
+        out = tmp_path / "scores.csv"
+        args = [sys.executable, "-m", "memexport", "predict", str(copies), "-m", str(tiny), "-o", str(out), "--device", "cpu", "--batch-size", "1", "--engine", "ray"]
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 2):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+        kept = len(rows(out)) - 1
+        assert 1 <= kept < 240
+        result = subprocess.run([*args, "--resume"], capture_output=True, timeout=600)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert f"{kept} images were already scored".encode() in result.stdout
+        names = [Path(row[0]).name for row in rows(out)[1:]]
+        assert len(names) == len(set(names)) == 240
+    finally:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)

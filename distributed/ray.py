@@ -128,8 +128,10 @@ def pool_for(node_cpus: Sequence[float], total_gpus: float, model: str | os.Path
         gpus = 1.0 if backend_for(model, options.backend) in GPU_BACKENDS or options.device.startswith("cuda") else 0.0
     if gpus and total_gpus <= 0:
         raise UsageError(f"{model}: needs a GPU per actor but the Ray cluster has none; use an .onnx artifact with --device cpu, or add GPU nodes")
-    free = [max(0.0, cpus - options.reserve_cpus) for cpus in node_cpus] or [0.0]
-    cpus = options.cpus_per_actor or (1.0 if gpus else float(min(4, max(1, int(min(c for c in free if c > 0) if any(free) else 1)))))
+    free = [max(0.0, cpus - options.reserve_cpus) for cpus in node_cpus]
+    usable = [int(c) for c in free if c >= 1]
+    # ORT scales sublinearly past ~4 threads: bigger nodes get several actors instead.
+    cpus = options.cpus_per_actor or (1.0 if gpus or not usable else float(min(4, min(usable))))
     if options.actors:
         actors = options.actors
     elif gpus:

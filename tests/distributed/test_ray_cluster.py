@@ -42,7 +42,14 @@ def test_work_spreads_over_both_nodes(two_nodes, tmp_path, data_dir):
     pool = cluster_pool(model, options)
     assert (pool.actors, pool.cpus) == (2, 1.0)  # one 1-CPU actor per node
     paths = ray.data.from_items([{"path": str(p)} for p in sorted(folder.iterdir())], override_num_blocks=16)
-    table = scores_dataset(paths, model, options, pool).to_pandas()
+    # Start work only once both actors are up: on a loaded machine the first one could otherwise
+    # finish all 16 blocks before the second has loaded the model.
+    context = ray.data.DataContext.get_current()
+    previous, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
+    try:
+        table = scores_dataset(paths, model, options, pool).to_pandas()
+    finally:
+        context.wait_for_min_actors_s = previous
     assert sorted(Path(p).name for p in table["path"]) == sorted(p.name for p in folder.iterdir())
     nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert set(table["node"]) == nodes and len(nodes) == 2  # both nodes scored images

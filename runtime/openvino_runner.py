@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,6 +71,12 @@ def bf16_refusal(units: CpuUnits, capabilities: Sequence[str]) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def _core(ov: Any) -> Any:
+    """One ``ov.Core`` per process, as OpenVINO recommends (each Core loads its own plugins)."""
+    return ov.Core()
+
+
 def _rt_metadata(model: Any) -> str | None:
     """The memexport metadata JSON OpenVINO read: ONNX ``metadata_props`` land under ``framework``."""
     for key in (["framework", METADATA_KEY], [METADATA_KEY]):
@@ -113,7 +120,7 @@ class OpenVinoRunner(Runner):
         ov = require("openvino", extra="openvino", purpose="the OpenVINO back end")
         self._version = ov.get_version()
         self._check_file()
-        core = ov.Core()
+        core = _core(ov)
         if self.backend_options.precision == "bf16":
             why = bf16_refusal(cpu_units(), core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
             if why is not None:

@@ -406,7 +406,10 @@ def scores_from_images_on_ray(
     if output_format not in ("csv", "parquet"):
         raise UsageError(f"--format must be csv or parquet, got {output_format!r}")
     ray_module()  # before touching the output: one clear line when Ray is missing
-    ray_options = replace(ray_options, batch_size=options.batch_size, device=options.device, exif_transpose=options.exif_transpose, check_integrity=options.check_integrity)
+    if options.precision is not None:
+        raise UsageError(f"--precision {options.precision} is not available with --engine ray yet; drop it (actors compute the back end's exact default) or use the local engine")
+    ray_options = replace(ray_options, batch_size=options.batch_size, device=options.device, exif_transpose=options.exif_transpose,
+                          check_integrity=options.check_integrity, backend=options.backend or ray_options.backend)
     model, output, summary = Path(model), Path(output), PredictSummary()
     parquet = output_format == "parquet"
     done_keys, collected, todo = plan_job(inputs, output, options, summary, *([prepare_parquet] if parquet else []))

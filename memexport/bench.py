@@ -2,6 +2,12 @@
 
 Latency covers inference on already preprocessed batches (the model's own throughput);
 ``predict`` reports end-to-end throughput including decoding.
+
+One run can compare back ends and precisions: every applicable combination of artifacts x
+back ends x precisions is timed (a back end that cannot read an artifact, or a precision it
+cannot compute here, is left out with a note). Every record names the CPU and its matrix units,
+since CPU figures mean nothing without them. With a fidelity folder, each path's scores on it
+are compared with ONNX Runtime FP32's, under the model spec's tolerance for the precision computed.
 """
 
 from __future__ import annotations
@@ -9,13 +15,15 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from memexport.errors import MemexportError, UsageError
 from memexport.runtime.base import Runner, RunnerOptions
+from memexport.runtime.cpu import cpu_units
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,12 @@ class BenchOptions:
         device: ``cpu``, ``cuda`` or ``auto`` (default ``cpu``).
         images: Folder of images to build the input from (default ``None``: seeded uniform noise).
         min_seconds: Keep timing past ``iterations`` until this much time was spent (default 0).
+        backends: Back ends to time each artifact on, where they read it (default ``()``: the
+            artifact's own, by suffix).
+        precisions: Compute precisions to ask each back end for (default ``()``: its exact default);
+            ``bf16`` applies to OpenVINO only.
+        fidelity: Folder of images to score with every path and compare with ONNX Runtime FP32
+            (default ``None``: no fidelity columns).
     """
 
     batch_sizes: tuple[int, ...] = (1, 16)
@@ -39,6 +53,9 @@ class BenchOptions:
     device: str = "cpu"
     images: Path | None = None
     min_seconds: float = 0.0
+    backends: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
+    fidelity: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,9 @@ class BenchRecord:
 
     ``images_per_s`` is ``batch_size / p50``. ``peak_rss_mb`` is the process's resident-set
     high-water mark after this record was timed (back ends run in the order listed).
+    ``precision`` is what the runner computed; ``precision_option`` what ``--precision`` asked
+    for (an INT8 artifact asked for ``bf16`` computes its other layers in BF16). The fidelity
+    fields compare this path's scores on the fidelity folder with ONNX Runtime FP32's.
     """
 
     model: str
@@ -65,6 +85,22 @@ class BenchRecord:
     # loaded to after this batch size ran, CUDA context excluded) and the runner's estimate.
     vram_mb: float | None = None
     vram_estimate_mb: float | None = None
+    precision_option: str | None = None
+    cpu: str = ""
+    cpu_units: tuple[str, ...] = ()
+    fidelity_images: int | None = None
+    spearman: float | None = None
+    kendall: float | None = None
+    mean_abs: float | None = None
+    max_abs: float | None = None
+    keeps_ranking: bool | None = None
+
+    @property
+    def precision_label(self) -> str:
+        """``bf16``, or ``int8/bf16`` for an INT8 artifact whose other layers were asked to run in BF16."""
+        if self.precision_option in (None, self.precision) or (self.precision_option == "fp32" and self.precision != "bf16"):
+            return self.precision
+        return f"{self.precision}/{self.precision_option}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,12 +165,14 @@ def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str,
         batch = input_batch(runner, batch_size, options.images)
         ms = time_calls(lambda: runner.infer(batch), options.iterations, options.warmup, options.min_seconds)
         p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
+        units = cpu_units()
         records.append(
             BenchRecord(
                 model=runner.metadata.model, artifact=label, backend=runner.backend, precision=runner.precision,
                 device=device, batch_size=batch_size, p50_ms=p50, p90_ms=p90, p99_ms=p99,
                 images_per_s=batch_size / (p50 / 1000.0), peak_rss_mb=peak_rss_mb(), iterations=len(ms),
                 vram_mb=_mb(vram_delta(free_before, free_vram() if free_before is not None else None)), vram_estimate_mb=estimate_mb,
+                cpu=units.model, cpu_units=units.flags,
             )
         )
     return records
@@ -150,13 +188,70 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def bench_paths(artifacts: Sequence[Path], backends: Sequence[str] = (), precisions: Sequence[str] = (),
+                progress: Callable[[str], None] = lambda _: None) -> list[tuple[Path, str, str | None]]:
+    """Every applicable ``(artifact, back end, precision)``: each back end listed that reads the artifact
+    (default: the artifact's own), at each precision listed that the back end offers. A back end that
+    offers none of them (ONNX Runtime and TensorRT compute the artifact's own precision) runs once at its
+    default, with a note through ``progress``.
+
+    Raises:
+        UsageError: An unknown back end, or an artifact that none of the back ends listed reads.
+    """
+    from memexport.runtime.registry import BACKENDS, backend_for
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"unknown back end {unknown[0]!r}; choose one of {', '.join(BACKENDS)}")
+    paths: list[tuple[Path, str, str | None]] = []
+    for artifact in map(Path, artifacts):
+        names = [b for b in backends if artifact.suffix.lower() in BACKENDS[b].suffixes] if backends else [backend_for(artifact)]
+        if not names:
+            raise UsageError(f"{artifact}: none of the back ends asked for ({', '.join(backends)}) reads {artifact.suffix or 'suffix-less'} files")
+        for name in names:
+            offered = [p for p in dict.fromkeys(precisions) if _offers(BACKENDS[name].load(), p)]
+            if len(offered) < len(set(precisions)):
+                left = ", ".join(p for p in dict.fromkeys(precisions) if p not in offered)
+                progress(f"{artifact} on {name}: no --precision {left} there (it computes the artifact's own precision)")
+            paths += [(artifact, name, precision) for precision in (offered or [None])]
+    return paths
+
+
+def _offers(runner_class: type[Runner], precision: str) -> bool:
+    try:
+        runner_class.options_for_precision(precision)
+    except UsageError:
+        return False
+    return True
+
+
+def fidelity_scores(runner: Runner, folder: Path, batch_size: int = 16) -> np.ndarray:
+    """An active runner's scores for every readable image in ``folder`` (sorted), in batches of ``batch_size``."""
+    from memexport.runtime.files import collect_images
+    from memexport.runtime.preprocess import preprocess
+
+    assert runner.metadata is not None
+    arrays = []
+    for path in collect_images([folder]).paths:
+        try:
+            arrays.append(preprocess(path, runner.metadata.preprocess))
+        except Exception:  # noqa: BLE001 - every path skips the same unreadable files
+            continue
+    if len(arrays) < 2:
+        raise UsageError(f"{folder}: fewer than 2 readable images, so no ranking to compare; pass a folder of photos")
+    batch = np.stack(arrays)
+    return np.concatenate([runner.infer(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)])
+
+
 def bench_artifacts(
     artifacts: Sequence[Path], options: BenchOptions = BenchOptions(), progress: Callable[[str], None] = lambda _: None
 ) -> list[BenchRecord]:
-    """Benchmark each artifact, then eager torch once per model (when installed and asked for).
+    """Benchmark every artifact x back end x precision (see :func:`bench_paths`), then eager torch once
+    per model (when installed and asked for). Combinations a back end refuses (``bf16`` on ONNX
+    Runtime, or on a CPU without a BF16 unit) are left out with a note through ``progress``.
 
     Args:
-        artifacts: ``.onnx`` or engine files; they may mix models and precisions.
+        artifacts: ``.onnx``, ``.xml`` or engine files; they may mix models and precisions.
         options: See :class:`BenchOptions`.
         progress: Called with a short line before each back end runs (default: silent).
     """
@@ -165,15 +260,34 @@ def bench_artifacts(
 
     records: list[BenchRecord] = []
     baselines: dict[str, object] = {}
-    for artifact in artifacts:
-        progress(f"timing {artifact}")
+    scored: list[tuple[list[BenchRecord], np.ndarray]] = []
+    skipped: list[Exception] = []
+    for artifact, backend, precision in bench_paths(artifacts, options.backends, options.precisions, progress):
+        what = f"{artifact} on {backend}" + (f" {precision}" if precision else "")
         on_gpu = options.device != "cpu" or Path(artifact).suffix.lower() in (".plan", ".engine", ".trt")
         free_before = free_vram() if on_gpu else None
-        with runner_for(artifact, RunnerOptions(device=options.device)) as runner:
+        try:
+            runner = runner_for(artifact, RunnerOptions(device=options.device), backend, precision=precision).__enter__()
+        except MemexportError as refusal:
+            # One path refused (BF16 without a BF16 unit, an artifact a back end cannot compile): the others still run.
+            progress(f"skipped {what}: {refusal}")
+            skipped.append(refusal)
+            continue
+        progress(f"timing {what}")
+        try:
             device = runner_device(runner)
-            records += bench_runner(runner, str(artifact), options, device, free_before if device == "cuda" else None)
+            timed = [replace(r, precision_option=precision) for r in bench_runner(runner, str(artifact), options, device, free_before if device == "cuda" else None)]
+            if options.fidelity is not None:
+                scored.append((timed, fidelity_scores(runner, options.fidelity)))
+            records += timed
             assert runner.metadata is not None
             baselines.setdefault(runner.metadata.model, runner.metadata)
+        finally:
+            runner.__exit__(None, None, None)
+    if skipped and not records:
+        raise skipped[0]
+    if scored:
+        records = with_fidelity(records, scored, progress)
     if options.torch_baseline and torch_available():
         from memexport.export.torch_runner import reference_runner_for
 
@@ -184,6 +298,47 @@ def bench_artifacts(
             with reference_runner_for(metadata, device=torch_device) as reference:  # type: ignore[arg-type]
                 records += bench_runner(reference, f"torch:{model}", options, torch_device, free_before)
     return records
+
+
+def with_fidelity(records: list[BenchRecord], scored: Sequence[tuple[list[BenchRecord], np.ndarray]],
+                  progress: Callable[[str], None] = lambda _: None) -> list[BenchRecord]:
+    """``records`` with the fidelity fields filled: each path's scores against the first ONNX Runtime FP32
+    path of the same model, under the model spec's tolerance for the precision the path computed."""
+    from memexport.parity import compare
+    from memexport.spec import MODELS, Tolerance
+
+    # Statistics without a verdict, for a model or precision the spec declares no tolerance for.
+    no_verdict = Tolerance(atol=float("inf"), min_spearman=-1.0, min_kendall=-1.0)
+
+    references = {}
+    for timed, scores in scored:
+        first = timed[0]
+        if first.backend == "onnxruntime" and first.precision == "fp32":
+            references.setdefault(first.model, scores)
+    filled: dict[int, BenchRecord] = {}
+    for timed, scores in scored:
+        first = timed[0]
+        reference = references.get(first.model)
+        if reference is None:
+            progress(f"no fidelity for {first.artifact}: no ONNX Runtime FP32 artifact of {first.model} in this run to compare with")
+            continue
+        spec = MODELS.get(first.model)
+        tolerance = spec.tolerances.get(first.precision) if spec is not None else None
+        report = compare(scores, reference, tolerance or no_verdict)
+        fields = {"fidelity_images": report.count, "spearman": report.spearman, "kendall": report.kendall,
+                  "mean_abs": report.mean_abs, "max_abs": report.max_abs, "keeps_ranking": report.passed if tolerance else None}
+        filled.update((id(r), replace(r, **fields)) for r in timed)
+    return [filled.get(id(r), r) for r in records]
+
+
+def fastest_keeping_ranking(records: Sequence[BenchRecord]) -> BenchRecord | None:
+    """The fastest record, at the largest batch size timed, whose scores keep the ranking
+    (within the model spec's tolerance for its precision), or ``None`` without fidelity."""
+    kept = [r for r in records if r.keeps_ranking]
+    if not kept:
+        return None
+    largest = max(r.batch_size for r in kept)
+    return max((r for r in kept if r.batch_size == largest), key=lambda r: r.images_per_s)
 
 
 def ratio_table(records: Sequence[BenchRecord]) -> list[str]:

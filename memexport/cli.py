@@ -19,7 +19,7 @@ from memexport.errors import MemexportError
 
 app = typer.Typer(
     name="memexport",
-    help="Export, verify and run image-memorability models (ResMem, M3M) on ONNX Runtime and TensorRT.",
+    help="Export, verify and run image-memorability models (ResMem, M3M) on ONNX Runtime, OpenVINO and TensorRT.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,6 +53,10 @@ def command(*args: Any, **kwargs: Any) -> Callable:
     return decorate
 
 
+BACKEND_HELP = "onnxruntime (the exact FP32 default for .onnx), openvino (CPU; .onnx or .xml) or tensorrt (.plan/.engine)."
+PRECISION_HELP = "OpenVINO: fp32 (exact, the default) or bf16 (AMX/AVX512-BF16 CPUs only; see `memexport doctor`)."
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     from memexport.errors import UsageError
 
@@ -84,7 +88,7 @@ def export_cmd(
 def _summary_lines(summary: Any, output: Path) -> list[str]:
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(summary.failures.items()))
     lines = [
-        f"scored {summary.scored} images into {output}; {summary.failed} failed"
+        f"scored {summary.scored} images into {output} ({summary.backend} {summary.precision}); {summary.failed} failed"
         + (f" ({reasons}), see {summary.errors_path}" if summary.failed else "")
         + (f"; {summary.images_per_s:.1f} images/s" if summary.elapsed_s > 0 and summary.total else "")
     ]
@@ -138,8 +142,10 @@ def predict_cmd(
     actors: int = typer.Option(0, "--actors", help="--engine ray: scoring actors (default: as many as the cluster's CPUs or GPUs allow)."),
     cpus_per_actor: float = typer.Option(0, "--cpus-per-actor", help="--engine ray: CPUs (and back-end threads) per actor (default: a node's CPUs, at most 4)."),
     output_format: str = typer.Option("csv", "--format", help="--engine ray: csv, or parquet (-o names a folder of Parquet parts)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
-    """Score images into a CSV, incrementally. Bad inputs go to <stem>.errors.csv.
+    """Score images into a CSV (path,score,backend,precision), incrementally. Bad inputs go to <stem>.errors.csv.
 
     Exit codes: 0 all scored, 1 some inputs failed, 2 usage error, 130 interrupted (finished scores kept; rerun with --resume).
     """
@@ -166,7 +172,7 @@ def predict_cmd(
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: finished rows are already on disk
 
-    options = PredictOptions(batch_size, device, exif_transpose, workers, resume, overwrite, follow_symlinks, integrity_check)
+    options = PredictOptions(batch_size, device, exif_transpose, workers, resume, overwrite, follow_symlinks, integrity_check, backend, precision)
     job = _predict_engine(engine, ray_address, actors, cpus_per_actor, output_format)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -197,13 +203,15 @@ def verify_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Reference checkpoint (default: the one the artifact was exported from)."),
     device: str = typer.Option("cpu", "--device"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Compare the artifact with the torch reference; exit 1 and print what would pass on failure."""
     from memexport.parity import require
     from memexport.runtime.files import collect_images
     from memexport.verify import VerifyOptions, verify_artifact
 
-    result = verify_artifact(model, collect_images([images]).paths, VerifyOptions(weights=weights, device=device))
+    result = verify_artifact(model, collect_images([images]).paths, VerifyOptions(weights=weights, device=device, backend=backend, precision=precision))
     for error in result.bad_inputs:
         err(f"skipped {error}")
     typer.echo(f"{model}: {result.backend} {result.precision} vs torch fp32")
@@ -212,7 +220,8 @@ def verify_cmd(
     if json_out:
         from memexport.atomic import write_text_atomic
 
-        write_text_atomic(json_out, json.dumps(result.report.as_dict(), indent=2))
+        record = {"artifact": str(model), "backend": result.backend, "precision": result.precision, **result.report.as_dict()}
+        write_text_atomic(json_out, json.dumps(record, indent=2))
     require(result.report, str(model))
 
 
@@ -228,8 +237,11 @@ def bench_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the records as a JSON list."),
     end_to_end: Optional[Path] = typer.Option(None, "--end-to-end", help="Also time the predict pipeline (decode+preprocess+infer) over this image folder."),
     workers: Optional[int] = typer.Option(None, "--workers", help="--end-to-end: decoding threads (default as predict)."),
+    backend: Optional[List[str]] = typer.Option(None, "--backend", help="Back end(s) to time each artifact on; repeat to compare (default: by suffix). " + BACKEND_HELP),
+    precision: Optional[List[str]] = typer.Option(None, "--precision", help="Precision(s) to ask for where a back end offers them (ONNX Runtime and TensorRT run once, at the artifact's own); repeat to compare. " + PRECISION_HELP),
+    fidelity: Optional[Path] = typer.Option(None, "--fidelity", help="Score these images with every path and compare with ONNX Runtime FP32 (Spearman, mean abs); name the fastest path that keeps the ranking."),
 ) -> None:
-    """Latency (p50/p90/p99), images/s and peak RSS per back end and batch size."""
+    """Latency (p50/p90/p99), images/s and peak RSS per artifact, back end, precision and batch size, with the CPU's matrix units."""
     from memexport.bench import BenchOptions, bench_artifacts, bench_end_to_end, end_to_end_ratios, ratio_table
 
     if end_to_end is not None:
@@ -246,20 +258,49 @@ def bench_cmd(
 
             write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
         return
-    options = BenchOptions(parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images)
+    options = BenchOptions(
+        parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images,
+        backends=tuple(backend or ()), precisions=tuple(precision or ()), fidelity=fidelity,
+    )
     records = bench_artifacts(model, options, progress=err)
-    typer.echo(f"{'artifact':26} {'model':8} {'backend':12} {'prec':5} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
-    for record, ratio in zip(records, ratio_table(records)):
-        typer.echo(
-            f"{Path(record.artifact).name[-26:]:26} {record.model:8} {record.backend:12} {record.precision:5} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
-            f"{record.p90_ms:>9.2f} {record.p99_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
-            + (f"  vram {record.vram_mb:.0f} MB" if record.vram_mb is not None else "")
-            + (f" (estimate {record.vram_estimate_mb:.0f} MB)" if record.vram_estimate_mb is not None else "")
-        )
+    _print_bench_table(records)
     if json_out:
         from memexport.atomic import write_text_atomic
 
         write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
+
+
+def _print_bench_table(records: list) -> None:
+    from memexport.bench import fastest_keeping_ranking, ratio_table
+    from memexport.runtime.cpu import cpu_units
+
+    typer.echo(f"cpu: {cpu_units().label()}")
+    fidelity = any(r.spearman is not None for r in records)
+    typer.echo(
+        f"{'artifact':26} {'model':8} {'backend':12} {'prec':9} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}"
+        + (f" {'spearman':>8} {'mean abs':>8}" if fidelity else "") + "  ratio"
+    )
+    for record, ratio in zip(records, ratio_table(records)):
+        typer.echo(
+            f"{Path(record.artifact).name[-26:]:26} {record.model:8} {record.backend:12} {record.precision_label:9} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
+            f"{record.p90_ms:>9.2f} {record.p99_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}"
+            + ((f" {record.spearman:>8.4f} {record.mean_abs:>8.4f}" if record.spearman is not None else f" {'':8} {'':8}") if fidelity else "")
+            + f"  {ratio}"
+            + (f"  vram {record.vram_mb:.0f} MB" if record.vram_mb is not None else "")
+            + (f" (estimate {record.vram_estimate_mb:.0f} MB)" if record.vram_estimate_mb is not None else "")
+        )
+    if fidelity:
+        best = fastest_keeping_ranking(records)
+        if best is None:
+            judged = any(r.keeps_ranking is not None for r in records)
+            typer.echo("no path kept the ranking within its spec tolerance" if judged else "no model spec declares a tolerance for these paths: fidelity without a verdict")
+            return
+        ort32 = next((r for r in records if r.model == best.model and r.batch_size == best.batch_size and r.backend == "onnxruntime" and r.precision == "fp32"), None)
+        speed = f"{best.images_per_s / ort32.images_per_s:.2f}x ONNX Runtime FP32" if ort32 else f"{best.images_per_s:.1f} images/s"
+        typer.echo(
+            f"fastest path that keeps the ranking here: {Path(best.artifact).name} on {best.backend} {best.precision_label}, {speed} at batch {best.batch_size}; "
+            f"Spearman {best.spearman:.4f}, Kendall {best.kendall:.4f}, mean abs {best.mean_abs:.4f} against ONNX Runtime FP32 on {best.fidelity_images} images"
+        )
 
 
 @command("build")
@@ -395,7 +436,7 @@ def inspect_cmd(
 
 @command("doctor")
 def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Python, torch, onnx, ONNX Runtime and providers, TensorRT, CUDA GPUs, and FP16/INT8 advice."""
+    """Python, torch, onnx, ONNX Runtime, OpenVINO, TensorRT, CUDA GPUs, the CPU's matrix units, and FP16/BF16/INT8 advice."""
     from memexport.doctor import environment_report
 
     report = environment_report()
@@ -407,6 +448,12 @@ def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
             for gpu in value:
                 typer.echo(f"gpu {gpu['index']:<20} {gpu['name']} (sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB)")
                 typer.echo(f"{'':24} {gpu['advice']}")
+        elif key == "cpu":
+            typer.echo(f"{'cpu':24} {value['model']} ({value['kind']}: {' '.join(value['matrix_units']) or 'no AMX/BF16/VNNI'})")
+            if "openvino_capabilities" in value:
+                typer.echo(f"{'openvino_capabilities':24} {value['openvino_capabilities']}")
+            for line in value["advice"]:
+                typer.echo(f"{'  ' + line['backend'] + ' ' + line['precision']:24} {line['expect']}")
         else:
             typer.echo(f"{key:24} {value if value is not None else 'not installed'}")
 

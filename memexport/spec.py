@@ -92,7 +92,7 @@ class ModelSpec:
         output_shape: Per-image output shape.
         dynamic_axes: ONNX dynamic axes by tensor name.
         preprocess: The preprocessing that feeds ``input_name``.
-        tolerances: Parity tolerances by precision (``fp32``, ``fp16``, ``int8``).
+        tolerances: Parity tolerances by precision (``fp32``, ``fp16``, ``bf16``, ``int8``).
         parameters: Expected trainable parameter count, checked at export.
         opset: Default ONNX opset (17: the highest TensorRT 8.6 parses).
         external_data: Whether the ONNX needs external data (weights over 2 GB).
@@ -132,11 +132,14 @@ class ModelSpec:
 
 
 # Tolerances follow what each precision can honestly promise against FP32 torch:
-# FP32 ONNX differs only by kernel order; FP16 by half-precision rounding; INT8 is
-# judged on ranks first, which is what memorability users consume.
+# FP32 ONNX differs only by kernel order; FP16 by half-precision rounding; BF16 (OpenVINO on
+# AMX/AVX512-BF16: 8 mantissa bits) by about 1e-3 per score; INT8 is judged on ranks first,
+# which is what memorability users consume. BF16's Kendall bound is what OpenVINO 2026.4 BF16
+# measured on the README's photos (0.976-0.988, 1.0 on tests/data; README, *Parity and tolerances*).
 DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, statistic="max", min_spearman=0.9999, min_kendall=0.99),
     "fp16": Tolerance(atol=1e-3, statistic="max", min_spearman=0.999, min_kendall=0.98),
+    "bf16": Tolerance(atol=1e-2, statistic="max", min_spearman=0.999, min_kendall=0.97),
     "int8": Tolerance(atol=1e-2, statistic="mean", min_spearman=0.99, min_kendall=0.9),
 }
 

@@ -25,13 +25,18 @@ class VerifyOptions:
             else the installed published weights).
         device: ``cpu`` or ``cuda`` for both sides (default ``cpu``).
         batch_size: Images per inference call (default 8).
-        tolerance: Override the spec's tolerance for the artifact's precision (default ``None``).
+        tolerance: Override the spec's tolerance for the precision computed (default ``None``).
+        backend: Back end that runs the artifact (default ``None``: by its suffix).
+        precision: Compute precision where the back end offers a choice (OpenVINO ``fp32``/``bf16``)
+            (default ``None``: exact). The spec's tolerance for the precision actually computed applies.
     """
 
     weights: Path | None = None
     device: str = "cpu"
     batch_size: int = 8
     tolerance: Tolerance | None = None
+    backend: str | None = None
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def verify_artifact(artifact: Path | str, images: Sequence[Path], options: Verif
     """
     from memexport.export.torch_runner import reference_runner_for
 
-    with runner_for(artifact, RunnerOptions(device=options.device)) as runner:
+    with runner_for(artifact, RunnerOptions(device=options.device), options.backend, precision=options.precision) as runner:
         meta = runner.metadata
         assert meta is not None
         arrays, names, bad = [], [], []
@@ -77,5 +82,5 @@ def verify_artifact(artifact: Path | str, images: Sequence[Path], options: Verif
         backend, precision = runner.backend, runner.precision
     with reference_runner_for(meta, options.weights, options.device) as reference_runner:
         reference = _scores(reference_runner, batch, options.batch_size)
-    tolerance = options.tolerance or get_spec(meta.model).tolerance(meta.precision)
+    tolerance = options.tolerance or get_spec(meta.model).tolerance(precision)
     return VerifyResult(compare(candidate, reference, tolerance), tuple(names), candidate, reference, tuple(bad), backend, precision)

@@ -103,6 +103,20 @@ class Runner(abc.ABC):
         self.metadata: ArtifactMetadata | None = None
         self._active = False
 
+    @classmethod
+    def options_for_precision(cls, precision: str) -> Any:
+        """The back end's own options that make it compute in ``precision`` (``--precision``).
+
+        Back ends without a choice compute the artifact's own precision: they accept ``fp32``
+        (their default, exact for an FP32 artifact) and refuse the rest. OpenVINO overrides this.
+
+        Raises:
+            UsageError: A precision this back end cannot be asked for.
+        """
+        if precision == "fp32":
+            return None
+        raise UsageError(f"--precision {precision}: the {cls.backend} back end computes the artifact's own precision; use --backend openvino for bf16")
+
     @property
     @abc.abstractmethod
     def device(self) -> str:

@@ -10,6 +10,9 @@ Guarantees, whatever happens to the process:
 * A bad input never stops the run: it gets one ``path,error`` row in ``<stem>.errors.csv``,
   written incrementally the same way. Errors are recomputed on every run (resumed or not):
   images that failed are retried, so that file always lists the current failures once each.
+* Every row names the back end and precision that computed its score (``path,score,backend,precision``),
+  and ``resume`` refuses to continue a file with another back end or precision, so one ranking
+  never mixes, say, FP32 and BF16 scores. Files with the older ``path,score`` header stay readable.
 * Paths are written as the file system gives them; a name that is not valid UTF-8 is written
   back as its original bytes (Python's ``surrogateescape``), so the CSV names the real file.
 
@@ -40,6 +43,8 @@ from memexport.runtime.base import RunnerOptions
 from memexport.runtime.registry import runner_for
 
 SCORES_HEADER = ("path", "score")
+# What computed each score, after the two columns every reader relies on.
+RUN_COLUMNS = ("backend", "precision")
 ERRORS_HEADER = ("path", "error")
 _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 
@@ -64,6 +69,10 @@ class PredictOptions:
             output without ``resume`` is refused, so a re-run cannot wipe finished work).
         follow_symlinks: Follow symlinks that leave the folders given (default ``False``).
         check_integrity: Verify the artifact's recorded sha256 before scoring (default ``True``).
+        backend: Back end to score with (default ``None``: chosen by the artifact's suffix,
+            ``.onnx`` -> ONNX Runtime); see :func:`memexport.runtime.registry.runner_for`.
+        precision: Compute precision for back ends that offer a choice (OpenVINO: ``fp32``,
+            ``bf16``) (default ``None``: the back end's exact default).
     """
 
     batch_size: int = 16
@@ -74,6 +83,8 @@ class PredictOptions:
     overwrite: bool = False
     follow_symlinks: bool = False
     check_integrity: bool = True
+    backend: str | None = None
+    precision: str | None = None
 
 
 @dataclass
@@ -90,6 +101,8 @@ class PredictSummary:
         errors_path: Where per-file errors were written, if any failed.
         elapsed_s: Wall time of the scoring loop.
         interrupted: Whether Ctrl-C or SIGTERM stopped the run early.
+        backend: The back end that computed the scores (``onnxruntime``, ``openvino``, ``tensorrt``).
+        precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...).
     """
 
     scored: int = 0
@@ -101,6 +114,8 @@ class PredictSummary:
     errors_path: Path | None = None
     elapsed_s: float = 0.0
     interrupted: bool = False
+    backend: str = ""
+    precision: str = ""
 
     @property
     def failed(self) -> int:
@@ -133,13 +148,17 @@ class ScoresFile:
         keys: :func:`path_key` of every complete row.
         valid_bytes: Length of the prefix made of the header and complete rows.
         size: The file's length; larger than ``valid_bytes`` when the last row is torn.
-        has_header: Whether the prefix includes the ``path,score`` header.
+        has_header: Whether the prefix includes a ``path,score`` header.
+        columns: The header's columns (``path,score`` or ``path,score,backend,precision``).
+        runs: The ``(backend, precision)`` pairs of the complete rows (empty for ``path,score`` files).
     """
 
     keys: frozenset[str]
     valid_bytes: int
     size: int
     has_header: bool
+    columns: tuple[str, ...] = SCORES_HEADER + RUN_COLUMNS
+    runs: frozenset[tuple[str, ...]] = frozenset()
 
 
 def _valid_score(text: str) -> bool:
@@ -153,7 +172,8 @@ def _valid_score(text: str) -> bool:
 def read_scores_file(output: Path) -> ScoresFile:
     """Parse a scores CSV written by :func:`scores_csv_from_images`, tolerating a torn tail.
 
-    A complete row is ``path,score`` ending in ``\\n`` with a score in [0, 1]. Anything
+    A complete row has the header's columns (``path,score[,backend,precision]``), ends in ``\\n``
+    and holds a score in [0, 1]. Anything
     else is accepted only as the very last row (a write cut by a crash) and left out of
     ``valid_bytes``; anywhere else it means the file is not ours.
 
@@ -175,6 +195,8 @@ def read_scores_file(output: Path) -> ScoresFile:
 
     reader = csv.reader(lines(), strict=True)
     keys: set[str] = set()
+    runs: set[tuple[str, ...]] = set()
+    columns: tuple[str, ...] = SCORES_HEADER + RUN_COLUMNS
     valid_chars, has_header, row_number = 0, False, 0
     while True:
         try:
@@ -185,11 +207,12 @@ def read_scores_file(output: Path) -> ScoresFile:
             row = None
         row_number += 1
         complete = row is not None and text[position - 1 : position] == "\n"
-        if row_number == 1 and complete and tuple(row or ()) == SCORES_HEADER:
-            has_header, valid_chars = True, position
+        if row_number == 1 and complete and tuple(row or ()) in (SCORES_HEADER, SCORES_HEADER + RUN_COLUMNS):
+            has_header, valid_chars, columns = True, position, tuple(row or ())
             continue
-        if complete and has_header and row is not None and len(row) == 2 and _valid_score(row[1]):
+        if complete and has_header and row is not None and len(row) == len(columns) and _valid_score(row[1]):
             keys.add(path_key(row[0]))
+            runs.update([tuple(row[2:])] if len(row) > 2 else [])
             valid_chars = position
             continue
         if position >= len(text):
@@ -199,7 +222,7 @@ def read_scores_file(output: Path) -> ScoresFile:
             "(or it was edited); pass --overwrite to start again or choose another -o"
         )
     valid_bytes = len(text[:valid_chars].encode("utf-8", "surrogateescape"))
-    return ScoresFile(frozenset(keys), valid_bytes, len(raw), has_header)
+    return ScoresFile(frozenset(keys), valid_bytes, len(raw), has_header, columns, frozenset(runs))
 
 
 # --------------------------------------------------------------------------- writing
@@ -332,15 +355,34 @@ def _prepare_output(output: Path, options: PredictOptions, summary: PredictSumma
     return state.keys
 
 
-class CsvScores:
-    """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,score`` rows, 8 decimals."""
+def _check_same_run(output: Path, state: ScoresFile | None, run: tuple[str, str]) -> None:
+    """Refuse to resume a file whose scores another back end or precision computed."""
+    other = sorted(r for r in (state.runs if state else ()) if r != run)
+    if other:
+        seen = ", ".join(" ".join(r) for r in other)
+        raise UsageError(
+            f"{output} holds scores computed by {seen}; this run computes {' '.join(run)}, and one ranking must not mix them; "
+            f"pass the same --backend and --precision to resume it, or --overwrite to start again"
+        )
 
-    def __init__(self, output: Path, append: bool) -> None:
-        self.appender = _CsvAppender(output, SCORES_HEADER, append=append)
+
+class CsvScores:
+    """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,score`` rows, 8 decimals, followed by
+    ``backend,precision`` when ``run`` names them.
+
+    Args:
+        output: The CSV.
+        append: Keep its rows (``resume``).
+        run: ``(backend, precision)`` written on every row (default ``None``: ``path,score`` only).
+    """
+
+    def __init__(self, output: Path, append: bool, run: tuple[str, str] | None = None) -> None:
+        self.run = tuple(run) if run is not None else ()
+        self.appender = _CsvAppender(output, SCORES_HEADER + (RUN_COLUMNS if run is not None else ()), append=append)
 
     def write(self, rows: Sequence[tuple]) -> None:
-        """Append ``(path, score, ...)`` rows (fields past the score are not written)."""
-        self.appender.write([(row[0], f"{row[1]:.8f}") for row in rows])
+        """Append ``(path, score, ...)`` rows (fields past the score are not written: ``run`` is)."""
+        self.appender.write([(row[0], f"{row[1]:.8f}", *self.run) for row in rows])
 
     def close(self) -> None:
         self.appender.close()
@@ -437,7 +479,7 @@ def scores_csv_from_images(
     model: Path, inputs: Sequence[Path], output: Path, options: PredictOptions = PredictOptions(),
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> PredictSummary:
-    """Score files and folders into ``output`` (``path,score``) and ``<stem>.errors.csv`` (``path,error``).
+    """Score files and folders into ``output`` (``path,score,backend,precision``) and ``<stem>.errors.csv`` (``path,error``).
 
     Args:
         model: Artifact to score with (``.onnx`` or a TensorRT engine).
@@ -462,10 +504,17 @@ def scores_csv_from_images(
     summary = PredictSummary()
     done_keys, collected, todo = plan_job(inputs, output, options, summary)
 
-    runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity))
+    runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity), options.backend, precision=options.precision)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
+        run = (runner.backend, runner.precision)
+        state = read_scores_file(output) if options.resume and output.is_file() and output.stat().st_size else None
+        _check_same_run(output, state, run)
+        summary.backend, summary.precision = run
         started = time.perf_counter()
-        writer = ResultWriter(output, summary, append=bool(done_keys) or options.resume)
+        append = bool(done_keys) or options.resume
+        # An older path,score file keeps its two columns; every new file names back end and precision.
+        scores = CsvScores(output, append, run if state is None or state.columns != SCORES_HEADER else None)
+        writer = ResultWriter(output, summary, append=append, scores=scores)
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:
             writer.write([], upfront_failures(collected))

@@ -54,8 +54,8 @@ class Predictor:
     """Score images with an exported artifact, applying the artifact's own preprocessing.
 
     Thread-safety: one Predictor may be shared by several threads; ``score`` calls run
-    concurrently on ONNX Runtime (whose sessions are thread-safe) and are serialised on
-    TensorRT (one execution context, one stream).
+    concurrently on ONNX Runtime (whose sessions are thread-safe) and OpenVINO (one infer
+    request per concurrent call) and are serialised on TensorRT (one execution context, one stream).
 
     Args:
         model: An ``.onnx`` artifact or a TensorRT ``.plan``/``.engine``, or an active :class:`Runner`.
@@ -63,14 +63,21 @@ class Predictor:
         device: ``cpu``, ``cuda`` or ``auto`` for ONNX artifacts (default ``auto``).
         exif_transpose: Apply EXIF orientation before preprocessing (default ``False``,
             as the original resmem code).
+        backend: ``onnxruntime``, ``openvino`` or ``tensorrt`` (default ``None``: by the
+            artifact's suffix, ``.onnx`` -> ONNX Runtime, the exact FP32 default).
+        precision: Compute precision where the back end offers a choice: OpenVINO ``fp32``
+            (exact) or ``bf16`` (AMX/AVX512-BF16 CPUs) (default ``None``: the back end's exact default).
 
     Example:
         >>> with Predictor("resmem.onnx") as predictor:
         ...     scores = predictor.score(["a.jpg", "b.png"])
+        >>> with Predictor("resmem.onnx", backend="openvino", precision="bf16") as fast:
+        ...     scores = fast.score(["a.jpg", "b.png"])
     """
 
     def __init__(
-        self, model: Path | str | Runner, batch_size: int = 16, device: str = "auto", exif_transpose: bool = False
+        self, model: Path | str | Runner, batch_size: int = 16, device: str = "auto", exif_transpose: bool = False,
+        backend: str | None = None, precision: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
@@ -80,8 +87,10 @@ class Predictor:
             self.runner, self._owns_runner = model, False
             if model.metadata is None:
                 raise UsageError("pass an active runner (inside its `with` block) or a path")
+            if backend is not None or precision is not None:
+                raise UsageError("backend and precision belong to the runner passed in; give a path to choose them here")
         else:
-            self.runner, self._owns_runner = runner_for(model, RunnerOptions(device=device)), True
+            self.runner, self._owns_runner = runner_for(model, RunnerOptions(device=device), backend, precision=precision), True
             self.runner.__enter__()
         assert self.runner.metadata is not None
         self.metadata = self.runner.metadata

@@ -48,6 +48,7 @@ class Entry:
 BACKENDS: dict[str, Entry] = {
     "onnxruntime": Entry(".onnx", "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner"),
     "tensorrt": Entry((".plan", ".engine", ".trt"), "memexport.runtime.tensorrt_runner", "TensorRTRunner"),
+    "openvino": Entry((".onnx", ".xml"), "memexport.runtime.openvino_runner", "OpenVinoRunner", default_for=(".xml",)),
 }
 
 
@@ -91,7 +92,7 @@ def backend_for(path: Path | str, backend: str | None = None) -> str:
 
 
 def runner_for(path: Path | str, options: RunnerOptions = RunnerOptions(), backend: str | None = None,
-               backend_options: Any = None) -> Runner:
+               backend_options: Any = None, precision: str | None = None) -> Runner:
     """The runner for an artifact (inactive: use it as a context manager).
 
     Args:
@@ -100,9 +101,19 @@ def runner_for(path: Path | str, options: RunnerOptions = RunnerOptions(), backe
         backend: Back-end name (default ``None``: chosen by suffix, ``.onnx`` -> ``onnxruntime``,
             ``.plan``/``.engine``/``.trt`` -> ``tensorrt``).
         backend_options: The back end's own options (default ``None``: its defaults).
+        precision: Compute precision (``--precision``), turned into the back end's own options by
+            :meth:`Runner.options_for_precision` (default ``None``: the back end's exact default).
 
     Raises:
         UsageError: See :func:`backend_for`.
     """
     name = backend_for(path, backend)
-    return BACKENDS[name].load()(path, options, backend_options)
+    cls = BACKENDS[name].load()
+    if precision is not None:
+        if backend_options is not None:
+            raise UsageError(f"{path}: pass a precision or the back end's own options, not both")
+        try:
+            backend_options = cls.options_for_precision(precision)
+        except UsageError as error:
+            raise UsageError(f"{path}: {error}") from None
+    return cls(path, options, backend_options)

@@ -15,6 +15,17 @@ def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+needs_openvino = pytest.mark.skipif(not have("openvino"), reason="openvino is not installed (pip install 'memexport[openvino]')")
+# The back ends that run .onnx artifacts: runner tests run on each (OpenVINO skipped with a reason where absent).
+ONNX_BACKENDS = ("onnxruntime", pytest.param("openvino", marks=needs_openvino))
+
+
+@pytest.fixture(params=ONNX_BACKENDS)
+def onnx_backend(request: pytest.FixtureRequest) -> str:
+    """Each back end that runs ``.onnx`` artifacts, by name."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from memexport.export.onnx_export import set_metadata
 from memexport.runtime.metadata import metadata_from_map
+from tests.conftest import have
 
 
 def memexport(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -47,7 +48,7 @@ def test_predict_scores_good_images_and_reports_every_bad_one(resmem_onnx, bad_i
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["path", "score"]
+    assert rows[0] == ["path", "score", "backend", "precision"] and rows[1][2:] == ["onnxruntime", "fp32"]
     scored = {Path(r[0]).name: float(r[1]) for r in rows[1:]}
     assert list(scored) == ["good.jpg"]
     assert scored["good.jpg"] == pytest.approx(reference_scores["china.jpg"], abs=1e-4)
@@ -55,7 +56,7 @@ def test_predict_scores_good_images_and_reports_every_bad_one(resmem_onnx, bad_i
     assert set(errors) == {"zero.jpg", "text.png", "truncated.jpg", "nowhere.jpg"}
     assert errors["zero.jpg"].startswith("empty") and errors["text.png"].startswith("not-an-image")
     assert errors["nowhere.jpg"].startswith("missing")
-    assert "scored 1 images" in result.stdout and "4 failed" in result.stdout
+    assert "scored 1 images" in result.stdout and "(onnxruntime fp32); 4 failed" in result.stdout
 
 
 def test_predict_folder_is_recursive_and_sorted(resmem_onnx, data_dir, tmp_path):
@@ -97,6 +98,25 @@ def test_verify_passes_for_the_export(resmem_onnx, data_dir, tmp_path):
     assert "result: PASS" in result.stdout
     data = json.loads(report.read_text())
     assert data["passed"] and data["max_abs"] <= 1e-4 and data["spearman"] >= 0.9999
+    assert (data["backend"], data["precision"], data["artifact"]) == ("onnxruntime", "fp32", str(resmem_onnx))
+
+
+@pytest.mark.slow
+@pytest.mark.covers("resmem", "parity:bf16")
+def test_verify_bf16_on_openvino_against_torch(resmem_onnx, data_dir, tmp_path):
+    """OpenVINO BF16 within the spec's bf16 tolerance of the torch FP32 reference on tests/data."""
+    from memexport.runtime.cpu import cpu_units
+
+    if not have("openvino") or not cpu_units().bf16:
+        pytest.skip("needs openvino and a CPU with a BF16 unit (amx_bf16 or avx512_bf16)")
+    report = tmp_path / "report.json"
+    args = ["verify", "--model", str(resmem_onnx), "--images", str(data_dir), "--backend", "openvino", "--precision", "bf16", "--json", str(report)]
+    result = memexport(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "openvino bf16 vs torch fp32" in result.stdout and "spearman >= 0.999" in result.stdout
+    data = json.loads(report.read_text())
+    assert (data["backend"], data["precision"], data["passed"]) == ("openvino", "bf16", True)
+    assert 1e-5 < data["max_abs"] <= 0.01 and data["tolerance"]["min_spearman"] == 0.999
 
 
 def test_verify_failure_exits_1_and_prints_what_would_pass(resmem_onnx, data_dir, tmp_path):

@@ -56,7 +56,7 @@ def test_resmem_spec_matches_published_model():
     assert RESMEM.preprocess.mean is None and RESMEM.preprocess.std is None
     assert RESMEM.parameters == 131_688_809
     assert RESMEM.opset == 17
-    assert set(RESMEM.tolerances) == {"fp32", "fp16", "int8"}
+    assert set(RESMEM.tolerances) == {"fp32", "fp16", "bf16", "int8"}
 
 
 def test_preprocess_spec_json_round_trip():

@@ -13,14 +13,14 @@ from memexport.errors import ArtifactError
 from memexport.runtime import integrity
 from memexport.runtime.integrity import check_onnx, find_metadata_entry, metadata_entry_bytes, onnx_digest
 from memexport.runtime.base import RunnerOptions
-from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
+from memexport.runtime.registry import runner_for
 from tests.models import write_tiny_scorer
 
 CPU = RunnerOptions(device="cpu")
 
 
-def activate(path: Path, options: RunnerOptions = CPU) -> None:
-    with OnnxRuntimeRunner(path, options) as runner:
+def activate(path: Path, options: RunnerOptions = CPU, backend: str = "onnxruntime") -> None:
+    with runner_for(path, options, backend) as runner:
         runner.infer(np.zeros((1, 3, 227, 227), np.float32))
 
 
@@ -37,10 +37,10 @@ def flip_weight(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_sealed_artifact_verifies_and_runs(sealed):
+def test_sealed_artifact_verifies_and_runs(sealed, onnx_backend):
     record = check_onnx(sealed, use_cache=False)
     assert record is not None and record["sha256"] == onnx_digest(sealed)[0]
-    activate(sealed)
+    activate(sealed, backend=onnx_backend)
 
 
 def test_entry_location_matches_onnx_serialisation(sealed):
@@ -52,11 +52,11 @@ def test_entry_location_matches_onnx_serialisation(sealed):
     assert span.value == value and sealed.read_bytes()[span.start : span.end] == metadata_entry_bytes(value)
 
 
-def test_a_changed_weight_is_caught_at_activation(sealed):
+def test_a_changed_weight_is_caught_at_activation(sealed, onnx_backend):
     flip_weight(sealed)
     with pytest.raises(ArtifactError, match=r"model\.onnx: sha256 .* does not match"):
-        activate(sealed)
-    activate(sealed, RunnerOptions(device="cpu", check_integrity=False))  # opt-out still works
+        activate(sealed, backend=onnx_backend)
+    activate(sealed, RunnerOptions(device="cpu", check_integrity=False), onnx_backend)  # opt-out still works
 
 
 def test_edited_metadata_is_caught(sealed):
@@ -83,7 +83,7 @@ def test_verified_digest_is_cached_until_the_file_changes(sealed, monkeypatch):
     assert len(calls) == 1
 
 
-def test_unsealed_artifact_is_accepted_and_derived_metadata_drops_the_seal(tmp_path, sealed):
+def test_unsealed_artifact_is_accepted_and_derived_metadata_drops_the_seal(tmp_path, sealed, onnx_backend):
     import onnx
 
     from memexport.export.onnx_export import set_metadata
@@ -91,7 +91,7 @@ def test_unsealed_artifact_is_accepted_and_derived_metadata_drops_the_seal(tmp_p
 
     plain = write_tiny_scorer(tmp_path / "plain.onnx", seal=False)
     assert check_onnx(plain, use_cache=False) is None
-    activate(plain)
+    activate(plain, backend=onnx_backend)
     # An fp16/int8 conversion copies metadata from a sealed source: the stale seal must not follow.
     proto = onnx.load(str(sealed))
     meta = metadata_from_map({p.key: p.value for p in proto.metadata_props}, sealed)
@@ -102,13 +102,13 @@ def test_unsealed_artifact_is_accepted_and_derived_metadata_drops_the_seal(tmp_p
     assert check_onnx(derived, use_cache=False) is None
 
 
-def test_external_data_tampering_and_escape_are_refused(tmp_path):
+def test_external_data_tampering_and_escape_are_refused(tmp_path, onnx_backend):
     import onnx
 
     (tmp_path / "ext").mkdir()
     model = write_tiny_scorer(tmp_path / "ext" / "model.onnx", external_data=True)
     data_file = model.parent / "model.onnx.data"
-    activate(model)
+    activate(model, backend=onnx_backend)
     original = data_file.read_bytes()
     data_file.write_bytes(np.float32(9.0).tobytes() + original[4:])
     with pytest.raises(ArtifactError, match="model.onnx.data: external data sha256"):
@@ -122,15 +122,15 @@ def test_external_data_tampering_and_escape_are_refused(tmp_path):
     escaping = tmp_path / "ext" / "escape.onnx"
     onnx.save(proto, str(escaping))
     with pytest.raises(ArtifactError, match="points outside the model's folder"):
-        activate(escaping, RunnerOptions(device="cpu", check_integrity=False))
+        activate(escaping, RunnerOptions(device="cpu", check_integrity=False), onnx_backend)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_truncated_or_corrupt_onnx_names_the_file(sealed, damage):
+def test_truncated_or_corrupt_onnx_names_the_file(sealed, damage, onnx_backend):
     data = sealed.read_bytes()
     sealed.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x08\x07not onnx at all" * 40, "empty": b""}[damage])
     with pytest.raises(ArtifactError) as caught:
-        activate(sealed)
+        activate(sealed, backend=onnx_backend)
     assert str(sealed) in str(caught.value) and "\n" not in str(caught.value)
 
 

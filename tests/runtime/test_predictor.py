@@ -14,11 +14,12 @@ from PIL import Image
 from memexport.errors import InputImageError, UsageError
 from memexport.runtime.predictor import Predictor
 from memexport.runtime.base import RunnerOptions
-from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
+from memexport.runtime.registry import runner_for
 
 
-def test_scores_match_original_resmem(resmem_onnx, sample_images, reference_scores):
-    with Predictor(resmem_onnx, batch_size=3, device="cpu") as predictor:
+def test_scores_match_original_resmem(resmem_onnx, sample_images, reference_scores, onnx_backend):
+    with Predictor(resmem_onnx, batch_size=3, device="cpu", backend=onnx_backend) as predictor:
+        assert predictor.runner.backend == onnx_backend and predictor.runner.precision == "fp32"
         scores = predictor.score(sample_images)
     expected = np.array([reference_scores[p.name] for p in sample_images])
     assert scores.shape == (len(sample_images),) and scores.dtype == np.float32
@@ -50,8 +51,8 @@ def test_score_iter_keeps_good_results_around_bad_inputs(resmem_onnx, sample_ima
         predictor.score([sample_images[0], broken])
 
 
-def test_runner_contract_rejects_bad_batches(resmem_onnx):
-    runner = OnnxRuntimeRunner(resmem_onnx, RunnerOptions(device="cpu"))
+def test_runner_contract_rejects_bad_batches(resmem_onnx, onnx_backend):
+    runner = runner_for(resmem_onnx, RunnerOptions(device="cpu"), onnx_backend)
     with pytest.raises(UsageError, match="not active"):
         runner.infer(np.zeros((1, 3, 227, 227), np.float32))
     with runner:
@@ -62,21 +63,22 @@ def test_runner_contract_rejects_bad_batches(resmem_onnx):
         assert runner.infer(np.zeros((2, 3, 227, 227), np.float32)).shape == (2,)
 
 
-def test_runner_splits_batches_over_its_limit(resmem_onnx, monkeypatch):
+def test_runner_splits_batches_over_its_limit(resmem_onnx, monkeypatch, onnx_backend):
     calls = []
-    runner = OnnxRuntimeRunner(resmem_onnx, RunnerOptions(device="cpu"))
-    monkeypatch.setattr(OnnxRuntimeRunner, "max_batch", property(lambda self: 2))
+    runner = runner_for(resmem_onnx, RunnerOptions(device="cpu"), onnx_backend)
+    monkeypatch.setattr(type(runner), "max_batch", property(lambda self: 2))
     with runner:
         original = runner._infer
         runner._infer = lambda batch: calls.append(len(batch)) or original(batch)
         batch = np.random.default_rng(0).random((5, 3, 227, 227), dtype=np.float32)
         split = runner.infer(batch)
     assert calls == [2, 2, 1]
-    with OnnxRuntimeRunner(resmem_onnx, RunnerOptions(device="cpu")) as whole:
+    monkeypatch.undo()
+    with runner_for(resmem_onnx, RunnerOptions(device="cpu"), onnx_backend) as whole:
         np.testing.assert_allclose(split, whole.infer(batch), atol=1e-6)
 
 
-def test_runtime_scores_images_with_torch_and_onnx_absent(resmem_onnx, sample_images, reference_scores):
+def test_runtime_scores_images_with_torch_and_onnx_absent(resmem_onnx, sample_images, reference_scores, onnx_backend):
     script = textwrap.dedent(
         f"""
         import importlib.abc, json, sys
@@ -86,7 +88,7 @@ def test_runtime_scores_images_with_torch_and_onnx_absent(resmem_onnx, sample_im
                     raise ImportError(f"{{name}} is blocked in this test")
         sys.meta_path.insert(0, Block())
         from memexport import Predictor
-        with Predictor({str(resmem_onnx)!r}, device="cpu") as p:
+        with Predictor({str(resmem_onnx)!r}, device="cpu", backend={onnx_backend!r}) as p:
             scores = p.score({[str(p) for p in sample_images]!r})
         assert not any(m.split(".")[0] in ("torch", "onnx") for m in sys.modules)
         print(json.dumps([float(s) for s in scores]))
@@ -102,7 +104,7 @@ def test_runtime_scores_images_with_torch_and_onnx_absent(resmem_onnx, sample_im
 def test_import_and_help_need_no_heavy_backends():
     script = (
         "import sys, memexport, memexport.cli;"
-        "heavy=[m for m in sys.modules if m.split('.')[0] in ('torch','onnx','onnxruntime','tensorrt','cuda')];"
+        "heavy=[m for m in sys.modules if m.split('.')[0] in ('torch','onnx','onnxruntime','tensorrt','cuda','openvino')];"
         "print(heavy); assert not heavy"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -43,11 +43,11 @@ def test_wrong_backend_options_type_is_refused():
 
 def test_add_backend_registers_one_entry(monkeypatch):
     monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
-    entry = registry.Entry((".onnx", ".XML"), "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner", default_for=".xml")
-    assert entry.suffixes == (".onnx", ".xml") and entry.default_for == (".xml",) and registry.BACKENDS["onnxruntime"].suffixes == (".onnx",)
+    entry = registry.Entry((".onnx", ".OTHER"), "memexport.runtime.onnxruntime_runner", "OnnxRuntimeRunner", default_for=".other")
+    assert entry.suffixes == (".onnx", ".other") and entry.default_for == (".other",) and registry.BACKENDS["onnxruntime"].suffixes == (".onnx",)
     registry.add_backend("other", entry)
     registry.add_backend("other", entry)  # same entry again: no-op
-    assert registry.backend_for("m.xml") == "other" and registry.backend_for("m.onnx") == "onnxruntime"
+    assert registry.backend_for("m.other") == "other" and registry.backend_for("m.onnx") == "onnxruntime"
     assert registry.backend_for("m.onnx", "other") == "other"
     with pytest.raises(UsageError, match="already registered"):
         registry.add_backend("other", registry.BACKENDS["tensorrt"])
@@ -82,3 +82,19 @@ def test_onnxruntime_runner_answers_the_contract(tmp_path):
         assert runner.device == "cpu" and runner.precision == "fp32" and runner.memory_bytes() == model.stat().st_size
     assert info["backend"] == "onnxruntime" and info["providers"] == ["CPUExecutionProvider"] and info["device"] == "cpu"
     assert info["memory_bytes"] == model.stat().st_size and info["precision"] == "fp32"
+
+
+def test_openvino_is_one_entry_reading_onnx_and_ir():
+    assert registry.backend_for("m.xml") == "openvino" and registry.backend_for("m.onnx") == "onnxruntime"
+    assert registry.backend_for("m.onnx", "openvino") == "openvino"
+    with pytest.raises(UsageError, match=r"the openvino back end reads \.onnx, \.xml files, not '\.plan'"):
+        registry.runner_for("e.plan", backend="openvino")
+
+
+def test_precision_becomes_the_back_ends_own_options():
+    assert registry.runner_for("m.onnx", backend="openvino", precision="bf16").backend_options.precision == "bf16"
+    assert registry.runner_for("m.onnx", precision="fp32").backend_options == OrtOptions()
+    with pytest.raises(UsageError, match=r"m\.onnx: --precision bf16: the onnxruntime back end computes the artifact's own precision; use --backend openvino"):
+        registry.runner_for("m.onnx", precision="bf16")
+    with pytest.raises(UsageError, match=r"e\.plan: --precision bf16: the tensorrt back end"):
+        registry.runner_for("e.plan", precision="bf16")

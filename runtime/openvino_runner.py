@@ -1,0 +1,241 @@
+"""The OpenVINO runner: memexport's ONNX artifacts (or OpenVINO IR) on the CPU, FP32 exact or BF16.
+
+OpenVINO computes in BF16 by default on CPUs with a BF16 unit (AMX, AVX512-BF16), which
+silently changes scores. This runner always states the precision: FP32 forces
+``INFERENCE_PRECISION_HINT=f32`` and checks that the compiled model kept it; BF16 is asked
+for explicitly (``OpenVinoOptions(precision="bf16")``) and refused on CPUs without a BF16
+unit, where OpenVINO would emulate it. INT8 artifacts (Q/DQ) run their INT8 layers in INT8
+whatever the precision, and the rest at the precision asked for.
+
+``openvino`` is imported only when a runner activates, through :func:`memexport.optional.require`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
+from memexport.optional import require
+from memexport.runtime.base import Runner, RunnerOptions
+from memexport.runtime.cpu import CpuUnits, cpu_units
+from memexport.runtime.integrity import check_external_data_location, check_onnx, external_data_locations
+from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
+
+PRECISIONS = ("fp32", "bf16")
+HINTS = {"fp32": "f32", "bf16": "bf16"}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """OpenVINO runner options.
+
+    Attributes:
+        precision: ``"fp32"`` (exact: ``INFERENCE_PRECISION_HINT=f32``) or ``"bf16"`` (AMX or
+            AVX512-BF16 only) for the layers the artifact keeps in floating point (default ``"fp32"``).
+        performance_hint: ``"LATENCY"`` (one stream: all threads on each call) or ``"THROUGHPUT"``
+            (several streams, for many concurrent callers) (default ``"LATENCY"``).
+        num_streams: Parallel inference streams; 0 leaves the hint's choice (default 0).
+    """
+
+    precision: str = "fp32"
+    performance_hint: str = "LATENCY"
+    num_streams: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"OpenVINO precision {self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+        if self.performance_hint not in PERFORMANCE_HINTS:
+            raise UsageError(f"OpenVINO performance hint {self.performance_hint!r} is unknown; choose one of {', '.join(PERFORMANCE_HINTS)}")
+        if self.num_streams < 0:
+            raise UsageError(f"OpenVINO num_streams must be >= 0 (0: the hint's choice), got {self.num_streams}")
+
+
+def bf16_refusal(units: CpuUnits, capabilities: Sequence[str]) -> str | None:
+    """Why BF16 cannot run fast here, or ``None`` when it can.
+
+    Args:
+        units: The CPU's flags (:func:`memexport.runtime.cpu.cpu_units`).
+        capabilities: OpenVINO's ``OPTIMIZATION_CAPABILITIES`` for the CPU device.
+    """
+    if units.known and not units.bf16:
+        return f"this CPU ({units.model}) has no BF16 unit (neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo)"
+    if "BF16" not in capabilities:
+        return f"OpenVINO reports no BF16 support on this CPU (OPTIMIZATION_CAPABILITIES: {' '.join(capabilities) or 'none'})"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _core(ov: Any) -> Any:
+    """One ``ov.Core`` per process, as OpenVINO recommends (each Core loads its own plugins)."""
+    return ov.Core()
+
+
+def _rt_metadata(model: Any) -> str | None:
+    """The memexport metadata JSON OpenVINO read: ONNX ``metadata_props`` land under ``framework``."""
+    for key in (["framework", METADATA_KEY], [METADATA_KEY]):
+        if model.has_rt_info(key):
+            return str(model.get_rt_info(key).astype(str))
+    return None
+
+
+class OpenVinoRunner(Runner):
+    """Runs a memexport ONNX artifact (or an OpenVINO IR ``.xml`` made from one) with OpenVINO on the CPU.
+
+    ``infer`` is safe to call from several threads at once: an OpenVINO infer request serves one
+    call at a time, so each call borrows a request from a pool (one per concurrent caller).
+
+    Args:
+        path: The ``.onnx`` artifact, or an ``.xml`` IR with its ``.bin`` beside it.
+        options: Shared runner options (default :class:`RunnerOptions`); ``threads`` sets
+            ``INFERENCE_NUM_THREADS``; ``device`` must be ``auto`` or ``cpu``.
+        backend_options: :class:`OpenVinoOptions` (default ``None``: FP32, latency hint).
+    """
+
+    backend = "openvino"
+    options_class = OpenVinoOptions
+
+    def __init__(self, path: Path | str, options: RunnerOptions = RunnerOptions(), backend_options: OpenVinoOptions | None = None) -> None:
+        super().__init__(path, options, backend_options)
+        self.compiled: Any = None
+        self._requests: list[Any] = []
+        self._lock = threading.Lock()
+        self._weight_bytes: int | None = None
+        self._version = ""
+
+    @classmethod
+    def options_for_precision(cls, precision: str) -> OpenVinoOptions:
+        """``fp32`` or ``bf16`` (see :class:`OpenVinoOptions`)."""
+        return OpenVinoOptions(precision=precision)
+
+    def activate(self) -> None:
+        if self.options.device_kind == "cuda":
+            raise UsageError(f"{self.path}: the OpenVINO back end runs on the CPU; use --device cpu, or --backend onnxruntime or tensorrt for a GPU")
+        ov = require("openvino", extra="openvino", purpose="the OpenVINO back end")
+        self._version = ov.get_version()
+        self._check_file()
+        core = _core(ov)
+        if self.backend_options.precision == "bf16":
+            why = bf16_refusal(cpu_units(), core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            if why is not None:
+                raise UsageError(
+                    f"{self.path}: --precision bf16 refused: {why}, so OpenVINO would emulate BF16, slower than FP32; "
+                    "use --precision fp32 (exact), or an INT8 artifact from `memexport calibrate` for speed"
+                )
+        model = self._read(core)
+        self._check_inputs(model)
+        self._weight_bytes = sum(int(op.get_byte_size()) for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
+        self.compiled = self._compile(ov, core, model)
+
+    def _check_file(self) -> None:
+        """Refuse a missing, empty, escaping or (with ``check_integrity``) tampered file before OpenVINO parses it."""
+        assert self.path is not None
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: model file not found; export one with `memexport export resmem -o {self.path.with_suffix('.onnx').name}`")
+        if self.path.stat().st_size == 0:
+            raise ArtifactError(f"{self.path}: model file is empty (0 bytes); re-export it")
+        if self.path.suffix.lower() == ".xml":
+            if not self.path.with_suffix(".bin").is_file():
+                raise ArtifactError(f"{self.path}: OpenVINO IR without its weights {self.path.with_suffix('.bin').name}; keep the .xml and .bin side by side")
+            return
+        check_external_data_location(self.path, external_data_locations(self.path))
+        if self.options.check_integrity:
+            check_onnx(self.path)
+
+    def _read(self, core: Any) -> Any:
+        """Parse the artifact and its memexport metadata (cross-checked against the bytes hashed)."""
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+            first = " ".join(str(exc).split())[:200]
+            raise ArtifactError(f"{self.path}: OpenVINO cannot read this model ({first}); re-export it or check that it is complete") from None
+        value = _rt_metadata(model)
+        if self.options.check_integrity and value is not None and self.path.suffix.lower() == ".onnx":
+            check_onnx(self.path, parsed_value=value)  # cached: cross-checks the JSON hashed
+        self.metadata = metadata_from_map({METADATA_KEY: value} if value is not None else {}, self.path)
+        return model
+
+    def _check_inputs(self, model: Any) -> None:
+        meta = self.metadata
+        assert meta is not None
+        inputs = {name: port for port in model.inputs for name in port.get_names()}
+        outputs = {name for port in model.outputs for name in port.get_names()}
+        if meta.input_name not in inputs or meta.output_name not in outputs:
+            raise ArtifactError(
+                f"{self.path}: metadata names input {meta.input_name!r} and output {meta.output_name!r} but the graph has "
+                f"{sorted(inputs)} and {sorted(outputs)}; re-export it"
+            )
+        shape = inputs[meta.input_name].get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape]
+        if dims[1:] != list(meta.input_shape):
+            raise ArtifactError(f"{self.path}: graph input shape {shape} does not match metadata (N, {meta.input_shape}); re-export it")
+
+    def _compile(self, ov: Any, core: Any, model: Any) -> Any:
+        wanted = HINTS[self.backend_options.precision]
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": wanted, "PERFORMANCE_HINT": self.backend_options.performance_hint}
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        if self.backend_options.num_streams:
+            config["NUM_STREAMS"] = self.backend_options.num_streams
+        try:
+            compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # noqa: BLE001
+            first = " ".join(str(exc).split())[:200]
+            raise ArtifactError(f"{self.path}: OpenVINO cannot compile this model for the CPU ({first}); re-export it") from None
+        seen = compiled.get_property("INFERENCE_PRECISION_HINT")
+        if seen != getattr(ov.Type, wanted):
+            # Never let OpenVINO's own choice change scores the user did not ask to change.
+            raise BackendUnavailableError(
+                f"{self.path}: OpenVINO compiled with inference precision {seen.get_type_name()} instead of {wanted}; "
+                "upgrade openvino or use --backend onnxruntime"
+            )
+        return compiled
+
+    def deactivate(self) -> None:
+        with self._lock:
+            self._requests.clear()
+        self.compiled = None
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def precision(self) -> str:
+        """``int8`` for INT8 artifacts, else ``bf16`` when asked for, else the artifact's own precision."""
+        if self.metadata is None:
+            return "unknown"
+        if self.metadata.precision == "int8" or self.backend_options.precision == "fp32":
+            return self.metadata.precision
+        return self.backend_options.precision
+
+    def memory_bytes(self) -> int | None:
+        """Weights the compiled model holds: the graph's constants, halved when computing in BF16 (an estimate)."""
+        if self.compiled is None or self._weight_bytes is None:
+            return None
+        return self._weight_bytes // 2 if self.backend_options.precision == "bf16" else self._weight_bytes
+
+    def describe(self) -> dict[str, Any]:
+        facts = super().describe() | {"openvino": self._version, "cpu": cpu_units().label()}
+        if self.compiled is not None:
+            for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
+                value = self.compiled.get_property(key)
+                facts[key.lower()] = value.get_type_name() if key == "INFERENCE_PRECISION_HINT" else str(value)
+        return facts
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        assert self.metadata is not None and self.compiled is not None
+        with self._lock:
+            request = self._requests.pop() if self._requests else self.compiled.create_infer_request()
+        try:
+            result = request.infer({self.metadata.input_name: batch})
+            return np.array(result[self.compiled.output(self.metadata.output_name)], dtype=np.float32, copy=True)
+        finally:
+            with self._lock:
+                self._requests.append(request)

@@ -286,5 +286,11 @@ class CpuKind(GuardedOnnxKind):
         return {"pinned_fp32_layers": list(self.pinned_prefixes(ctx)), "range_percentile": ctx.options.cpu_percentile, "score_offset_logit": offset}
 
 
+def _openvino_kind() -> Any:
+    from memexport.calibration.openvino_int8 import OpenVinoKind
+
+    return OpenVinoKind()
+
+
 # Every artifact kind, by its ``--outputs`` name, in the order they are written.
-KINDS: dict[str, Callable[[], Any]] = {"cache": CacheKind, "qdq": QdqKind, "cpu": CpuKind}
+KINDS: dict[str, Callable[[], Any]] = {"cache": CacheKind, "qdq": QdqKind, "cpu": CpuKind, "openvino": _openvino_kind}

@@ -300,13 +300,18 @@ class Guard:
                 write_text_atomic(self.cache, json.dumps({"key": self.cache_key, "sensitivity": self._sensitivity}, indent=1))
         return self._sensitivity
 
-    def run(self, build: Callable[[frozenset[str]], Any], what: str, candidates: Sequence[str] | None = None) -> tuple[Any, GuardReport]:
+    def run(
+        self, build: Callable[[frozenset[str]], Any], what: str, candidates: Sequence[str] | None = None,
+        score: Callable[[Any, np.ndarray], np.ndarray] | None = None,
+    ) -> tuple[Any, GuardReport]:
         """Build with no fallback; if short of the target, find and apply a minimal fallback set.
 
         Args:
             build: Makes the artifact's ``onnx.ModelProto`` with the given layers kept in FP32.
             what: Name for messages.
             candidates: Layers this artifact quantises, hence may keep in FP32 (default: all ``layers``).
+            score: Scores a built artifact on a batch, on the runtime it is made for (default: ONNX
+                Runtime CPU, for ONNX protos).
 
         Returns:
             The final proto and its report.
@@ -314,8 +319,10 @@ class Guard:
         Raises:
             CalibrationError: The target is out of reach even with every layer in FP32.
         """
+        if score is None:
+            score = lambda proto, batch: session_scores(ort_session(proto), batch)  # noqa: E731
         proto = build(frozenset())
-        initial = fidelity(session_scores(ort_session(proto), self.held_out), self.reference, self.target)
+        initial = fidelity(score(proto, self.held_out), self.reference, self.target)
         self.log(f"{what}: all layers INT8: spearman {initial.spearman:.4f}, mean abs {initial.mean_abs:.4f} on {initial.count} held-out images")
         if initial.passed:
             return proto, GuardReport(initial, initial, (), {}, self.target, True)
@@ -328,7 +335,7 @@ class Guard:
         for _ in range(self.max_rounds):
             chosen = tuple(order[:count])
             proto = build(frozenset(chosen))
-            final = fidelity(session_scores(ort_session(proto), self.held_out), self.reference, self.target)
+            final = fidelity(score(proto, self.held_out), self.reference, self.target)
             tried = count
             self.log(f"{what}: {count} layer(s) in FP32: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f}")
             if final.passed:

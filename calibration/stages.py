@@ -44,7 +44,9 @@ class CalibrationOptions:
         offset_images: Calibration images that measure the CPU artifact's score offset
             (default 64; 0 disables the correction, :mod:`memexport.calibration.offset`).
         tensorrt_version: Version written into the cache header (default 8.6.1).
-        outputs: Which artifacts to write, from ``cache``, ``qdq``, ``cpu`` (default all three).
+        outputs: Which artifacts to write, from ``cache``, ``qdq``, ``cpu``, ``openvino`` (default all;
+            ``openvino`` is skipped with one logged line when openvino or nncf is not installed, and
+            fails with the install hint when asked for without the default set).
         reuse_stats: Reuse ``<stem>.calib-stats.npz`` when it matches model and images (default ``True``).
     """
 
@@ -79,7 +81,8 @@ class CalibrationResult:
         images: Calibration images read (before augmentation).
         held_out: Held-out images the guard used.
         reused_stats: Whether the statistics were reused rather than gathered.
-        guards: Guard report per artifact kind (``qdq``, ``cpu``).
+        guards: Guard report per artifact kind (``qdq``, ``cpu``, ``openvino``).
+        openvino: INT8 OpenVINO IR (``.xml`` with its ``.bin``), or ``None`` when not asked for or not installed.
     """
 
     cache: Path | None
@@ -92,6 +95,7 @@ class CalibrationResult:
     held_out: int
     reused_stats: bool
     guards: Mapping[str, Any] = field(default_factory=dict)
+    openvino: Path | None = None
 
     @property
     def fallback_layers(self) -> dict[str, list[str]]:
@@ -252,8 +256,9 @@ def calibrate(
 
     Writes ``<stem>.calib-stats.npz`` (statistics, reused on the next run), ``<stem>.calib.cache``
     (TensorRT 8.6 implicit INT8), ``<stem>.int8-qdq.onnx`` (explicit Q/DQ for TensorRT),
-    ``<stem>.int8-cpu.onnx`` (U8S8 for ONNX Runtime CPU) and ``<stem>.calib.json`` (record).
-    Each ONNX artifact passes the rank-fidelity guard or is not written.
+    ``<stem>.int8-cpu.onnx`` (U8S8 for ONNX Runtime CPU), ``<stem>.int8-openvino.xml`` (INT8 for
+    OpenVINO's CPU kernels, when the openvino extra is installed) and ``<stem>.calib.json`` (record).
+    Each INT8 artifact passes the rank-fidelity guard or is not written.
 
     Args:
         model: FP32 ONNX written by ``memexport export``.
@@ -280,16 +285,21 @@ def calibrate(
         model, chosen.calibration, out_dir / f"{stem}.calib-stats.npz", metadata.preprocess, options, images, progress, log
     )
     stats = gathered.stats
-    guard_on = options.min_spearman > 0 and any(kind in options.outputs for kind in ("qdq", "cpu"))
+    guard_on = options.min_spearman > 0 and any(kind in options.outputs for kind in ("qdq", "cpu", "openvino"))
     held = held_out_evidence(model, chosen.held_out, metadata.preprocess, images, chosen.folder_images) if guard_on else None
     ctx = CalibrationContext(
         model, fp32, metadata, MODELS.get(metadata.model), options, stats, amax_from_stats(stats, options.method, options.percentile),
         chosen.calibration, int(stats.info.get("calibration_images", len(chosen.calibration))), held, out_dir, stem, log,
     )
-    written = {kind: KINDS[kind]().write(ctx) for kind in OUTPUTS if kind in options.outputs}
+    written: dict[str, Written] = {}
+    for kind in (kind for kind in OUTPUTS if kind in options.outputs):
+        outcome = KINDS[kind]().write(ctx)
+        if outcome is not None:  # None: an optional kind whose back end is not installed, skipped in one line
+            written[kind] = outcome
     record = write_record(out_dir / f"{stem}.calib.json", ctx, gathered, written)
     return CalibrationResult(
         written["cache"].path if "cache" in written else None, written["qdq"].path if "qdq" in written else None,
         written["cpu"].path if "cpu" in written else None, gathered.path, record, options.method, ctx.used_images,
         len(chosen.held_out) if guard_on else 0, gathered.reused, {kind: w.guard for kind, w in written.items() if w.guard is not None},
+        written["openvino"].path if "openvino" in written else None,
     )

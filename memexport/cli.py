@@ -358,7 +358,7 @@ def calibrate_cmd(
         None, "--max-mean-abs", help="Guard: largest mean |score error| vs FP32 [default: half the spec's INT8 tolerance; the whole of it for the CPU artifact with 30+ held-out images]."
     ),
     augment: int = typer.Option(0, "--augment", help="Extra mirrored/cropped views per calibration image."),
-    outputs: str = typer.Option("cache,qdq,cpu", "--outputs", help="Comma-separated: cache, qdq, cpu."),
+    outputs: str = typer.Option("cache,qdq,cpu,openvino", "--outputs", help="Comma-separated: cache, qdq, cpu, openvino (skipped without the openvino extra)."),
     tensorrt_version: str = typer.Option("8.6.1", "--tensorrt-version", help="TensorRT version written into the cache header."),
 ) -> None:
     """INT8 calibration: TensorRT cache, Q/DQ ONNX and U8S8 CPU ONNX, each checked against FP32."""

@@ -38,18 +38,21 @@ class OpenVinoOptions:
 
     Attributes:
         precision: ``"fp32"`` (exact: ``INFERENCE_PRECISION_HINT=f32``) or ``"bf16"`` (AMX or
-            AVX512-BF16 only) for the layers the artifact keeps in floating point (default ``"fp32"``).
+            AVX512-BF16 only) for the layers the artifact keeps in floating point (default ``None``:
+            ``fp32``, except for an INT8 artifact whose calibration guard passed with its
+            floating-point layers in BF16 (``extra.inference_precision``): that artifact runs as it
+            was verified, in BF16 where the CPU has a BF16 unit and in FP32 otherwise).
         performance_hint: ``"LATENCY"`` (one stream: all threads on each call) or ``"THROUGHPUT"``
             (several streams, for many concurrent callers) (default ``"LATENCY"``).
         num_streams: Parallel inference streams; 0 leaves the hint's choice (default 0).
     """
 
-    precision: str = "fp32"
+    precision: str | None = None
     performance_hint: str = "LATENCY"
     num_streams: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"OpenVINO precision {self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
         if self.performance_hint not in PERFORMANCE_HINTS:
             raise UsageError(f"OpenVINO performance hint {self.performance_hint!r} is unknown; choose one of {', '.join(PERFORMANCE_HINTS)}")
@@ -108,6 +111,7 @@ class OpenVinoRunner(Runner):
         self._lock = threading.Lock()
         self._weight_bytes: int | None = None
         self._version = ""
+        self._precision = "fp32"  # resolved on activation (see _float_precision)
 
     @classmethod
     def options_for_precision(cls, precision: str) -> OpenVinoOptions:
@@ -121,14 +125,14 @@ class OpenVinoRunner(Runner):
         self._version = ov.get_version()
         self._check_file()
         core = _core(ov)
-        if self.backend_options.precision == "bf16":
-            why = bf16_refusal(cpu_units(), core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-            if why is not None:
-                raise UsageError(
-                    f"{self.path}: --precision bf16 refused: {why}, so OpenVINO would emulate BF16, slower than FP32; "
-                    "use --precision fp32 (exact), or an INT8 artifact from `memexport calibrate` for speed"
-                )
         model = self._read(core)
+        why = bf16_refusal(cpu_units(), core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        self._precision = self._float_precision(why is None)
+        if self.backend_options.precision == "bf16" and why is not None:
+            raise UsageError(
+                f"{self.path}: --precision bf16 refused: {why}, so OpenVINO would emulate BF16, slower than FP32; "
+                "use --precision fp32 (exact), or an INT8 artifact from `memexport calibrate` for speed"
+            )
         self._check_inputs(model)
         self._weight_bytes = sum(int(op.get_byte_size()) for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
         self.compiled = self._compile(ov, core, model)
@@ -176,8 +180,21 @@ class OpenVinoRunner(Runner):
         if dims[1:] != list(meta.input_shape):
             raise ArtifactError(f"{self.path}: graph input shape {shape} does not match metadata (N, {meta.input_shape}); re-export it")
 
+    def _float_precision(self, bf16_fast: bool) -> str:
+        """The precision of the floating-point layers: the one asked for, else the artifact's guarded one.
+
+        An INT8 artifact from ``calibrate`` records the precision its guard verified outside INT8
+        (``extra.inference_precision``); by default it runs that way where the CPU allows it.
+        Everything else defaults to exact FP32.
+        """
+        if self.backend_options.precision is not None:
+            return self.backend_options.precision
+        assert self.metadata is not None
+        guarded = self.metadata.precision == "int8" and self.metadata.extra.get("inference_precision") == "bf16"
+        return "bf16" if guarded and bf16_fast else "fp32"
+
     def _compile(self, ov: Any, core: Any, model: Any) -> Any:
-        wanted = HINTS[self.backend_options.precision]
+        wanted = HINTS[self._precision]
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": wanted, "PERFORMANCE_HINT": self.backend_options.performance_hint}
         if self.options.threads:
             config["INFERENCE_NUM_THREADS"] = self.options.threads
@@ -211,15 +228,15 @@ class OpenVinoRunner(Runner):
         """``int8`` for INT8 artifacts, else ``bf16`` when asked for, else the artifact's own precision."""
         if self.metadata is None:
             return "unknown"
-        if self.metadata.precision == "int8" or self.backend_options.precision == "fp32":
+        if self.metadata.precision == "int8" or self._precision == "fp32":
             return self.metadata.precision
-        return self.backend_options.precision
+        return self._precision
 
     def memory_bytes(self) -> int | None:
         """Weights the compiled model holds: the graph's constants, halved when computing in BF16 (an estimate)."""
         if self.compiled is None or self._weight_bytes is None:
             return None
-        return self._weight_bytes // 2 if self.backend_options.precision == "bf16" else self._weight_bytes
+        return self._weight_bytes // 2 if self._precision == "bf16" else self._weight_bytes
 
     def describe(self) -> dict[str, Any]:
         facts = super().describe() | {"openvino": self._version, "cpu": cpu_units().label()}

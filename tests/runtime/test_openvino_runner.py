@@ -204,3 +204,29 @@ def test_missing_openvino_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "the OpenVINO back end needs openvino, which is not installed; install it with pip install 'memexport[openvino]'"
+
+
+@needs_openvino
+def test_int8_artifact_runs_as_its_guard_verified_it_unless_asked_otherwise(tmp_path):
+    """An INT8 artifact whose guard passed with BF16 outside INT8 runs that way by default; --precision fp32 still wins."""
+    import dataclasses
+
+    import onnx
+    import openvino as ov
+
+    from memexport.export.onnx_export import set_metadata
+    from memexport.runtime.integrity import seal_onnx
+    from tests.models import scorer_metadata
+
+    path = write_tiny_scorer(tmp_path / "tiny.int8-like.onnx", seal=False)
+    proto = onnx.load(str(path))
+    set_metadata(proto, dataclasses.replace(scorer_metadata(), precision="int8", extra={"inference_precision": "bf16"}))
+    onnx.save(proto, str(path))
+    seal_onnx(path, [])
+    with runner_for(path, CPU, "openvino") as runner:
+        default = runner.compiled.get_property("INFERENCE_PRECISION_HINT")
+        assert runner.precision == "int8"
+    with runner_for(path, CPU, "openvino", options("fp32")) as runner:
+        asked = runner.compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert asked == ov.Type.f32
+    assert default == (ov.Type.bf16 if bf16_here() else ov.Type.f32)

@@ -4,7 +4,7 @@ Two entry points:
 
 * :func:`scores_dataset` maps a Ray Dataset of image paths (column ``path``) or files read by
   ``ray.data.read_binary_files(..., include_paths=True)`` (columns ``path`` and ``bytes``) to a
-  Dataset with ``path``, ``score``, ``error``, ``model``, ``precision`` and ``node``, plus any other
+  Dataset with ``path``, ``score``, ``error``, ``model``, ``backend``, ``precision`` and ``node``, plus any other
   input column (``bytes`` is dropped). Decoding and preprocessing are the runtime's own, per row,
   so a corrupt image becomes an ``error`` row and never fails a block.
 * :func:`scores_from_images_on_ray` is ``memexport predict --engine ray``: the same
@@ -40,8 +40,11 @@ from memexport.runtime.batch import (
     PredictOptions,
     PredictSummary,
     ResultWriter,
+    check_same_run,
+    csv_writer_for_run,
     interrupted,
     plan_job,
+    read_scores_file,
     safe_item,
     upfront_failures,
 )
@@ -50,7 +53,7 @@ from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.predictor import Predictor
 from memexport.runtime.registry import backend_for, runner_for
 
-RESULT_COLUMNS = ("path", "score", "error", "model", "precision", "node")
+RESULT_COLUMNS = ("path", "score", "error", "model", "backend", "precision", "node")
 GPU_BACKENDS = ("tensorrt",)  # back ends that only run on a GPU
 
 
@@ -188,6 +191,7 @@ class ScoringActor:
         out["score"] = np.array([np.nan if r.score is None else r.score for r in results], dtype=np.float64)
         out["error"] = np.array([None if r.error is None else f"{r.error.reason}: {r.error.detail}" for r in results], dtype=object)
         out["model"] = np.full(count, predictor.metadata.model, dtype=object)
+        out["backend"] = np.full(count, self.runner.backend, dtype=object)
         out["precision"] = np.full(count, self.runner.precision, dtype=object)
         out["node"] = np.full(count, self.node, dtype=object)
         return out
@@ -215,7 +219,7 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
 
     Returns:
         A lazy Dataset with the input columns (less ``bytes``) plus ``score`` (NaN on failure),
-        ``error`` (``"reason: detail"``, or null), ``model``, ``precision`` and ``node`` (the
+        ``error`` (``"reason: detail"``, or null), ``model``, ``backend``, ``precision`` and ``node`` (the
         Ray node id that scored the row).
 
     Example:
@@ -240,16 +244,21 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
 
 
 class ParquetScores:
-    """Scores as a folder of Parquet parts (``path``, ``score``, ``model``, ``precision``), for
-    collections too big for one CSV. Each part is written to a temporary name, fsynced and
-    renamed, so a crash never leaves a torn part.
+    """Scores as a folder of Parquet parts (``path``, ``score``, ``model``, ``backend``,
+    ``precision``), for collections too big for one CSV. Each part is written to a temporary
+    name, fsynced and renamed, so a crash never leaves a torn part.
 
     Paths are stored as strings; a name that is not valid UTF-8 is stored with its odd bytes as
     ``\\xNN`` escapes (Parquet strings are UTF-8).
+
+    Args:
+        folder: The folder of parts.
+        run: ``(backend, precision)`` written on every row.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, run: tuple[str, str]) -> None:
         self.folder = folder
+        self.run = run
         folder.mkdir(parents=True, exist_ok=True)
         self.next = 1 + max((int(p.stem.split("-")[1]) for p in parquet_parts(folder)), default=-1)
 
@@ -263,7 +272,8 @@ class ParquetScores:
             "path": [printable(row[0]) for row in rows],
             "score": pa.array([row[1] for row in rows], pa.float64()),
             "model": [row[2] for row in rows],
-            "precision": [row[3] for row in rows],
+            "backend": [self.run[0]] * len(rows),
+            "precision": [self.run[1]] * len(rows),
         })
         final = self.folder / f"part-{self.next:06d}.parquet"
         temporary = final.with_name(f".{final.name}.tmp")
@@ -308,6 +318,30 @@ def prepare_parquet(output: Path, options: PredictOptions, summary: PredictSumma
     import pyarrow.parquet as pq
 
     return frozenset(path_key(path) for part in parts for path in pq.read_table(part, columns=["path"]).column("path").to_pylist())
+
+
+def parquet_runs(folder: Path) -> frozenset[tuple[str, ...]]:
+    """The ``(backend, precision)`` pairs a Parquet scores folder holds (parts without a
+    ``backend`` column, written before it existed, name none)."""
+    import pyarrow.parquet as pq
+
+    runs: set[tuple[str, ...]] = set()
+    for part in parquet_parts(folder) if folder.is_dir() else []:
+        if "backend" in pq.read_schema(part).names:
+            table = pq.read_table(part, columns=["backend", "precision"])
+            runs.update(zip(table.column("backend").to_pylist(), table.column("precision").to_pylist()))
+    return frozenset(runs)
+
+
+def writer_for_run(output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str],
+                   run: tuple[str, str], parquet: bool) -> ResultWriter:
+    """The local engine's writer (:func:`~memexport.runtime.batch.csv_writer_for_run`) for a CSV;
+    for Parquet, the same refusal of another back end's or precision's scores, then its parts."""
+    if not parquet:
+        return csv_writer_for_run(output, options, summary, done_keys, run)
+    check_same_run(output, parquet_runs(output) if options.resume else (), run)
+    summary.backend, summary.precision = run
+    return ResultWriter(output, summary, append=bool(done_keys) or options.resume, scores=ParquetScores(output, run))
 
 
 def _quiet_ray() -> dict[str, Any]:
@@ -416,17 +450,26 @@ def scores_from_images_on_ray(
     if todo and not model.is_file():
         raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
     started = time.perf_counter()
-    writer = ResultWriter(output, summary, append=bool(done_keys) or options.resume, scores=ParquetScores(output) if parquet else None)
+    writers: list[ResultWriter] = []
+
+    def open_writer(run: tuple[str, str]) -> ResultWriter:
+        # Opened once the run is known (the first block names it) and checked against the output's:
+        # a refused resume leaves the scores and errors files as they were.
+        writers.append(writer_for_run(output, options, summary, done_keys, run, parquet))
+        writers[0].write([], upfront_failures(collected))
+        return writers[0]
+
     try:
-        writer.write([], upfront_failures(collected))
         if todo:
             with RaySession(address) as ray:
                 started = time.perf_counter()
                 blocks = _scored_blocks(ray, model, todo, ray_options)
                 try:
-                    _write_blocks(blocks, todo, writer, progress)
+                    _write_blocks(blocks, todo, open_writer, progress)
                 finally:
                     blocks.close()  # stops Ray Data's execution now, while Ray is still up
+        if not writers:  # nothing to score: no actor names the run
+            open_writer(_idle_run(output, model, options, parquet))
     except KeyboardInterrupt:
         raise interrupted(summary, output, started) from None
     except MemexportError:
@@ -437,27 +480,53 @@ def scores_from_images_on_ray(
             raise
         raise inner from None
     finally:
-        writer.close()
+        for writer in writers:
+            writer.close()
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
 
-def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path], writer: ResultWriter, progress: Callable[[int, int], None]) -> None:
-    """Write each block as it arrives; a row whose index is already written is dropped (exactly once)."""
+def _idle_run(output: Path, model: Path, options: PredictOptions, parquet: bool) -> tuple[str, str]:
+    """The run a job with nothing to score names: the resumed output's own when it holds one
+    (nothing new is written, so nothing can mix), else the back end with precision ``unknown``."""
+    runs: frozenset[tuple[str, ...]] = frozenset()
+    if options.resume and parquet:
+        runs = parquet_runs(output)
+    elif options.resume and output.is_file() and output.stat().st_size:
+        runs = read_scores_file(output).runs
+    only = next(iter(runs)) if len(runs) == 1 else None
+    return (only[0], only[1]) if only else (backend_for(model, options.backend), "unknown")
+
+
+def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path], open_writer: Callable[[tuple[str, str]], ResultWriter],
+                  progress: Callable[[int, int], None]) -> None:
+    """Write each block as it arrives; a row whose index is already written is dropped (exactly once).
+
+    The first block names the run (``backend``, ``precision``) and opens the writer with
+    ``open_writer``; a block computed by another run (a node with another back end) is refused.
+    """
     written = np.zeros(len(todo), dtype=bool)
-    done = 0
+    done, writer, run = 0, None, None
     for block in blocks:
+        runs = set(zip(block["backend"].tolist(), block["precision"].tolist()))
+        if writer is None and runs:
+            run = next(iter(runs))
+            writer = open_writer(run)
+        if runs - {run}:
+            seen = ", ".join(" ".join(r) for r in sorted(runs | {run}))
+            raise ArtifactError(f"the Ray actors computed scores with {seen}; one ranking must not mix them; give every node the same back end and artifact")
         scored, failed = [], []
-        for index, score, error, model, precision in zip(block["index"], block["score"], block["error"], block["model"], block["precision"]):
+        for index, score, error, model in zip(block["index"], block["score"], block["error"], block["model"]):
             if written[index]:
                 continue
             written[index] = True
             name = str(todo[index])
             if not isinstance(error, str):  # null: no error
-                scored.append((name, float(score), model, precision))
+                scored.append((name, float(score), model))
             else:
                 reason, _, detail = str(error).partition(": ")
                 failed.append((name, reason, detail))
-        writer.write(scored, failed)
+        if writer is not None:
+            writer.write(scored, failed)
         done += len(scored) + len(failed)
         progress(done, len(todo))

@@ -355,9 +355,18 @@ def _prepare_output(output: Path, options: PredictOptions, summary: PredictSumma
     return state.keys
 
 
-def _check_same_run(output: Path, state: ScoresFile | None, run: tuple[str, str]) -> None:
-    """Refuse to resume a file whose scores another back end or precision computed."""
-    other = sorted(r for r in (state.runs if state else ()) if r != run)
+def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str, str]) -> None:
+    """Refuse to resume an output whose scores another back end or precision computed.
+
+    Args:
+        output: The scores output (named in the message).
+        runs: The ``(backend, precision)`` pairs its rows already hold.
+        run: What this run computes.
+
+    Raises:
+        UsageError: ``runs`` holds another pair; one line naming both and the fix.
+    """
+    other = sorted(r for r in runs if tuple(r) != tuple(run))
     if other:
         seen = ", ".join(" ".join(r) for r in other)
         raise UsageError(
@@ -426,6 +435,31 @@ class ResultWriter:
         self.scores.close()
         if self.errors is not None:
             self.errors.close()
+
+
+def csv_writer_for_run(
+    output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str], run: tuple[str, str],
+) -> ResultWriter:
+    """The :class:`ResultWriter` on ``output`` for scores computed by ``run``, once ``output`` is
+    known to hold no other run's scores (every engine's CSV goes through here).
+
+    Args:
+        output: The CSV, already checked by :func:`plan_job`.
+        options: ``resume`` keeps its rows.
+        summary: Gets ``backend`` and ``precision``.
+        done_keys: Keys already in ``output`` (from :func:`plan_job`).
+        run: ``(backend, precision)`` of this run, written on every new row.
+
+    Raises:
+        UsageError: ``output`` holds scores of another back end or precision (see :func:`check_same_run`).
+    """
+    state = read_scores_file(output) if options.resume and output.is_file() and output.stat().st_size else None
+    check_same_run(output, state.runs if state else (), run)
+    summary.backend, summary.precision = run
+    append = bool(done_keys) or options.resume
+    # An older path,score file keeps its two columns; every new file names back end and precision.
+    scores = CsvScores(output, append, run if state is None or state.columns != SCORES_HEADER else None)
+    return ResultWriter(output, summary, append=append, scores=scores)
 
 
 def plan_job(
@@ -506,15 +540,8 @@ def scores_csv_from_images(
 
     runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity), options.backend, precision=options.precision)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
-        run = (runner.backend, runner.precision)
-        state = read_scores_file(output) if options.resume and output.is_file() and output.stat().st_size else None
-        _check_same_run(output, state, run)
-        summary.backend, summary.precision = run
+        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.precision))
         started = time.perf_counter()
-        append = bool(done_keys) or options.resume
-        # An older path,score file keeps its two columns; every new file names back end and precision.
-        scores = CsvScores(output, append, run if state is None or state.columns != SCORES_HEADER else None)
-        writer = ResultWriter(output, summary, append=append, scores=scores)
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:
             writer.write([], upfront_failures(collected))

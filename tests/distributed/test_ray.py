@@ -92,10 +92,50 @@ def test_same_rows_and_errors_as_the_local_engine_on_hostile_files(tiny, tmp_pat
     for path, text in scores.items():  # batches group differently: the last float bits may differ
         assert float(text) == pytest.approx(float(local_scores[path]), abs=1e-6)
         assert float(text) == pytest.approx(expected_tiny(Path(path)), abs=1e-5)  # float32 ReduceMean vs float64
+    local_rows, ray_rows = rows(tmp_path / "local.csv"), rows(tmp_path / "ray.csv")
+    assert ray_rows[0] == local_rows[0] == ["path", "score", "backend", "precision"]
+    # Same columns, row for row (rows arrive in block order on Ray): the run is named on each.
+    assert sorted((r[0], *r[2:]) for r in ray_rows[1:]) == sorted((r[0], *r[2:]) for r in local_rows[1:])
+    assert {tuple(r[2:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32")}
     errors = as_dict(errors_path_for(tmp_path / "ray.csv"))
     assert errors == as_dict(errors_path_for(tmp_path / "local.csv"))
     assert {Path(p).name: text.split(":")[0] for p, text in errors.items()} == BAD_REASONS
     assert (remote.scored, remote.failures, remote.total) == (local.scored, local.failures, local.total)
+    assert (remote.backend, remote.precision) == (local.backend, local.precision) == ("onnxruntime", "fp32")
+
+
+def test_resumes_a_local_engine_csv_and_refuses_one_of_another_precision(tiny, tmp_path, data_dir):
+    from typer.testing import CliRunner
+
+    from memexport.cli import app
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("china.jpg", "flower.jpg", "brick.png"):
+        (folder / name).write_bytes((data_dir / name).read_bytes())
+    out = tmp_path / "scores.csv"
+    scores_csv_from_images(tiny, [folder / "china.jpg"], out, PredictOptions(**CPU))
+    resumed = scores_from_images_on_ray(tiny, [folder], out, PredictOptions(resume=True, **CPU))
+    assert (resumed.skipped, resumed.scored, resumed.backend, resumed.precision) == (1, 2, "onnxruntime", "fp32")
+    table = rows(out)
+    assert table[0] == ["path", "score", "backend", "precision"] and len(table) == 4  # one header, no repeats
+    assert {Path(r[0]).name for r in table[1:]} == {"china.jpg", "flower.jpg", "brick.png"}
+    assert {tuple(r[2:]) for r in table[1:]} == {("onnxruntime", "fp32")}
+    for row in table[1:]:
+        assert float(row[1]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-5)
+
+    # The same file as an OpenVINO BF16 run writes it: Ray must not append FP32 scores to it.
+    (folder / "cat.jpg").write_bytes((data_dir / "china.jpg").read_bytes()[:500])  # a failure, to see the errors file kept
+    other = out.read_text().replace(",onnxruntime,fp32", ",openvino,bf16")
+    out.write_text(other)
+    errors = errors_path_for(out)
+    errors.write_text("path,error\nold,kept\n")
+    args = ["predict", str(folder), "-m", str(tiny), "-o", str(out), "--device", "cpu", "--engine", "ray", "--resume"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "openvino bf16" in lines[0] and "onnxruntime fp32" in lines[0] and "--overwrite" in lines[0]
+    assert out.read_text() == other and errors.read_text() == "path,error\nold,kept\n"  # nothing written
 
 
 def test_dataset_of_bytes_gives_error_rows_and_model_columns(tiny, tmp_path, data_dir):
@@ -112,7 +152,7 @@ def test_dataset_of_bytes_gives_error_rows_and_model_columns(tiny, tmp_path, dat
     (folder / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
     files = ray.data.read_binary_files(str(folder), include_paths=True)
     table = scores_dataset(files, tiny, RayOptions(batch_size=4, device="cpu")).to_pandas()
-    assert set(table.columns) == {"path", "score", "error", "model", "precision", "node"}
+    assert set(table.columns) == {"path", "score", "error", "model", "backend", "precision", "node"}
     by_name = {Path(p).name: row for p, row in zip(table["path"], table.itertuples())}
     assert set(by_name) == {"china.jpg", *GOOD_MODES, "zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"}
     reasons = {name: row.error.split(":")[0] for name, row in by_name.items() if isinstance(row.error, str)}
@@ -120,7 +160,7 @@ def test_dataset_of_bytes_gives_error_rows_and_model_columns(tiny, tmp_path, dat
     for name in ("china.jpg", *GOOD_MODES):
         assert by_name[name].score == pytest.approx(expected_tiny(folder / name), abs=1e-6)
     assert np.isnan(by_name["zero.jpg"].score)
-    assert set(table["model"]) == {"tiny-scorer"} and set(table["precision"]) == {"fp32"}
+    assert set(table["model"]) == {"tiny-scorer"} and set(table["precision"]) == {"fp32"} and set(table["backend"]) == {"onnxruntime"}
 
 
 def test_killed_actor_is_replaced_and_every_image_is_written_once(tiny, copies, tmp_path):
@@ -183,7 +223,14 @@ def test_parquet_output_resumes_without_rescoring(tiny, copies, tmp_path):
     names = [Path(p).name for p in table.column("path").to_pylist()]
     assert len(names) == len(set(names)) == 240 and resumed.skipped + resumed.scored == 240
     assert set(table.column("model").to_pylist()) == {"tiny-scorer"}
+    assert set(zip(table.column("backend").to_pylist(), table.column("precision").to_pylist())) == {("onnxruntime", "fp32")}
     assert [row[1].split(":")[0] for row in rows(errors_path_for(out))[1:]] == ["empty"]
+    part = sorted(out.glob("part-*.parquet"))[0]  # as if an OpenVINO BF16 run had written it
+    pq.write_table(pq.read_table(part).drop_columns(["backend", "precision"]).append_column("backend", [["openvino"] * len(pq.read_table(part))])
+                   .append_column("precision", [["bf16"] * len(pq.read_table(part))]), part)
+    (copies / "new.jpg").write_bytes((copies / names[0]).read_bytes())
+    with pytest.raises(UsageError, match="openvino bf16.*onnxruntime fp32"):
+        scores_from_images_on_ray(tiny, [copies], out, PredictOptions(batch_size=8, resume=True, **CPU), output_format="parquet")
 
 
 def test_cli_refuses_ray_options_on_the_local_engine(tiny, tmp_path):

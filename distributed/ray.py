@@ -77,6 +77,8 @@ class RayOptions:
             one GPU each, else none (default ``None``).
         backend: Runtime back end (``onnxruntime``, ``openvino``, ``tensorrt``...; default
             ``None``: chosen from the artifact's suffix by the runtime's registry).
+        precision: Compute precision where the back end offers a choice (OpenVINO ``fp32`` or
+            ``bf16``), as ``predict --precision`` (default ``None``: the back end's default).
         reserve_cpus: CPUs per node left free for the read tasks of the input Dataset. A
             Dataset of paths built with ``from_items`` has none, so the CLI passes 0; with
             ``read_binary_files``, actors that take every CPU starve the reads and the job hangs
@@ -91,6 +93,7 @@ class RayOptions:
     cpus_per_actor: float = 0
     gpus_per_actor: float | None = None
     backend: str | None = None
+    precision: str | None = None
     reserve_cpus: float = 1
     batch_size: int = 16
     device: str = "auto"
@@ -146,7 +149,7 @@ def pool_for(node_cpus: Sequence[float], total_gpus: float, model: str | os.Path
 
 def _runner(model: str, options: RayOptions, threads: int) -> Runner:
     shared = RunnerOptions(device=options.device, threads=threads, check_integrity=options.check_integrity)
-    return runner_for(model, shared, backend=options.backend)
+    return runner_for(model, shared, backend=options.backend, precision=options.precision)
 
 
 def _name(path: Any) -> str:
@@ -440,10 +443,9 @@ def scores_from_images_on_ray(
     if output_format not in ("csv", "parquet"):
         raise UsageError(f"--format must be csv or parquet, got {output_format!r}")
     ray_module()  # before touching the output: one clear line when Ray is missing
-    if options.precision is not None:
-        raise UsageError(f"--precision {options.precision} is not available with --engine ray yet; drop it (actors compute the back end's exact default) or use the local engine")
     ray_options = replace(ray_options, batch_size=options.batch_size, device=options.device, exif_transpose=options.exif_transpose,
-                          check_integrity=options.check_integrity, backend=options.backend or ray_options.backend)
+                          check_integrity=options.check_integrity, backend=options.backend or ray_options.backend,
+                          precision=options.precision or ray_options.precision)
     model, output, summary = Path(model), Path(output), PredictSummary()
     parquet = output_format == "parquet"
     done_keys, collected, todo = plan_job(inputs, output, options, summary, *([prepare_parquet] if parquet else []))

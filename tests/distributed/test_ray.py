@@ -276,3 +276,22 @@ def test_killed_driver_then_resume_from_the_command_line(tiny, copies, tmp_path)
         assert len(names) == len(set(names)) == 240
     finally:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
+
+
+def test_precision_reaches_the_actors(tiny, tmp_path, data_dir):
+    """`predict --engine ray --backend openvino --precision bf16` computes BF16 in the actors and says so on every row."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from memexport.runtime.openvino_runner import bf16_refusal
+    from memexport.runtime.cpu import cpu_units
+    import openvino as ov
+
+    why = bf16_refusal(cpu_units(), ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    if why is not None:
+        pytest.skip(f"no BF16 here: {why}")
+    out = tmp_path / "bf16.csv"
+    summary = scores_from_images_on_ray(tiny, [data_dir], out, PredictOptions(backend="openvino", precision="bf16", **CPU))
+    table = rows(out)
+    assert summary.scored == len(table) - 1 > 0 and (summary.backend, summary.precision) == ("openvino", "bf16")
+    assert {tuple(r[2:]) for r in table[1:]} == {("openvino", "bf16")}
+    for row in table[1:]:
+        assert float(row[1]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-2)

@@ -27,6 +27,14 @@ def onnx_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A microsecond-fast scorer with ResMem's input contract (:func:`tests.models.write_tiny_scorer`); read only."""
+    from tests.models import write_tiny_scorer
+
+    return write_tiny_scorer(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
 

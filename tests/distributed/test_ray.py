@@ -17,7 +17,6 @@ from tests.distributed.ray_helpers import ray, scoring_actor_pids
 from memexport.distributed.ray import Pool, RayOptions, ScoringActor, pool_for, scores_dataset, scores_from_images_on_ray
 from memexport.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, scores_csv_from_images
-from tests.models import write_tiny_scorer
 from tests.scoring import expected_tiny, rows, write_copies
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8
 
@@ -30,11 +29,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_scorer(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
 @pytest.fixture()

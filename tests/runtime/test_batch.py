@@ -15,7 +15,6 @@ import pytest
 
 from memexport.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, read_scores_file, scores_csv_from_images
-from tests.models import write_tiny_scorer
 from tests.scoring import expected_tiny, rows, write_copies
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8
 
@@ -24,11 +23,6 @@ CPU = {"device": "cpu"}
 
 def memexport(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "memexport", *args], capture_output=True, timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_scorer(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
 @pytest.fixture()

@@ -104,10 +104,9 @@ def test_bf16_is_refused_in_one_line_without_a_bf16_unit(tmp_path, monkeypatch):
 
 
 @needs_openvino
-def test_scores_batches_exactly(tmp_path, sample_images):
-    model = write_tiny_scorer(tmp_path / "tiny.onnx")
+def test_scores_batches_exactly(tiny, sample_images):
     batch = preprocessed(sample_images)
-    with runner_for(model, CPU, "openvino") as runner:
+    with runner_for(tiny, CPU, "openvino") as runner:
         whole = runner.infer(batch)
         singles = np.concatenate([runner.infer(batch[i : i + 1]) for i in range(len(batch))])
         with pytest.raises(UsageError, match=r"expected a float32 batch of shape \(N, 3, 227, 227\), got float64"):
@@ -118,22 +117,20 @@ def test_scores_batches_exactly(tmp_path, sample_images):
 
 
 @needs_openvino
-def test_threads_reach_openvino(tmp_path, sample_images):
-    model = write_tiny_scorer(tmp_path / "tiny.onnx")
+def test_threads_reach_openvino(tiny, sample_images):
     batch = preprocessed(sample_images[:3])
-    one, facts = scores(model, batch, "openvino", threads=1)
-    default, _ = scores(model, batch, "openvino")
+    one, facts = scores(tiny, batch, "openvino", threads=1)
+    default, _ = scores(tiny, batch, "openvino")
     assert facts["inference_num_threads"] == "1"
     np.testing.assert_allclose(one, default, atol=1e-6)
 
 
 @needs_openvino
-def test_shared_runner_is_thread_safe(tmp_path, sample_images):
+def test_shared_runner_is_thread_safe(tiny, sample_images):
     from concurrent.futures import ThreadPoolExecutor
 
-    model = write_tiny_scorer(tmp_path / "tiny.onnx")
     batch = preprocessed(sample_images)
-    with runner_for(model, CPU, "openvino") as runner:
+    with runner_for(tiny, CPU, "openvino") as runner:
         serial = runner.infer(batch)
         jobs = [np.roll(batch, -i, axis=0)[: 2 + i % 5] for i in range(40)]
         with ThreadPoolExecutor(max_workers=8) as pool:

@@ -1,12 +1,13 @@
-"""The rank-fidelity guard: INT8 only ships when it keeps the ranking on held-out images.
+"""The rank-fidelity guard: INT8 ships verified only when its fidelity estimate shows the target.
 
-Each INT8 artifact is scored against the FP32 model on images calibration never saw. When it
-falls short, per-layer sensitivity is measured on a *switchable* fake-quant model: one ONNX
-Runtime session in which every quantisable layer has its INT8 quantise/dequantise behind a
-0/1 switch fed as an input, so turning single layers (or all but a few) on costs one
-inference, never a rebuild. Layers are then kept in FP32 greedily, most sensitive first,
-until the simulation meets the target; the real artifact is rebuilt with that fallback set
-and checked again, widening the set if the real kernels still fall short.
+Each INT8 artifact is judged by :mod:`memexport.calibration.fidelity`'s estimate of the Spearman
+and mean error it keeps on new photos, with a 90% interval. When the interval's lower end
+misses the target, units (single layers, or whole blocks for the CPU artifact, whose single-layer
+islands add requantisations) are ranked by sensitivity on a *switchable* fake-quant model: one
+ONNX Runtime session in which every quantisable layer has its INT8 quantise/dequantise behind a
+0/1 switch fed as an input, so one inference ranks one unit, never a rebuild. The most
+sensitive 1, 2, 4, ... units are then kept in FP32, each step rebuilt and re-estimated; a step
+that does not improve the estimate is not taken, so fallback never makes the estimate worse.
 """
 
 from __future__ import annotations
@@ -16,33 +17,36 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from memexport.errors import CalibrationError
-from memexport.parity import ParityReport, compare
-from memexport.spec import Tolerance
+from memexport.calibration.fidelity import FidelityEstimate, FidelityTarget
 
 SWITCH_INPUT = "memexport_quant_switch"
 
 
+# ResNet node names are /features/<stage>/<block>/<layer>/<op>: a block is the first three parts.
+_BLOCK_DEPTH = 4
+
+
+def block_unit(layer: str) -> str:
+    """The block a layer belongs to (``/features/layer3/layer3.17/`` for its convolutions), else the layer itself."""
+    parts = layer.split("/")
+    return "/".join(parts[:_BLOCK_DEPTH]) + "/" if len(parts) > _BLOCK_DEPTH else layer
+
+
 @dataclass(frozen=True)
-class GuardTarget:
-    """What an INT8 artifact must reach against FP32 on the held-out images.
+class FallbackStep:
+    """One step of the fallback search.
 
     Attributes:
-        min_spearman: Lowest Spearman rho (default 0.99).
-        max_mean_abs: Largest mean absolute score error (default 0.01, the spec's INT8 tolerance).
+        units: Most sensitive units kept in FP32.
+        layers: Layers they hold.
+        estimate: The rebuilt artifact's estimate.
+        taken: Whether the step improved on the best estimate so far (only then is it kept).
     """
 
-    min_spearman: float = 0.99
-    max_mean_abs: float = 0.01
-
-    def tolerance(self) -> Tolerance:
-        """The target as a parity :class:`~memexport.spec.Tolerance` (no Kendall bound)."""
-        return Tolerance(atol=self.max_mean_abs, statistic="mean", min_spearman=self.min_spearman, min_kendall=-1.0)
-
-
-def fidelity(candidate: np.ndarray, reference: np.ndarray, target: GuardTarget = GuardTarget()) -> ParityReport:
-    """Agreement of INT8 scores with FP32 scores; ``passed`` says whether ``target`` is met."""
-    return compare(candidate, reference, target.tolerance())
+    units: int
+    layers: int
+    estimate: FidelityEstimate
+    taken: bool
 
 
 @dataclass(frozen=True)
@@ -50,26 +54,36 @@ class GuardReport:
     """What the guard found for one artifact.
 
     Attributes:
-        initial: Agreement with FP32 with every layer quantised.
-        final: Agreement with FP32 of the artifact as written.
-        fallback: Layers kept in FP32, most sensitive first.
-        sensitivity: Per-layer sensitivity (mean |score error| with only that layer in INT8),
-            empty when the first check passed.
+        initial: Estimate with every layer quantised.
+        final: Estimate of the artifact as written.
+        fallback: Layers kept in FP32, most sensitive unit first.
+        sensitivity: Per-unit sensitivity (mean |score error| with only that unit in INT8),
+            empty when the first estimate was verified.
         target: The target applied.
-        passed: Whether ``final`` meets ``target``.
+        steps: The fallback steps tried, in order.
+        fallback_units: The units (blocks or layers) ``fallback`` consists of.
     """
 
-    initial: ParityReport
-    final: ParityReport
+    initial: FidelityEstimate
+    final: FidelityEstimate
     fallback: tuple[str, ...]
     sensitivity: Mapping[str, float]
-    target: GuardTarget
-    passed: bool
+    target: FidelityTarget
+    steps: tuple[FallbackStep, ...] = ()
+    fallback_units: tuple[str, ...] = ()
+
+    @property
+    def verified(self) -> bool:
+        return self.final.verified(self.target)
+
+    @property
+    def refuted(self) -> bool:
+        return self.final.refuted(self.target)
 
     def table(self, limit: int | None = None) -> list[tuple[str, float, str]]:
-        """Rows ``(layer, sensitivity, precision)``, most sensitive first (fallback layers always shown)."""
+        """Rows ``(unit, sensitivity, precision)``, most sensitive first (fallback units always shown)."""
         rows = sorted(self.sensitivity.items(), key=lambda item: -item[1])
-        fallback = set(self.fallback)
+        fallback = set(self.fallback_units)
         out = [(name, value, "fp32" if name in fallback else "int8") for name, value in rows]
         if limit is not None and len(out) > limit:
             out = out[:limit] + [row for row in out[limit:] if row[2] == "fp32"]
@@ -195,156 +209,132 @@ class SwitchableModel:
         return session_scores(self.session, batch, extra={SWITCH_INPUT: switch})
 
 
-def layer_sensitivity(model: SwitchableModel, batch: np.ndarray, reference: np.ndarray, progress: Callable[[int, int], None] = lambda d, t: None) -> dict[str, float]:
-    """Mean |score error| against FP32 with only one layer in INT8, for every switchable layer."""
+def unit_sensitivity(
+    model: SwitchableModel, batch: np.ndarray, reference: np.ndarray, units: Mapping[str, Sequence[str]],
+    progress: Callable[[int, int], None] = lambda d, t: None,
+) -> dict[str, float]:
+    """Mean |score error| against FP32 with only one unit's layers in INT8, for every unit."""
     out = {}
-    for index, name in enumerate(model.layers):
-        out[name] = float(np.mean(np.abs(model.scores(batch, {name}) - reference)))
-        progress(index + 1, len(model.layers))
+    for index, (unit, layers) in enumerate(units.items()):
+        out[unit] = float(np.mean(np.abs(model.scores(batch, set(layers)) - reference)))
+        progress(index + 1, len(units))
     return out
 
 
-def greedy_fallback(model: SwitchableModel, batch: np.ndarray, reference: np.ndarray, sensitivity: Mapping[str, float], target: GuardTarget) -> tuple[str, ...]:
-    """The fewest most-sensitive layers to keep in FP32 so the simulation meets ``target``.
-
-    Greedy by sensitivity; the count is found by bisection, assuming more fallback never
-    hurts (checked by the caller on the real artifact).
-    """
-    order = [name for name, _ in sorted(sensitivity.items(), key=lambda item: -item[1])]
-
-    def meets(count: int) -> bool:
-        enabled = set(order[count:])
-        return fidelity(model.scores(batch, enabled), reference, target).passed
-
-    low, high = 0, len(order)
-    if meets(0):
-        return ()
-    while high - low > 1:
-        middle = (low + high) // 2
-        if meets(middle):
-            high = middle
-        else:
-            low = middle
-    return tuple(order[:high])
+Evaluate = Callable[[frozenset], "tuple[Any, FidelityEstimate]"]
 
 
 @dataclass
 class Guard:
-    """Runs the guard for artifacts of one model, sharing the sensitivity measurement.
+    """Runs the estimate-driven fallback for one artifact.
 
     Args:
         fp32: The FP32 ``onnx.ModelProto``.
-        amax: Dynamic range per tensor.
-        layers: Quantisable layer names.
-        held_out: Held-out batch (float32 NCHW).
-        reference: FP32 scores of ``held_out``.
-        target: See :class:`GuardTarget`.
+        amax: Dynamic range per tensor (for the Q/DQ simulation).
+        layers: Layers the artifact quantises, hence may keep in FP32.
+        batch: Images that rank the units (float32 NCHW; calibration images do, ranking is relative).
+        reference: FP32 scores of ``batch``.
+        target: See :class:`~memexport.calibration.fidelity.FidelityTarget`.
         log: Receives progress lines (default: silent).
-        max_rounds: Rebuilds with a widened (doubled) fallback set before giving up (default 6).
+        max_rounds: Fallback steps tried, keeping the most sensitive 1, 2, 4, ... units (default 4).
         cache: JSON file keeping the measured sensitivity, reused when ``cache_key`` matches
             (default ``None``: not kept).
-        cache_key: Identifies model, ranges and held-out images for ``cache``.
+        cache_key: Identifies model, ranges and ranking images for ``cache``.
         u8_ranges: Simulate the UINT8 CPU artifact with these ranges (default ``None``: Q/DQ INT8).
-        sensitivity_images: Held-out images that rank the layers (default 8). Ranking needs few
-            images and costs one inference per layer; choosing and checking the fallback set
-            always uses all of them.
+        sensitivity_images: Images that rank the units (default 8).
+        unit_of: Maps a layer to its fallback unit (default: the layer itself; :func:`block_unit` for blocks).
     """
 
     fp32: Any
     amax: Mapping[str, float]
     layers: Sequence[str]
-    held_out: np.ndarray
+    batch: np.ndarray
     reference: np.ndarray
-    target: GuardTarget = GuardTarget()
+    target: FidelityTarget = FidelityTarget()
     log: Callable[[str], None] = lambda _: None
-    max_rounds: int = 6
+    max_rounds: int = 4
     cache: Any = None
     cache_key: str = ""
     u8_ranges: Any = None
     sensitivity_images: int = 8
+    unit_of: Callable[[str], str] = lambda name: name
     _sensitivity: dict[str, float] = field(default_factory=dict)
-    _simulation: Any = None
 
-    def simulation(self) -> SwitchableModel:
-        if self._simulation is None:
-            self._simulation = SwitchableModel(self.fp32, self.amax, self.layers, self.u8_ranges)
-        return self._simulation
+    def units(self) -> dict[str, list[str]]:
+        """Layers by fallback unit, in graph order."""
+        out: dict[str, list[str]] = {}
+        for layer in self.layers:
+            out.setdefault(self.unit_of(layer), []).append(layer)
+        return out
 
-    def sensitivity(self) -> dict[str, float]:
-        """Per-layer sensitivity, measured once (and kept in ``cache`` when given)."""
+    def _cached(self) -> dict[str, float]:
         import json
         from pathlib import Path
 
-        if not self._sensitivity and self.cache is not None and Path(self.cache).is_file():
-            try:
-                data = json.loads(Path(self.cache).read_text())
-                if data.get("key") == self.cache_key and set(data["sensitivity"]) == set(self.layers):
-                    self._sensitivity = {k: float(v) for k, v in data["sensitivity"].items()}
-                    self.log(f"reusing per-layer sensitivity from {self.cache}")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                pass
+        if self.cache is None or not Path(self.cache).is_file():
+            return {}
+        try:
+            data = json.loads(Path(self.cache).read_text())
+            if data.get("key") == self.cache_key and set(data["sensitivity"]) == set(self.units()):
+                self.log(f"reusing per-unit sensitivity from {self.cache}")
+                return {k: float(v) for k, v in data["sensitivity"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return {}
+
+    def sensitivity(self) -> dict[str, float]:
+        """Per-unit sensitivity, measured once (and kept in ``cache`` when given)."""
+        import json
+
         if not self._sensitivity:
-            count = min(len(self.held_out), self.sensitivity_images)
-            self.log(f"measuring per-layer sensitivity of {len(self.layers)} layers on {count} held-out images")
-            simulation = self.simulation()
-            step = max(1, len(self.layers) // 10)
+            self._sensitivity = self._cached()
+        if not self._sensitivity:
+            units = self.units()
+            count = min(len(self.batch), self.sensitivity_images)
+            self.log(f"measuring the sensitivity of {len(units)} units ({len(self.layers)} layers) on {count} images")
+            simulation = SwitchableModel(self.fp32, self.amax, self.layers, self.u8_ranges)
+            step = max(1, len(units) // 10)
 
             def progress(done: int, total: int) -> None:
                 if done % step == 0 or done == total:
-                    self.log(f"  sensitivity: {done}/{total} layers")
+                    self.log(f"  sensitivity: {done}/{total} units")
 
-            self._sensitivity = layer_sensitivity(simulation, self.held_out[:count], self.reference[:count], progress)
+            self._sensitivity = unit_sensitivity(simulation, self.batch[:count], self.reference[:count], units, progress)
             if self.cache is not None:
                 from memexport.atomic import write_text_atomic
 
                 write_text_atomic(self.cache, json.dumps({"key": self.cache_key, "sensitivity": self._sensitivity}, indent=1))
         return self._sensitivity
 
-    def run(
-        self, build: Callable[[frozenset[str]], Any], what: str, candidates: Sequence[str] | None = None,
-        score: Callable[[Any, np.ndarray], np.ndarray] | None = None,
-    ) -> tuple[Any, GuardReport]:
-        """Build with no fallback; if short of the target, find and apply a minimal fallback set.
+    def run(self, evaluate: Evaluate, what: str) -> tuple[Any, GuardReport]:
+        """Estimate with every layer in INT8; while unverified, try keeping the most sensitive units in FP32.
 
         Args:
-            build: Makes the artifact's ``onnx.ModelProto`` with the given layers kept in FP32.
+            evaluate: Builds the artifact with the given layers in FP32 and returns it with its estimate.
             what: Name for messages.
-            candidates: Layers this artifact quantises, hence may keep in FP32 (default: all ``layers``).
-            score: Scores a built artifact on a batch, on the runtime it is made for (default: ONNX
-                Runtime CPU, for ONNX protos).
 
         Returns:
-            The final proto and its report.
-
-        Raises:
-            CalibrationError: The target is out of reach even with every layer in FP32.
+            The best artifact found (the first one unless a step improved on it) and the report.
         """
-        if score is None:
-            score = lambda proto, batch: session_scores(ort_session(proto), batch)  # noqa: E731
-        proto = build(frozenset())
-        initial = fidelity(score(proto, self.held_out), self.reference, self.target)
-        self.log(f"{what}: all layers INT8: spearman {initial.spearman:.4f}, mean abs {initial.mean_abs:.4f} on {initial.count} held-out images")
-        if initial.passed:
-            return proto, GuardReport(initial, initial, (), {}, self.target, True)
-        wanted = set(self.layers if candidates is None else candidates)
-        sensitivity = {name: value for name, value in self.sensitivity().items() if name in wanted}
-        order = [name for name, _ in sorted(sensitivity.items(), key=lambda item: -item[1])]
-        fallback = greedy_fallback(self.simulation(), self.held_out, self.reference, sensitivity, self.target)
-        count = max(len(fallback), 1)
-        final, tried = initial, 0
+        proto, initial = evaluate(frozenset())
+        self.log(f"{what}: all layers INT8: {initial.describe()}")
+        best, best_units, steps = (proto, initial), 0, []
+        if initial.verified(self.target) or self.max_rounds <= 0 or not self.layers:
+            return proto, GuardReport(initial, initial, (), {}, self.target)
+        units = self.units()
+        sensitivity = self.sensitivity()
+        order = sorted(units, key=lambda unit: -sensitivity[unit])
+        count = 1
         for _ in range(self.max_rounds):
-            chosen = tuple(order[:count])
-            proto = build(frozenset(chosen))
-            final = fidelity(score(proto, self.held_out), self.reference, self.target)
-            tried = count
-            self.log(f"{what}: {count} layer(s) in FP32: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f}")
-            if final.passed:
-                return proto, GuardReport(initial, final, chosen, sensitivity, self.target, True)
-            if count >= len(order):
+            chosen = [layer for unit in order[:count] for layer in units[unit]]
+            candidate, estimate = evaluate(frozenset(chosen))
+            taken = estimate.better_than(best[1], self.target)
+            self.log(f"{what}: {count} unit(s), {len(chosen)} layer(s) in FP32: {estimate.describe()}{'' if taken else ' (no better: not taken)'}")
+            steps.append(FallbackStep(count, len(chosen), estimate, taken))
+            if taken:
+                best, best_units = (candidate, estimate), count
+            if best[1].verified(self.target) or count >= len(order):
                 break
             count = min(len(order), count * 2)
-        raise CalibrationError(
-            f"{what}: INT8 reaches spearman {final.spearman:.4f} / mean abs {final.mean_abs:.4f} against FP32, short of "
-            f"spearman >= {self.target.min_spearman:g} / mean abs <= {self.target.max_mean_abs:g} even with {tried} layer(s) in FP32; "
-            "calibrate on more images, try --method percentile, or lower --min-spearman"
-        )
+        fallback = tuple(layer for unit in order[:best_units] for layer in units[unit])
+        return best[0], GuardReport(initial, best[1], fallback, sensitivity, self.target, tuple(steps), tuple(order[:best_units]))

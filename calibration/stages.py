@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from memexport.errors import ArtifactError, UsageError
+from memexport.errors import ArtifactError, CalibrationError, UsageError
 
-from memexport.calibration.artifacts import FEW_HELD_OUT, KINDS, CalibrationContext, HeldOut, Written
+from memexport.calibration.artifacts import KINDS, CalibrationContext, Written
+from memexport.calibration.cpu_int8 import CPU_PERCENTILE
+from memexport.calibration.fidelity import MIN_IMAGES
 
 OUTPUTS = tuple(KINDS)
-__all__ = ["FEW_HELD_OUT", "OUTPUTS", "CalibrationOptions", "CalibrationResult", "calibrate"]
+__all__ = ["OUTPUTS", "CalibrationOptions", "CalibrationResult", "calibrate"]
 
 
 @dataclass(frozen=True)
@@ -25,23 +27,32 @@ class CalibrationOptions:
     """How to calibrate.
 
     Attributes:
-        method: ``entropy`` (default), ``minmax`` or ``percentile``.
+        method: Ranges of the TensorRT calibration cache: ``entropy`` (default), ``minmax`` or ``percentile``.
+        qdq_method: Ranges of the Q/DQ artifact (default ``percentile``: cheap enough to recompute for
+            every cross-validation fold, and rank-safer than entropy on ResMem, README *FP16 and INT8*).
+        qdq_percentile: Percentile of |x| for the Q/DQ ranges with ``percentile`` (default 99.99: on the 32
+            OpenCV photos, Spearman 0.987 against 0.977 at 99.999 and 0.950 with entropy, before fallback).
         max_images: Use at most this many calibration images (default ``None``: all).
         batch_size: Images per ONNX Runtime call while gathering statistics (default 4).
-        augment: Extra augmented views (mirror, crops) per calibration image (default 0).
-        held_out_fraction: Share of the folder held out for the guard (default 0.25); ignored with ``held_out``.
-        held_out: Folder of held-out images for the guard (default ``None``: a split of ``images``);
-            with it, every image of ``images`` calibrates.
-        max_held_out: Cap on held-out images (default 64).
-        min_spearman: Guard target against FP32 on held-out images (default 0.99); 0 disables the guard.
-        max_mean_abs: Guard's largest mean absolute score error (default ``None``: half the spec's INT8
-            tolerance for the Q/DQ artifact, a margin for TensorRT's kernels; for the CPU artifact the
-            full tolerance, halved when fewer than :data:`FEW_HELD_OUT` images are held out, because
-            Spearman on a few images is coarse and the ranking must hold beyond them).
+        augment: Extra augmented views (mirror, crops) per image, for the statistics and for the
+            fidelity estimate's evidence (default 3).
+        held_out_fraction: Share of the folder held out from calibration as extra evidence (default 0:
+            every image calibrates and cross-validation makes them all evidence); ignored with ``held_out``.
+        held_out: Folder of images calibration never sees, extra evidence for the estimate (default ``None``).
+        max_held_out: Cap on evidence images, held-out and cross-validated together (default 64).
+        folds: Cross-validation folds over the calibration images (default 5; 0: evidence from
+            held-out images only).
+        min_spearman: Target for the estimated Spearman against FP32 on new photos: its 90% interval's
+            lower end must reach it (default 0.99); 0 disables the guard.
+        max_mean_abs: Target for the estimated mean absolute score error: its interval's upper end
+            must stay under it (default ``None``: the spec's INT8 tolerance, else 0.01).
+        fallback_rounds: Fallback steps the guard may try (default 4: the most sensitive 1, 2, 4, 8 units).
+        strict: Refuse an artifact whose estimate cannot be verified, instead of writing it marked
+            ``verified: false`` (default ``False``).
         percentile: Percentile of |x| for ``percentile`` (default 99.99).
         cpu_percentile: Percentile of |x| bounding every range of the CPU artifact, whatever
-            ``method`` is (default 99.999, :data:`~memexport.calibration.cpu_int8.CPU_PERCENTILE`).
-        offset_images: Calibration images that measure the CPU artifact's score offset
+            ``method`` is (default 99.99, :data:`~memexport.calibration.cpu_int8.CPU_PERCENTILE`).
+        offset_images: Calibration images that measure each ONNX artifact's score offset
             (default 64; 0 disables the correction, :mod:`memexport.calibration.offset`).
         tensorrt_version: Version written into the cache header (default 8.6.1).
         outputs: Which artifacts to write, from ``cache``, ``qdq``, ``cpu``, ``openvino`` (default all;
@@ -51,16 +62,21 @@ class CalibrationOptions:
     """
 
     method: str = "entropy"
+    qdq_method: str = "percentile"
+    qdq_percentile: float = 99.99
     max_images: int | None = None
     batch_size: int = 4
-    augment: int = 0
-    held_out_fraction: float = 0.25
+    augment: int = 3
+    held_out_fraction: float = 0.0
     held_out: Path | None = None
     max_held_out: int = 64
+    folds: int = 5
     min_spearman: float = 0.99
     max_mean_abs: float | None = None
+    fallback_rounds: int = 4
+    strict: bool = False
     percentile: float = 99.99
-    cpu_percentile: float = 99.999
+    cpu_percentile: float = CPU_PERCENTILE
     offset_images: int = 64
     tensorrt_version: str = "8.6.1"
     outputs: tuple[str, ...] = OUTPUTS
@@ -79,7 +95,7 @@ class CalibrationResult:
         record: The JSON record beside the cache (method, images, fallback layers).
         method: Range method used.
         images: Calibration images read (before augmentation).
-        held_out: Held-out images the guard used.
+        held_out: Images the fidelity estimate rests on (held-out and cross-validated).
         reused_stats: Whether the statistics were reused rather than gathered.
         guards: Guard report per artifact kind (``qdq``, ``cpu``, ``openvino``).
         openvino: INT8 OpenVINO IR (``.xml`` with its ``.bin``), or ``None`` when not asked for or not installed.
@@ -121,8 +137,9 @@ def check_options(options: CalibrationOptions, images: Path) -> None:
     """Raise :class:`UsageError` for options no stage can run with."""
     from memexport.calibration.stats import METHODS
 
-    if options.method not in METHODS:
-        raise UsageError(f"unknown calibration method {options.method!r}; expected one of {', '.join(METHODS)}")
+    for method in (options.method, options.qdq_method):
+        if method not in METHODS:
+            raise UsageError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     unknown = set(options.outputs) - set(OUTPUTS)
     if unknown:
         raise UsageError(f"unknown calibration outputs {sorted(unknown)}; expected some of {', '.join(OUTPUTS)}")
@@ -168,15 +185,18 @@ class Gathered:
     """Stage 2's result.
 
     Attributes:
-        stats: The activation statistics.
+        stats: The activation statistics, per cross-validation fold
+            (:class:`~memexport.calibration.stats.FoldedStats`).
         path: Where they are kept (``<stem>.calib-stats.npz``).
         reused: Whether they were reused rather than gathered.
+        folds: Each calibration image's fold.
         skipped: One line per unreadable calibration image.
     """
 
     stats: Any
     path: Path
     reused: bool
+    folds: tuple[int, ...]
     skipped: tuple[str, ...] = ()
 
 
@@ -184,17 +204,20 @@ def gather_statistics(
     model: Path, calibration: Sequence[Path], stats_path: Path, preprocess: Any, options: CalibrationOptions, source: Path,
     progress: Callable[[int, int | None], None], log: Callable[[str], None],
 ) -> Gathered:
-    """Stage 2: activation statistics of the calibration images, reused from ``stats_path`` when they match."""
+    """Stage 2: activation statistics of the calibration images, kept per fold, reused from ``stats_path`` when they match."""
+    from memexport.calibration.evidence import fold_of
     from memexport.calibration.images import iter_batches
-    from memexport.calibration.stats import ActivationStats, activation_stats_from_batches, fingerprint
+    from memexport.calibration.stats import FoldedStats, fingerprint, folded_stats_from_batches
 
-    key = fingerprint(model, list(calibration), augment=options.augment)
+    count = min(options.folds, len(calibration)) if options.folds > 0 else 1
+    folds = fold_of(list(calibration), count)
+    key = fingerprint(model, list(calibration), augment=options.augment, folds=count)
     if options.reuse_stats and stats_path.is_file():
         try:
-            loaded = ActivationStats.load(stats_path)
+            loaded = FoldedStats.load(stats_path)
             if loaded.fingerprint == key:
                 log(f"reusing activation statistics from {stats_path} ({loaded.images} views)")
-                return Gathered(loaded, stats_path, True)
+                return Gathered(loaded, stats_path, True, folds)
         except ArtifactError as error:
             log(f"ignoring {stats_path}: {error}")
     log(f"gathering activation statistics on {len(calibration)} images (x{1 + options.augment} views) with ONNX Runtime CPU")
@@ -204,42 +227,87 @@ def gather_statistics(
         skipped.append(str(error))
         log(f"skipped {error}")
 
-    batches = iter_batches(list(calibration), preprocess, options.batch_size, options.augment, on_skip=skip)
-    stats = activation_stats_from_batches(model, batches, len(calibration) * (1 + options.augment), progress, fingerprint_key=key)
-    stats.info.update(calibration_images=len(calibration) - len(skipped), augment=options.augment, source=str(source))
+    members = [[p for p, f in zip(calibration, folds) if f == fold] for fold in range(count)]
+    batches = [iter_batches(paths, preprocess, options.batch_size, options.augment, on_skip=skip) for paths in members]
+    stats = folded_stats_from_batches(model, batches, len(calibration) * (1 + options.augment), progress, fingerprint_key=key)
+    stats.info.update(calibration_images=len(calibration) - len(skipped), augment=options.augment, source=str(source), folds=count)
     stats.save(stats_path)
-    return Gathered(stats, stats_path, False, tuple(skipped))
+    return Gathered(stats, stats_path, False, folds, tuple(skipped))
 
 
-def held_out_evidence(model: Path, paths: Sequence[Path], preprocess: Any, images: Path, folder_images: int) -> HeldOut:
-    """The held-out images, preprocessed, with their FP32 scores.
+def evidence_for(model: Path, preprocess: Any, chosen: ImageChoice, folds: Sequence[int], options: CalibrationOptions, source: Path, log: Callable[[str], None]) -> Any:
+    """Stage 3a: the images the fidelity estimate rests on, with their FP32 scores.
+
+    Held-out images first (scored by the artifact as written), then calibration images fold by
+    fold (scored by the artifact rebuilt without their fold), at most ``options.max_held_out`` in all.
 
     Raises:
-        UsageError: Fewer than 3 readable held-out images.
+        UsageError: Fewer than :data:`~memexport.calibration.fidelity.MIN_IMAGES` evidence images.
     """
-    from memexport.calibration.guard import ort_session, session_scores
-    from memexport.calibration.images import load_all
+    from memexport.calibration.evidence import gather_evidence
 
-    batch = load_all(list(paths), preprocess)
-    if len(batch) < 3:
+    budget = options.max_held_out
+    groups: list[tuple[int | None, list[Path]]] = [(None, list(chosen.held_out[:budget]))] if chosen.held_out else []
+    budget -= len(groups[0][1]) if groups else 0
+    cross = options.folds > 0 and len(set(folds)) > 1
+    used: set[Path] = set()
+    if cross:
+        by_fold = [[p for p, f in zip(chosen.calibration, folds) if f == fold] for fold in range(max(folds) + 1)]
+        taken: list[list[Path]] = [[] for _ in by_fold]
+        # Round-robin over folds, so a cap still leaves every fold represented.
+        for rank in range(max(len(members) for members in by_fold)):
+            for fold, members in enumerate(by_fold):
+                if rank < len(members) and budget > 0:
+                    taken[fold].append(members[rank])
+                    budget -= 1
+        groups += [(fold, members) for fold, members in enumerate(taken) if members]
+        used.update(p for members in taken for p in members)
+    others = [p for p in chosen.calibration if p not in used][: options.max_held_out]
+    evidence = gather_evidence(model, preprocess, groups, options.augment, others, log)
+    if evidence.images < MIN_IMAGES:
         raise UsageError(
-            f"{images}: the fidelity guard needs at least 3 held-out images, {len(batch)} available from {folder_images}; "
+            f"{source}: the fidelity estimate needs at least {MIN_IMAGES} images, {evidence.images} available from {chosen.folder_images}; "
             "pass a folder with more images, or --min-spearman 0 to skip the guard"
         )
-    return HeldOut(tuple(paths), batch, session_scores(ort_session(model), batch))
+    log(f"fidelity evidence: {evidence.images} images x{1 + options.augment} views ({len(groups)} build(s) each estimate)")
+    return evidence
 
 
-def write_record(path: Path, ctx: CalibrationContext, gathered: Gathered, written: Mapping[str, Written]) -> Path:
-    """Stage 4: ``<stem>.calib.json``, what was calibrated on and what each guard found."""
+def write_kinds(ctx: CalibrationContext) -> tuple[dict[str, Written], dict[str, str]]:
+    """Stage 3b: every asked-for artifact kind, in :data:`OUTPUTS` order; one refused kind does not stop the others.
+
+    Returns:
+        What each kind wrote, and the one-line reason for each refused kind.
+    """
+    written: dict[str, Written] = {}
+    refused: dict[str, str] = {}
+    for kind in OUTPUTS:
+        if kind not in ctx.options.outputs:
+            continue
+        try:
+            outcome = KINDS[kind]().write(ctx)
+            if outcome is not None:  # None: an optional kind whose back end is not installed, skipped in one line
+                written[kind] = outcome
+        except CalibrationError as error:
+            refused[kind] = str(error)
+            ctx.log(f"refused: {error}")
+    return written, refused
+
+
+def write_record(path: Path, ctx: CalibrationContext, gathered: Gathered, written: Mapping[str, Written], refused: Mapping[str, str]) -> Path:
+    """Stage 4: ``<stem>.calib.json``, what was calibrated on and what each estimate shows."""
     from memexport.atomic import write_text_atomic
 
     guards = {kind: w.guard for kind, w in written.items() if w.guard is not None}
     write_text_atomic(path, json.dumps({
         "model": str(ctx.model), "method": ctx.options.method, "calibration_images": ctx.used_images, "calibration_views": ctx.stats.images,
-        "held_out_images": len(ctx.held_out.paths) if ctx.held_out is not None else 0, "skipped": list(gathered.skipped),
-        "tensorrt_version": ctx.options.tensorrt_version,
-        "fallback_layers": {kind: list(r.fallback) for kind, r in guards.items()},
-        "fidelity": {kind: {"initial": r.initial.summary(), "final": r.final.summary()} for kind, r in guards.items()},
+        "evidence_images": ctx.evidence.images if ctx.evidence is not None else 0, "folds": len(set(gathered.folds)),
+        "skipped": list(gathered.skipped), "tensorrt_version": ctx.options.tensorrt_version,
+        "fallback_layers": {kind: list(r.fallback) for kind, r in guards.items()}, "refused": dict(refused),
+        "fidelity": {kind: r.final.record(r.target) for kind, r in guards.items()},
+        "fidelity_steps": {kind: {"initial": r.initial.record(r.target), "steps": [
+            {"units": step.units, "layers": step.layers, "taken": step.taken, **step.estimate.record(r.target)} for step in r.steps
+        ]} for kind, r in guards.items()},
     }, indent=2))
     return path
 
@@ -258,11 +326,13 @@ def calibrate(
     (TensorRT 8.6 implicit INT8), ``<stem>.int8-qdq.onnx`` (explicit Q/DQ for TensorRT),
     ``<stem>.int8-cpu.onnx`` (U8S8 for ONNX Runtime CPU), ``<stem>.int8-openvino.xml`` (INT8 for
     OpenVINO's CPU kernels, when the openvino extra is installed) and ``<stem>.calib.json`` (record).
-    Each INT8 artifact passes the rank-fidelity guard or is not written.
+    Each INT8 artifact carries a fidelity estimate (:mod:`memexport.calibration.fidelity`) and is
+    written verified, written marked ``verified: false`` when the evidence is too thin to tell
+    (refused instead with ``options.strict``), or refused when it misses the target.
 
     Args:
         model: FP32 ONNX written by ``memexport export``.
-        images: Folder (or file) of calibration images; a held-out share is split off by file name.
+        images: Folder (or file) of calibration images.
         out_dir: Output folder (created if needed).
         options: See :class:`CalibrationOptions`.
         progress: Called with (images done, total) while statistics are gathered.
@@ -270,9 +340,8 @@ def calibrate(
 
     Raises:
         UsageError: Bad options, or too few images. ArtifactError: Unreadable model.
-        CalibrationError: The guard cannot reach its target.
+        CalibrationError: An artifact misses its target (or cannot be verified, with ``strict``).
     """
-    from memexport.calibration.stats import amax_from_stats
     from memexport.export.onnx_export import load_fp32_artifact
     from memexport.spec import MODELS
 
@@ -280,26 +349,25 @@ def calibrate(
     check_options(options, images)
     fp32, metadata = load_fp32_artifact(model, "calibration")
     chosen = choose_images(images, options)
-    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.stem
-    gathered = gather_statistics(
-        model, chosen.calibration, out_dir / f"{stem}.calib-stats.npz", metadata.preprocess, options, images, progress, log
-    )
-    stats = gathered.stats
     guard_on = options.min_spearman > 0 and any(kind in options.outputs for kind in ("qdq", "cpu", "openvino"))
-    held = held_out_evidence(model, chosen.held_out, metadata.preprocess, images, chosen.folder_images) if guard_on else None
+    if guard_on and len(chosen.calibration) + len(chosen.held_out) < MIN_IMAGES:
+        raise UsageError(f"{images}: {chosen.folder_images} image(s); calibration with a fidelity estimate needs at least {MIN_IMAGES}, pass a folder with more images")
+    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.stem
+    gathered = gather_statistics(model, chosen.calibration, out_dir / f"{stem}.calib-stats.npz", metadata.preprocess, options, images, progress, log)
+    evidence = evidence_for(model, metadata.preprocess, chosen, gathered.folds, options, images, log) if guard_on else None
     ctx = CalibrationContext(
-        model, fp32, metadata, MODELS.get(metadata.model), options, stats, amax_from_stats(stats, options.method, options.percentile),
-        chosen.calibration, int(stats.info.get("calibration_images", len(chosen.calibration))), held, out_dir, stem, log,
+        model, fp32, metadata, MODELS.get(metadata.model), options, gathered.stats, chosen.calibration, gathered.folds,
+        int(gathered.stats.info.get("calibration_images", len(chosen.calibration))), evidence, out_dir, stem, log,
     )
-    written: dict[str, Written] = {}
-    for kind in (kind for kind in OUTPUTS if kind in options.outputs):
-        outcome = KINDS[kind]().write(ctx)
-        if outcome is not None:  # None: an optional kind whose back end is not installed, skipped in one line
-            written[kind] = outcome
-    record = write_record(out_dir / f"{stem}.calib.json", ctx, gathered, written)
+    written, refused = write_kinds(ctx)
+    record = write_record(out_dir / f"{stem}.calib.json", ctx, gathered, written, refused)
+    if refused:
+        # The other kinds are written and recorded; the command still fails, naming the first refusal.
+        first = next(iter(refused.values()))
+        raise CalibrationError(first if len(refused) == 1 else f"{first} (and {len(refused) - 1} more artifact(s) refused, see {record})")
     return CalibrationResult(
         written["cache"].path if "cache" in written else None, written["qdq"].path if "qdq" in written else None,
         written["cpu"].path if "cpu" in written else None, gathered.path, record, options.method, ctx.used_images,
-        len(chosen.held_out) if guard_on else 0, gathered.reused, {kind: w.guard for kind, w in written.items() if w.guard is not None},
+        evidence.images if evidence is not None else 0, gathered.reused, {kind: w.guard for kind, w in written.items() if w.guard is not None},
         written["openvino"].path if "openvino" in written else None,
     )

@@ -87,6 +87,31 @@ class ActivationStats:
         position = np.minimum((absolute * np.float32(bins / self.edge[index])).astype(np.int64), bins - 1)
         self.hist[index] += np.bincount(position, minlength=bins)
 
+    @classmethod
+    def merged(cls, parts: Sequence["ActivationStats"], fingerprint: str = "") -> "ActivationStats":
+        """The statistics of the union of ``parts``' images (same tensors, same bins).
+
+        Histograms of a smaller edge are coarsened to the largest edge first (pairs of bins merge,
+        exactly as :meth:`update` does when a batch exceeds the edge).
+        """
+        first = parts[0]
+        out = cls.empty(first.names, first.hist.shape[1], fingerprint)
+        out.edge = np.max([p.edge for p in parts], axis=0)
+        for part in parts:
+            hist = part.hist.copy()
+            for index in np.flatnonzero(part.edge < out.edge):
+                if part.edge[index] == 0:
+                    # Every value was exactly 0: all of it lies in the first bin.
+                    hist[index] = np.concatenate([[hist[index].sum()], np.zeros(hist.shape[1] - 1)])
+                    continue
+                for _ in range(int(round(math.log2(out.edge[index] / part.edge[index])))):
+                    hist[index] = np.concatenate([hist[index].reshape(-1, 2).sum(axis=1), np.zeros(hist.shape[1] // 2)])
+            out.hist += hist
+            out.minimum = np.minimum(out.minimum, part.minimum)
+            out.maximum = np.maximum(out.maximum, part.maximum)
+            out.images += part.images
+        return out
+
     def absmax(self) -> np.ndarray:
         return np.maximum(np.abs(self.minimum), np.abs(self.maximum))
 
@@ -119,6 +144,77 @@ class ActivationStats:
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{path}: unreadable calibration statistics ({exc}); delete the file to gather them again") from None
+
+
+@dataclass
+class FoldedStats:
+    """Activation statistics kept per cross-validation fold of the calibration images.
+
+    The artifacts use the statistics of every image (:meth:`all`); the fidelity estimate
+    rebuilds each artifact without one fold (:meth:`without`) and scores that fold's images,
+    which the rebuilt artifact never saw. One pass over the images serves both.
+
+    Attributes:
+        folds: Statistics per fold.
+        fingerprint: Identifies the model, the images and their fold assignment.
+        info: Free-form record (calibration images, augmentation, source).
+    """
+
+    folds: list[ActivationStats]
+    fingerprint: str = ""
+    info: dict = field(default_factory=dict)
+    _all: ActivationStats | None = field(default=None, repr=False, compare=False)
+
+    def all(self) -> ActivationStats:
+        """Statistics of every fold together."""
+        if self._all is None:
+            self._all = ActivationStats.merged(self.folds, self.fingerprint)
+            self._all.info = self.info
+        return self._all
+
+    def without(self, fold: int) -> ActivationStats:
+        """Statistics of every fold but ``fold``."""
+        return ActivationStats.merged([part for index, part in enumerate(self.folds) if index != fold], self.fingerprint)
+
+    @property
+    def images(self) -> int:
+        return sum(part.images for part in self.folds)
+
+    def save(self, path: Path | str) -> None:
+        """Write the merged statistics (readable by :meth:`ActivationStats.load`) and the folds, as ``.npz``."""
+        merged = self.all()
+        buffer = io.BytesIO()
+        info = {**self.info, "version": STATS_VERSION, "images": merged.images, "fingerprint": self.fingerprint}
+        np.savez_compressed(
+            buffer, names=np.array(merged.names, dtype=object).astype(str), minimum=merged.minimum, maximum=merged.maximum,
+            hist=merged.hist, edge=merged.edge, info=np.array(json.dumps(info)),
+            fold_minimum=np.stack([p.minimum for p in self.folds]), fold_maximum=np.stack([p.maximum for p in self.folds]),
+            fold_hist=np.stack([p.hist for p in self.folds]).astype(np.float32), fold_edge=np.stack([p.edge for p in self.folds]),
+            fold_images=np.array([p.images for p in self.folds]),
+        )
+        with atomic_path(path, suffix=".npz") as tmp:
+            tmp.write_bytes(buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path | str) -> "FoldedStats":
+        """Read what :meth:`save` wrote.
+
+        Raises:
+            ArtifactError: Unreadable, from another version, or without folds.
+        """
+        merged = ActivationStats.load(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                folds = [
+                    ActivationStats(merged.names, data["fold_minimum"][k].copy(), data["fold_maximum"][k].copy(),
+                                    data["fold_hist"][k].astype(np.float64), data["fold_edge"][k].copy(), int(data["fold_images"][k]), merged.fingerprint)
+                    for k in range(len(data["fold_images"]))
+                ]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ArtifactError(f"{path}: calibration statistics without folds ({exc}); delete the file to gather them again") from None
+        out = cls(folds, merged.fingerprint, merged.info)
+        out._all = merged
+        return out
 
 
 def fingerprint(model: Path, images: Sequence[Path], **options: object) -> str:
@@ -154,6 +250,42 @@ def observed_tensors(proto) -> list[str]:
     return names
 
 
+class ObservingSession:
+    """The FP32 model on ONNX Runtime CPU with every float activation as an output.
+
+    Args:
+        model: FP32 ONNX file.
+    """
+
+    def __init__(self, model: Path | str) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        proto = onnx.load(str(model))
+        self.names = observed_tensors(proto)
+        graph_outputs = {o.name for o in proto.graph.output}
+        for name in self.names:
+            if name not in graph_outputs:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # Basic optimisation only: fusions would hide the very tensors being observed.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def gather(self, stats: ActivationStats, batches: Iterable[np.ndarray], on_batch: Callable[[int], None] = lambda count: None) -> ActivationStats:
+        """Fold every activation of ``batches`` into ``stats``; ``on_batch`` gets each batch's size."""
+        for batch in batches:
+            outputs = self.session.run(self.names, {self.input_name: batch})
+            for index, values in enumerate(outputs):
+                if isinstance(values, np.ndarray) and values.dtype == np.float32:
+                    stats.update(index, values)
+            stats.images += int(batch.shape[0])
+            on_batch(int(batch.shape[0]))
+        return stats
+
+
 def activation_stats_from_batches(
     model: Path | str,
     batches: Iterable[np.ndarray],
@@ -175,33 +307,33 @@ def activation_stats_from_batches(
     Raises:
         CalibrationError: No batch at all.
     """
-    import onnx
-    import onnxruntime as ort
+    return folded_stats_from_batches(model, [batches], total, progress, bins, fingerprint_key).folds[0]
 
-    proto = onnx.load(str(model))
-    names = observed_tensors(proto)
-    graph_outputs = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in graph_outputs:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Basic optimisation only: fusions would hide the very tensors being observed.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del proto
-    input_name = session.get_inputs()[0].name
-    stats = ActivationStats.empty(names, bins, fingerprint_key)
-    for batch in batches:
-        outputs = session.run(names, {input_name: batch})
-        for index, values in enumerate(outputs):
-            if isinstance(values, np.ndarray) and values.dtype == np.float32:
-                stats.update(index, values)
-        stats.images += int(batch.shape[0])
-        progress(stats.images, total)
-    if stats.images == 0:
+
+def folded_stats_from_batches(
+    model: Path | str,
+    folds: Sequence[Iterable[np.ndarray]],
+    total: int | None = None,
+    progress: Callable[[int, int | None], None] = lambda done, total: None,
+    bins: int = DEFAULT_BINS,
+    fingerprint_key: str = "",
+) -> FoldedStats:
+    """:func:`activation_stats_from_batches` with the statistics of each fold's batches kept apart.
+
+    Raises:
+        CalibrationError: No batch at all.
+    """
+    observing = ObservingSession(model)
+    done = [0]
+
+    def on_batch(count: int) -> None:
+        done[0] += count
+        progress(done[0], total)
+
+    parts = [observing.gather(ActivationStats.empty(observing.names, bins, fingerprint_key), batches, on_batch) for batches in folds]
+    if done[0] == 0:
         raise CalibrationError(f"{model}: no calibration image could be read; pass a folder of JPEG/PNG images with --images")
-    return stats
+    return FoldedStats(parts, fingerprint_key)
 
 
 def _percentile_amax(hist: np.ndarray, edge: float, percentile: float) -> float:

@@ -172,8 +172,13 @@ def predict_cmd(
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: finished rows are already on disk
 
+    from memexport.verify import unverified_warning
+
     options = PredictOptions(batch_size, device, exif_transpose, workers, resume, overwrite, follow_symlinks, integrity_check, backend, precision)
     job = _predict_engine(engine, ray_address, actors, cpus_per_actor, output_format)
+    warning = unverified_warning(model)
+    if warning:
+        err(warning)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         summary = job(model, paths, output, options, progress)
@@ -209,8 +214,11 @@ def verify_cmd(
     """Compare the artifact with the torch reference; exit 1 and print what would pass on failure."""
     from memexport.parity import require
     from memexport.runtime.files import collect_images
-    from memexport.verify import VerifyOptions, verify_artifact
+    from memexport.verify import VerifyOptions, unverified_warning, verify_artifact
 
+    warning = unverified_warning(model)
+    if warning:
+        err(warning)
     result = verify_artifact(model, collect_images([images]).paths, VerifyOptions(weights=weights, device=device, backend=backend, precision=precision))
     for error in result.bad_inputs:
         err(f"skipped {error}")
@@ -347,26 +355,28 @@ def build_cmd(
 @command("calibrate")
 def calibrate_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="FP32 .onnx from `memexport export`."),
-    images: Path = typer.Option(..., "--images", help="Folder of calibration images (streamed; a share is held out for the guard)."),
+    images: Path = typer.Option(..., "--images", help="Folder of calibration images (streamed; cross-validated for the fidelity estimate)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     method: str = typer.Option("entropy", "--method", help="entropy, minmax or percentile."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N calibration images."),
-    min_spearman: float = typer.Option(0.99, "--min-spearman", help="Guard: Spearman vs FP32 on held-out images; 0 disables."),
-    held_out_fraction: float = typer.Option(0.25, "--held-out-fraction", help="Share of the images held out for the guard."),
-    held_out: Optional[Path] = typer.Option(None, "--held-out", help="Folder of held-out images for the guard, instead of a share of --images."),
+    min_spearman: float = typer.Option(0.99, "--min-spearman", help="Target: the estimated Spearman vs FP32 on new photos, lower end of its 90% interval; 0 disables the guard."),
+    held_out_fraction: float = typer.Option(0.0, "--held-out-fraction", help="Share of the images kept out of calibration as extra evidence."),
+    held_out: Optional[Path] = typer.Option(None, "--held-out", help="Folder of images calibration never sees, extra evidence for the estimate."),
     max_mean_abs: Optional[float] = typer.Option(
-        None, "--max-mean-abs", help="Guard: largest mean |score error| vs FP32 [default: half the spec's INT8 tolerance; the whole of it for the CPU artifact with 30+ held-out images]."
+        None, "--max-mean-abs", help="Target: the estimated mean |score error| vs FP32, upper end of its 90% interval [default: the spec's INT8 tolerance]."
     ),
-    augment: int = typer.Option(0, "--augment", help="Extra mirrored/cropped views per calibration image."),
+    augment: int = typer.Option(3, "--augment", help="Extra mirrored/cropped views per image, for statistics and evidence."),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds over the calibration images for the estimate; 0: held-out images only."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse an artifact the evidence cannot verify, instead of writing it marked verified: false."),
     outputs: str = typer.Option("cache,qdq,cpu,openvino", "--outputs", help="Comma-separated: cache, qdq, cpu, openvino (skipped without the openvino extra)."),
     tensorrt_version: str = typer.Option("8.6.1", "--tensorrt-version", help="TensorRT version written into the cache header."),
 ) -> None:
-    """INT8 calibration: TensorRT cache, Q/DQ ONNX and U8S8 CPU ONNX, each checked against FP32."""
+    """INT8 calibration: TensorRT cache, Q/DQ ONNX, U8S8 CPU ONNX and OpenVINO IR, each with a fidelity estimate against FP32."""
     from memexport.calibration import CalibrationOptions, calibrate
 
     options = CalibrationOptions(
         method=method, max_images=max_images, min_spearman=min_spearman, held_out_fraction=held_out_fraction,
-        held_out=held_out, max_mean_abs=max_mean_abs, augment=augment,
+        held_out=held_out, max_mean_abs=max_mean_abs, augment=augment, folds=folds, strict=strict,
         outputs=tuple(part.strip() for part in outputs.split(",") if part.strip()), tensorrt_version=tensorrt_version,
     )
     bar: dict[str, Any] = {}
@@ -385,19 +395,16 @@ def calibrate_cmd(
             bar["bar"].__exit__(None, None, None)
     for kind, report in result.guards.items():
         if report.sensitivity:
-            typer.echo(f"{kind}: per-layer sensitivity (mean |score error| with only that layer INT8)")
-            typer.echo(f"  {'layer':60} {'sensitivity':>12}  precision")
+            typer.echo(f"{kind}: sensitivity per unit (mean |score error| with only that unit INT8)")
+            typer.echo(f"  {'unit':60} {'sensitivity':>12}  precision")
             rows = report.table(limit=20)
             for name, value, precision in rows:
                 typer.echo(f"  {name[-60:]:60} {value:>12.6f}  {precision}")
             if len(rows) < len(report.sensitivity):
-                typer.echo(f"  ... {len(report.sensitivity) - len(rows)} less sensitive layers, all int8")
-        final = report.final
-        typer.echo(
-            f"{kind}: spearman {final.spearman:.4f}, mean abs {final.mean_abs:.4f} vs FP32 on {final.count} held-out images; "
-            f"{len(report.fallback)} layer(s) kept in FP32"
-        )
-    for path in (result.cache, result.qdq, result.cpu, result.stats, result.record):
+                typer.echo(f"  ... {len(report.sensitivity) - len(rows)} less sensitive units, all int8")
+        status = "verified" if report.verified else "NOT verified"
+        typer.echo(f"{kind}: {status}: estimated on new photos {report.final.describe()}; {len(report.fallback)} layer(s) kept in FP32")
+    for path in (result.cache, result.qdq, result.cpu, result.openvino, result.stats, result.record):
         if path is not None:
             typer.echo(f"wrote {path}")
 

@@ -84,3 +84,51 @@ def verify_artifact(artifact: Path | str, images: Sequence[Path], options: Verif
         reference = _scores(reference_runner, batch, options.batch_size)
     tolerance = options.tolerance or get_spec(meta.model).tolerance(precision)
     return VerifyResult(compare(candidate, reference, tolerance), tuple(names), candidate, reference, tuple(bad), backend, precision)
+
+
+def unverified_warning(path: Path | str) -> str | None:
+    """One line when ``path`` is an INT8 artifact whose fidelity calibration could not verify, else ``None``.
+
+    Reads only the artifact's memexport metadata entry (no model load; for an OpenVINO IR ``.xml``,
+    its ``rt_info``, without openvino). Calibration writes such
+    an artifact when its evidence was too thin to show the target (``fidelity.verified`` false).
+    """
+    import json
+    import mmap
+
+    from memexport.errors import MemexportError
+    from memexport.runtime.integrity import find_metadata_entry
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".onnx", ".xml") or not path.is_file():
+        return None
+    try:
+        if suffix == ".xml":
+            value = _ir_metadata(path)
+        else:
+            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                value = find_metadata_entry(data, path).value
+        fidelity = json.loads(value).get("extra", {}).get("fidelity") if value else None
+    except (OSError, ValueError, MemexportError, AttributeError, SyntaxError):
+        return None
+    if not isinstance(fidelity, dict) or fidelity.get("verified") is not False:
+        return None
+    target = fidelity.get("target", {})
+    return (
+        f"warning: {path.name}: INT8 fidelity not verified at calibration: spearman {fidelity.get('spearman')} "
+        f"(90% interval {fidelity.get('spearman_low')}-{fidelity.get('spearman_high')}), mean abs <= {fidelity.get('mean_abs_high')} "
+        f"on {fidelity.get('images')} images, target spearman >= {target.get('min_spearman')}, mean abs <= {target.get('max_mean_abs')}; "
+        "recalibrate on more images to verify it"
+    )
+
+
+
+def _ir_metadata(path: Path) -> str | None:
+    """The memexport metadata JSON in an OpenVINO IR's top-level ``rt_info``, or ``None``."""
+    import xml.etree.ElementTree as ElementTree
+
+    from memexport.runtime.metadata import METADATA_KEY
+
+    entry = ElementTree.parse(path).getroot().find(f"rt_info/{METADATA_KEY}")
+    return entry.get("value") if entry is not None else None

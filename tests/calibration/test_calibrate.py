@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from memexport.calibration import CalibrationOptions, calibrate
 from memexport.calibration.cache import read_calibration_cache
+from memexport.calibration.cpu_int8 import CPU_PERCENTILE
 from memexport.calibration.qdq import tensorrt_qdq_violations
 from memexport.calibration.stats import ActivationStats, amax_from_stats
 from memexport.cli import app
@@ -37,7 +38,8 @@ def test_writes_every_artifact(calibrated):
 
     model, result, _ = calibrated
     assert result.cache.name == "tiny.calib.cache" and result.qdq.name == "tiny.int8-qdq.onnx" and result.cpu.name == "tiny.int8-cpu.onnx"
-    assert result.images + result.held_out == 8 and not result.reused_stats
+    # 4 images calibrate, 4 are held out; the estimate rests on all 8 (4 held out + 4 cross-validated)
+    assert result.images == 4 and result.held_out == 8 and not result.reused_stats
     cache = read_calibration_cache(result.cache)
     assert cache.algorithm == "MinMaxCalibration" and cache.version == 8601
     expected = amax_from_stats(ActivationStats.load(result.stats), "minmax")
@@ -47,23 +49,29 @@ def test_writes_every_artifact(calibrated):
     assert tensorrt_qdq_violations(onnx.load(str(result.qdq))) == []
     record = json.loads(result.record.read_text())
     assert record["method"] == "minmax" and record["fallback_layers"] == result.fallback_layers
+    for kind in ("qdq", "cpu"):
+        entry = record["fidelity"][kind]
+        assert entry["spearman_low"] <= entry["spearman"] <= entry["spearman_high"] and entry["mean_abs"] <= entry["mean_abs_high"]
+        assert entry["images"] == 8 and entry["verified"] is True
 
 
 def test_guard_keeps_the_planted_layer_and_records_it(calibrated):
     _, result, lines = calibrated
     for kind in ("qdq", "cpu"):
         report = result.guards[kind]
-        assert report.passed and SENSITIVE_LAYER in report.fallback
+        assert report.verified and SENSITIVE_LAYER in report.fallback
         assert max(report.sensitivity, key=report.sensitivity.get) == SENSITIVE_LAYER
     for path, kind in ((result.qdq, "qdq"), (result.cpu, "cpu")):
         info = inspect_artifact(path)
-        assert info["precision"] == "int8" and info["calibration_method"] == "minmax"
+        # the Q/DQ and CPU ranges are percentiles whatever the cache's --method
+        assert info["precision"] == "int8" and info["calibration_method"] == "percentile"
         assert info["fallback_layers"] == list(result.guards[kind].fallback)
         assert info["calibration_images"] == result.images
-        assert info["fidelity_guard"]["spearman"] >= 0.99
+        assert info["fidelity"]["spearman_low"] >= 0.99 and info["fidelity"]["verified"] is True
+        assert info["fidelity"] == json.loads(result.record.read_text())["fidelity"][kind]
     cpu = inspect_artifact(result.cpu)
     # a model without a declared spec pins nothing; the offset comes from calibration images
-    assert cpu["pinned_fp32_layers"] == [] and cpu["range_percentile"] == 99.999
+    assert cpu["pinned_fp32_layers"] == [] and cpu["range_percentile"] == CPU_PERCENTILE
     assert isinstance(cpu["score_offset_logit"], float)
 
 
@@ -129,7 +137,7 @@ def test_runner_scores_track_fp32(calibrated, sample_images):
             assert np.abs(runner.infer(batch) - reference).mean() <= 0.01
 
 
-def test_held_out_folder_replaces_the_split(tmp_path, sample_images):
+def test_held_out_folder_adds_evidence(tmp_path, sample_images):
     import shutil
 
     calib, held = tmp_path / "calib", tmp_path / "held"
@@ -140,28 +148,86 @@ def test_held_out_folder_replaces_the_split(tmp_path, sample_images):
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
     options = CalibrationOptions(method="minmax", held_out=held, outputs=("cpu",))
     result = calibrate(model, calib, tmp_path / "out", options)
-    assert result.images == 4 and result.held_out == len(sample_images) - 4
-    assert result.guards["cpu"].final.count == len(sample_images) - 4
+    # the held-out folder and the cross-validated calibration images together
+    assert result.images == 4 and result.held_out == len(sample_images)
+    assert result.guards["cpu"].final.images == len(sample_images)
     with pytest.raises(UsageError, match="in both --images and --held-out"):
         calibrate(model, calib, tmp_path / "out", CalibrationOptions(held_out=calib, outputs=("cpu",)))
     with pytest.raises(UsageError, match="held-out folder not found"):
         calibrate(model, calib, tmp_path / "out", CalibrationOptions(held_out=tmp_path / "none", outputs=("cpu",)))
 
 
-def test_guard_bounds_follow_the_held_out_count(tmp_path, sample_images):
-    from PIL import Image
-
-    held = tmp_path / "held"
-    held.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(30):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(held / f"noise{index:02d}.png")
+def test_targets_default_to_the_spec_and_follow_the_options(tmp_path, sample_images):
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
-    options = CalibrationOptions(method="minmax", held_out=held, outputs=("qdq", "cpu"))
-    many = calibrate(model, sample_images[0].parent, tmp_path / "many", options)
-    # 30 held-out images: the CPU artifact gets the spec's whole INT8 error bound, Q/DQ keeps half (TensorRT margin)
-    assert many.guards["cpu"].target.max_mean_abs == 0.01 and many.guards["qdq"].target.max_mean_abs == 0.005
-    few = calibrate(model, sample_images[0].parent, tmp_path / "few", dataclasses.replace(options, held_out=None, held_out_fraction=0.5))
-    assert few.held_out < 30 and few.guards["cpu"].target.max_mean_abs == 0.005
-    fixed = calibrate(model, sample_images[0].parent, tmp_path / "fixed", dataclasses.replace(options, max_mean_abs=0.02))
-    assert {report.target.max_mean_abs for report in fixed.guards.values()} == {0.02}
+    options = CalibrationOptions(method="minmax", augment=1, outputs=("qdq", "cpu"))
+    default = calibrate(model, sample_images[0].parent, tmp_path / "default", options)
+    # a model without a declared spec: the default INT8 bound, 0.01, for both artifacts
+    assert {report.target.max_mean_abs for report in default.guards.values()} == {0.01}
+    fixed = calibrate(model, sample_images[0].parent, tmp_path / "default", dataclasses.replace(options, max_mean_abs=0.02, min_spearman=0.98))
+    assert fixed.reused_stats and {(r.target.min_spearman, r.target.max_mean_abs) for r in fixed.guards.values()} == {(0.98, 0.02)}
+
+
+def test_a_folder_too_small_for_an_estimate_gets_one_line(tmp_path, sample_images):
+    import shutil
+
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for image in sample_images[:3]:
+        shutil.copy(image, folder / image.name)
+    model = write_tiny_cnn(tmp_path / "tiny.onnx")
+    with pytest.raises(UsageError, match="needs at least 5"):
+        calibrate(model, folder, tmp_path / "out")
+    called = CliRunner().invoke(app, ["calibrate", "--model", str(model), "--images", str(folder), "-o", str(tmp_path / "out")])
+    assert called.exit_code == 2 and "at least 5" in called.output and len(called.output.strip().splitlines()) == 1
+    # without the guard, 3 images still calibrate
+    assert calibrate(model, folder, tmp_path / "out", CalibrationOptions(min_spearman=0.0, augment=0)).cpu.is_file()
+
+
+def _estimate(**fields):
+    from memexport.calibration.fidelity import FidelityEstimate
+
+    base = dict(spearman=0.995, spearman_low=0.975, spearman_high=0.999, mean_abs=0.004, mean_abs_high=0.006, images=15, views=60,
+                measured_spearman=0.99, error_sd=0.005, score_sd=0.07, score_images=15)
+    return FidelityEstimate(**{**base, **fields})
+
+
+def test_thin_evidence_ships_unverified_or_refuses_with_strict():
+    from memexport.calibration.artifacts import judge
+    from memexport.calibration.fidelity import FidelityTarget
+    from memexport.calibration.guard import GuardReport
+    from memexport.errors import CalibrationError
+
+    def report(estimate):
+        return GuardReport(estimate, estimate, (), {}, FidelityTarget())
+
+    lines = []
+    judge(report(_estimate()), "m.int8-cpu.onnx", False, lines.append)
+    assert len(lines) == 1 and "not verified" in lines[0] and "more images would settle it" in lines[0] and "0.975" in lines[0]
+    with pytest.raises(CalibrationError, match="--strict"):
+        judge(report(_estimate()), "m.int8-cpu.onnx", True, lines.append)
+    # never certify what the evidence cannot support, never fail what it cannot refute
+    with pytest.raises(CalibrationError, match="misses"):
+        judge(report(_estimate(spearman=0.96, spearman_low=0.93, spearman_high=0.98)), "m.int8-cpu.onnx", False, lines.append)
+    judge(report(_estimate(spearman_low=0.992)), "m.int8-cpu.onnx", True, lines.append)
+    assert "verified" in lines[-1] and "not" not in lines[-1]
+
+
+def test_predict_and_verify_warn_about_an_unverified_artifact(calibrated, tmp_path, sample_images):
+    import dataclasses as dc
+
+    import onnx
+
+    from memexport.export.onnx_export import save_onnx_artifact
+    from memexport.runtime.metadata import metadata_from_map
+    from memexport.verify import unverified_warning
+
+    _, result, _ = calibrated
+    assert unverified_warning(result.cpu) is None
+    proto = onnx.load(str(result.cpu))
+    meta = metadata_from_map({p.key: p.value for p in proto.metadata_props}, result.cpu)
+    fidelity = {**meta.extra["fidelity"], "verified": False}
+    unverified = save_onnx_artifact(proto, dc.replace(meta, extra={**meta.extra, "fidelity": fidelity}), tmp_path / "tiny.int8-cpu.onnx")
+    warning = unverified_warning(unverified)
+    assert warning and "not verified" in warning and "\n" not in warning
+    called = CliRunner().invoke(app, ["predict", str(sample_images[0].parent), "-m", str(unverified), "-o", str(tmp_path / "s.csv"), "--device", "cpu"])
+    assert called.exit_code == 0 and "not verified" in called.output

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memexport.calibration.guard import Guard, GuardTarget, SwitchableModel, fidelity, layer_sensitivity, ort_session, session_scores
+from memexport.calibration.fidelity import FidelityTarget, estimate_fidelity
+from memexport.calibration.guard import Guard, SwitchableModel, block_unit, ort_session, session_scores, unit_sensitivity
 from memexport.calibration.images import iter_batches, load_all, split_images
 from memexport.calibration.qdq import QdqOptions, qdq_proto_from_ranges, quantizable_layers
 from memexport.calibration.stats import activation_stats_from_batches, amax_from_stats
-from memexport.errors import CalibrationError
 from tests.models import SENSITIVE_LAYER, TINY_PREPROCESS, tiny_cnn_proto, write_tiny_cnn
 
 
@@ -34,21 +34,34 @@ def test_switchable_model_is_exact_when_off_and_matches_qdq_when_on(tmp_path, sa
     np.testing.assert_allclose(sim.scores(held, set(layers)), qdq, atol=2e-3)
 
 
+def _evaluator(proto, amax, held, reference, build=None):
+    """Builds the Q/DQ artifact with a fallback set and estimates its fidelity on ``held``."""
+    build = build or (lambda exclude: qdq_proto_from_ranges(proto, amax, QdqOptions(exclude=exclude)))
+
+    def evaluate(exclude):
+        candidate = build(exclude)
+        scores = session_scores(ort_session(candidate), held)
+        return candidate, estimate_fidelity([[e] for e in scores - reference], reference)
+
+    return evaluate
+
+
 def test_guard_finds_the_planted_layer(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
     layers = quantizable_layers(proto)
-    build = lambda exclude: qdq_proto_from_ranges(proto, amax, QdqOptions(exclude=exclude))  # noqa: E731
-    naive = fidelity(session_scores(ort_session(build(frozenset())), held), reference, GuardTarget())
-    assert not naive.passed  # the plant works: all-INT8 is off target
+    evaluate = _evaluator(proto, amax, held, reference)
+    _, naive = evaluate(frozenset())
+    assert not naive.verified(FidelityTarget())  # the plant works: all-INT8 is off target
     lines = []
-    guard = Guard(proto, amax, layers, held, reference, GuardTarget(0.99, 0.01), lines.append)
-    final_proto, report = guard.run(build, "tiny")
+    guard = Guard(proto, amax, layers, held, reference, FidelityTarget(0.99, 0.01), lines.append)
+    final_proto, report = guard.run(evaluate, "tiny")
     sensitivity = report.sensitivity
     assert max(sensitivity, key=sensitivity.get) == SENSITIVE_LAYER
-    assert report.fallback == (SENSITIVE_LAYER,)
-    assert report.passed and report.final.passed
+    assert report.fallback[0] == SENSITIVE_LAYER and report.fallback_units == report.fallback
+    assert report.verified and report.final.verified(report.target)
     assert report.table()[0] == (SENSITIVE_LAYER, sensitivity[SENSITIVE_LAYER], "fp32")
-    assert all(precision == "int8" for _, _, precision in report.table()[1:])
+    kept = len(report.fallback)
+    assert all(precision == "int8" for _, _, precision in report.table()[kept:])
     # the returned proto is the one measured: conv_b reads the FP32 activation
     conv_b = next(n for n in final_proto.graph.node if n.name == SENSITIVE_LAYER)
     assert conv_b.input[0] == "a_relu"
@@ -58,35 +71,53 @@ def test_guard_finds_the_planted_layer(tmp_path, sample_images):
 def test_sensitivity_ranks_on_a_subset_and_still_finds_the_planted_layer(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
     lines = []
-    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, GuardTarget(0.99, 0.01), lines.append, sensitivity_images=2)
-    build = lambda exclude: qdq_proto_from_ranges(proto, amax, QdqOptions(exclude=exclude))  # noqa: E731
-    _, report = guard.run(build, "tiny")
-    assert any("on 2 held-out images" in line for line in lines)
+    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, FidelityTarget(0.99, 0.01), lines.append, sensitivity_images=2)
+    _, report = guard.run(_evaluator(proto, amax, held, reference), "tiny")
+    assert any("on 2 images" in line for line in lines)
     assert max(report.sensitivity, key=report.sensitivity.get) == SENSITIVE_LAYER
-    # the fallback is still chosen and checked on every held-out image
-    assert report.passed and report.final.count == len(held)
+    # the fallback is still chosen and checked on every image
+    assert report.verified and report.final.images == len(held)
 
 
 def test_guard_skips_sensitivity_when_the_target_is_met(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=False)
-    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, GuardTarget(-1.0, 1.0))
-    _, report = guard.run(lambda exclude: qdq_proto_from_ranges(proto, amax, QdqOptions(exclude=exclude)), "tiny")
-    assert report.fallback == () and report.sensitivity == {} and report.passed
+    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, FidelityTarget(-1.0, 1.0))
+    _, report = guard.run(_evaluator(proto, amax, held, reference), "tiny")
+    assert report.fallback == () and report.sensitivity == {} and report.verified
 
 
-def test_guard_gives_up_with_a_clear_error(tmp_path, sample_images):
+def test_fallback_never_makes_the_estimate_worse(tmp_path, sample_images):
+    """A builder whose fallback hurts (as single-layer islands did on the CPU artifact): no step is taken."""
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
-    # a builder that ignores the fallback set can never recover
-    broken = lambda exclude: qdq_proto_from_ranges(proto, amax)  # noqa: E731
-    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, GuardTarget(0.99, 0.01), max_rounds=2)
-    with pytest.raises(CalibrationError, match="short of"):
-        guard.run(broken, "tiny")
+    coarse = {name: value * 4 for name, value in amax.items()}
+
+    def hurting(exclude):
+        return qdq_proto_from_ranges(proto, coarse if exclude else amax)
+
+    lines = []
+    guard = Guard(proto, amax, quantizable_layers(proto), held, reference, FidelityTarget(0.99, 0.01), lines.append, max_rounds=3)
+    final_proto, report = guard.run(_evaluator(proto, amax, held, reference, hurting), "tiny")
+    assert report.steps and not any(step.taken for step in report.steps)
+    assert report.fallback == () and report.final == report.initial
+    assert any("not taken" in line for line in lines)
+    # and when steps help, the estimate only improves from one taken step to the next
+    _, helped = Guard(proto, amax, quantizable_layers(proto), held, reference, FidelityTarget(0.9999, 0.0001), max_rounds=3).run(
+        _evaluator(proto, amax, held, reference), "tiny")
+    taken = [helped.initial] + [step.estimate for step in helped.steps if step.taken]
+    assert all(later.better_than(earlier, helped.target) for earlier, later in zip(taken, taken[1:]))
 
 
-def test_layer_sensitivity_covers_every_layer(tmp_path, sample_images):
+def test_block_units_group_a_resnet_block():
+    assert block_unit("/features/layer3/layer3.17/conv1/Conv") == "/features/layer3/layer3.17/"
+    assert block_unit("/features/layer3/layer3.17/downsample/downsample.0/Conv") == "/features/layer3/layer3.17/"
+    assert block_unit("/conv1/Conv") == "/conv1/Conv" and block_unit("conv_a") == "conv_a"
+
+
+def test_unit_sensitivity_covers_every_layer(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
-    sim = SwitchableModel(proto, amax, quantizable_layers(proto))
-    values = layer_sensitivity(sim, held, reference)
+    layers = quantizable_layers(proto)
+    sim = SwitchableModel(proto, amax, layers)
+    values = unit_sensitivity(sim, held, reference, {name: [name] for name in layers})
     assert set(values) == {"conv_a", "conv_b", "conv_c", "fc"} and all(v >= 0 for v in values.values())
 
 

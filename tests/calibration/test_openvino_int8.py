@@ -48,10 +48,12 @@ def calibrated(tmp_path_factory, sample_images):
 
 
 def test_artifact_obeys_the_guard(calibrated, sample_images):
-    """The planted layer ruins all-INT8 scores; the IR written keeps it out of INT8 and, rescored here, meets the target."""
+    """The planted layer ruins all-INT8 scores; the IR written keeps it out of INT8, its estimate is verified and recorded."""
+    import json
+
     import openvino as ov
 
-    from memexport.calibration.guard import fidelity, ort_session, session_scores
+    from memexport.calibration.guard import ort_session, session_scores
     from memexport.calibration.images import load_all, split_images
     from memexport.calibration.openvino_int8 import openvino_scores
     from memexport.runtime.metadata import METADATA_KEY, ArtifactMetadata
@@ -59,21 +61,51 @@ def test_artifact_obeys_the_guard(calibrated, sample_images):
     model_path, result, lines = calibrated
     report = result.guards["openvino"]
     assert result.openvino.name == "tiny.int8-openvino.xml" and result.openvino.with_suffix(".bin").is_file()
-    assert not report.initial.passed and report.passed and SENSITIVE_LAYER in report.fallback
+    assert not report.initial.verified(report.target) and report.verified and SENSITIVE_LAYER in report.fallback
     assert any(line.startswith("tiny.int8-openvino.xml: all layers INT8") for line in lines)
     model = ov.Core().read_model(str(result.openvino))
     metadata = ArtifactMetadata.from_json(str(model.get_rt_info([METADATA_KEY]).astype(str)))
     assert metadata.precision == "int8" and metadata.extra["quantization"] == "openvino-fakequantize-int8"
     assert metadata.extra["fallback_layers"] == list(report.fallback) and metadata.extra["inference_precision"] in ("f32", "bf16")
+    # The record's fidelity.openvino entry has the ONNX kinds' fields, rests on every evidence image, and is in the IR too.
+    entry = json.loads(result.record.read_text())["fidelity"]["openvino"]
+    assert {"spearman", "spearman_low", "spearman_high", "mean_abs", "mean_abs_high", "images", "verified"} <= set(entry)
+    assert entry["spearman_low"] <= entry["spearman"] <= entry["spearman_high"] and entry["mean_abs"] <= entry["mean_abs_high"]
+    assert entry["images"] == result.held_out == 8 and entry["verified"] is True and metadata.extra["fidelity"] == entry
     # No quantizer feeds the planted layer any more.
     feeds = {target.get_node().get_friendly_name() for node in model.get_ordered_ops() if node.get_type_name() == "FakeQuantize"
              for target in node.output(0).get_target_inputs()}
     assert feeds and not any(name.split("/")[0] == SENSITIVE_LAYER for name in feeds)
-    # The file as written, scored again on the guard's held-out images, meets the guard's target.
+    # The file as written, scored again by OpenVINO on the held-out images, stays within the estimate's error bound.
+    # (Not Spearman: on 4 images it moves in steps of 0.2, the blindness issue 11 removed from the guard.)
     held = load_all(split_images(sample_images, OPTIONS.held_out_fraction).held_out, metadata.preprocess)
     reference = session_scores(ort_session(str(model_path)), held)
-    again = fidelity(openvino_scores(model, held, metadata.extra["inference_precision"]), reference, report.target)
-    assert again.passed and again.count == report.final.count == result.held_out
+    scores = openvino_scores(model, held, metadata.extra["inference_precision"])
+    assert np.mean(np.abs(scores - reference)) <= min(entry["mean_abs_high"], report.target.max_mean_abs)
+
+
+def test_a_folds_ranges_swapped_into_a_copy_equal_a_build_from_them(tmp_path, sample_images):
+    """Cross-validation re-ranges a copy of the IR instead of running NNCF per fold; that copy is the fold's own build."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    pytest.importorskip("nncf", reason="needs the openvino extra")
+    from memexport.calibration.cpu_int8 import cpu_ranges
+    from memexport.calibration.images import load_all
+    from memexport.calibration.openvino_int8 import apply_ranges, openvino_int8_model, openvino_scores
+    from memexport.calibration.stats import activation_stats_from_batches, amax_from_stats
+    from tests.models import TINY_PREPROCESS
+
+    model_path = write_tiny_cnn(tmp_path / "tiny.onnx", residual=True)
+    batch = load_all(sample_images, TINY_PREPROCESS)
+    ranges = []
+    for part in (batch[:4], batch[4:]):
+        stats = activation_stats_from_batches(model_path, [part], len(part))
+        ranges.append((amax_from_stats(stats, "percentile", 99.9), {n: lo < 0.0 for n, (lo, _) in cpu_ranges(stats, 99.9).items()}))
+    first = openvino_int8_model(model_path, batch[:2], *ranges[0])
+    second = openvino_int8_model(model_path, batch[:2], *ranges[1])
+    copy = first.clone()
+    apply_ranges(copy, *ranges[1])
+    assert np.array_equal(openvino_scores(copy, batch), openvino_scores(second, batch))
+    assert not np.array_equal(openvino_scores(first, batch), openvino_scores(second, batch))
 
 
 def test_quantizers_take_memexports_ranges_and_signs(tmp_path, sample_images):
@@ -102,3 +134,23 @@ def test_quantizers_take_memexports_ranges_and_signs(tmp_path, sample_images):
             seen[tensor] = signed[tensor]
     # the residual branch ("c", before the Add) is signed; ReLU outputs are not; the FC head is never quantised
     assert seen.get("c") is True and seen.get("a_relu") is False and "flat" not in seen
+
+
+def test_an_unverified_ir_gets_the_one_line_warning(calibrated, tmp_path):
+    """predict/verify's warning reads the IR's rt_info (no openvino needed) like an ONNX artifact's metadata."""
+    import dataclasses
+
+    import openvino as ov
+
+    from memexport.calibration.openvino_int8 import save_openvino_artifact
+    from memexport.runtime.metadata import METADATA_KEY, ArtifactMetadata
+    from memexport.verify import unverified_warning
+
+    _, result, _ = calibrated
+    assert unverified_warning(result.openvino) is None
+    model = ov.Core().read_model(str(result.openvino))
+    meta = ArtifactMetadata.from_json(str(model.get_rt_info([METADATA_KEY]).astype(str)))
+    fidelity = {**meta.extra["fidelity"], "verified": False}
+    unverified = save_openvino_artifact(model, dataclasses.replace(meta, extra={**meta.extra, "fidelity": fidelity}), tmp_path / "tiny.int8-openvino.xml")
+    warning = unverified_warning(unverified)
+    assert warning and warning.startswith("warning: tiny.int8-openvino.xml: INT8 fidelity not verified") and "\n" not in warning

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from memexport.errors import BackendUnavailableError
+from memexport.optional import require
 
 
 # Convolutions carry nearly all the FLOPs; Relu/MaxPool/Add keep tensors in UINT8 between them.
@@ -92,13 +92,11 @@ def cpu_int8_proto_from_ranges(model: Path | str, ranges: Mapping[str, tuple[flo
     """
     import numpy as np
 
-    try:
-        from onnxruntime.quantization import QuantType
-        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-        from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
-        from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata
-    except ImportError as exc:  # pragma: no cover - depends on the onnxruntime build
-        raise BackendUnavailableError(f"onnxruntime.quantization is unavailable ({exc}); install onnxruntime>=1.16") from None
+    require("onnxruntime.quantization", extra="export", purpose="the CPU INT8 artifact", hint="install onnxruntime>=1.16")
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata
 
     tensors = TensorsData(
         CalibrationMethod.MinMax,

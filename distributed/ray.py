@@ -269,7 +269,7 @@ class ParquetScores:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from memexport.atomic import fsync_dir
+        from memexport.atomic import atomic_path
 
         table = pa.table({
             "path": [printable(row[0]) for row in rows],
@@ -278,13 +278,8 @@ class ParquetScores:
             "backend": [self.run[0]] * len(rows),
             "precision": [self.run[1]] * len(rows),
         })
-        final = self.folder / f"part-{self.next:06d}.parquet"
-        temporary = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, temporary)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-        fsync_dir(self.folder)
+        with atomic_path(self.folder / f"part-{self.next:06d}.parquet", suffix=".parquet") as temporary:
+            pq.write_table(table, temporary)
         self.next += 1
 
     def close(self) -> None:

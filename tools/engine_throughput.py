@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from memexport.runtime.cpu import cpu_units
+
 CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    cpu_flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split() if f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni")})
+    cpu_flags = sorted(cpu_units().flags)
     records = [run(engine, args.model, args.images, args.batch_size) for engine in ("local", "ray")]
     for record in records:
         print(f"{record['engine']:6} {record['scored'] + record['failed']:>6} images  wall {record['wall_s']:7.1f} s  "

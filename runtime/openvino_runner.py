@@ -13,6 +13,7 @@ whatever the precision, and the rest at the precision asked for.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,11 +26,16 @@ from memexport.optional import require
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.integrity import check_external_data_location, check_onnx, external_data_locations
+from memexport.runtime.ir_integrity import check_openvino_ir, check_parsed_metadata, ir_metadata_value
 from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
 
 PRECISIONS = ("fp32", "bf16")
 HINTS = {"fp32": "f32", "bf16": "bf16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+# Static-shape models kept compiled at once: a folder job needs two (its batch size and the last,
+# shorter batch); an app that alternates more sizes recompiles (about 1.5 s for ResMem) instead of
+# holding another copy of the weights.
+STATIC_SHAPES_KEPT = 2
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,16 @@ class OpenVinoOptions:
         performance_hint: ``"LATENCY"`` (one stream: all threads on each call) or ``"THROUGHPUT"``
             (several streams, for many concurrent callers) (default ``"LATENCY"``).
         num_streams: Parallel inference streams; 0 leaves the hint's choice (default 0).
+        static_batch: Compile one static-shape model per batch size seen (at most
+            :data:`STATIC_SHAPES_KEPT` at once) instead of running the dynamic-batch graph: OpenVINO
+            picks faster CPU kernels for static shapes (ResMem BF16 at batch 16 on an AMX Xeon: about
+            1.1-1.3x the dynamic graph's throughput; README *OpenVINO*) (default ``True``).
     """
 
     precision: str | None = None
     performance_hint: str = "LATENCY"
     num_streams: int = 0
+    static_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -107,7 +118,11 @@ class OpenVinoRunner(Runner):
     def __init__(self, path: Path | str, options: RunnerOptions = RunnerOptions(), backend_options: OpenVinoOptions | None = None) -> None:
         super().__init__(path, options, backend_options)
         self.compiled: Any = None
-        self._requests: list[Any] = []
+        self._model: Any = None
+        self._ov: Any = None
+        self._core: Any = None
+        self._static: OrderedDict[int, Any] = OrderedDict()  # batch size -> compiled static-shape model, most recent last
+        self._requests: dict[int, tuple[Any, list[Any]]] = {}  # batch size (0: dynamic) -> (compiled model, idle requests)
         self._lock = threading.Lock()
         self._weight_bytes: int | None = None
         self._version = ""
@@ -136,6 +151,7 @@ class OpenVinoRunner(Runner):
         self._check_inputs(model)
         self._weight_bytes = sum(int(op.get_byte_size()) for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
         self.compiled = self._compile(ov, core, model)
+        self._ov, self._core, self._model = ov, core, model
 
     def _check_file(self) -> None:
         """Refuse a missing, empty, escaping or (with ``check_integrity``) tampered file before OpenVINO parses it."""
@@ -147,6 +163,8 @@ class OpenVinoRunner(Runner):
         if self.path.suffix.lower() == ".xml":
             if not self.path.with_suffix(".bin").is_file():
                 raise ArtifactError(f"{self.path}: OpenVINO IR without its weights {self.path.with_suffix('.bin').name}; keep the .xml and .bin side by side")
+            if self.options.check_integrity:
+                check_openvino_ir(self.path)
             return
         check_external_data_location(self.path, external_data_locations(self.path))
         if self.options.check_integrity:
@@ -162,6 +180,8 @@ class OpenVinoRunner(Runner):
         value = _rt_metadata(model)
         if self.options.check_integrity and value is not None and self.path.suffix.lower() == ".onnx":
             check_onnx(self.path, parsed_value=value)  # cached: cross-checks the JSON hashed
+        elif self.options.check_integrity and value is not None:
+            check_parsed_metadata(self.path, value, ir_metadata_value(self.path))  # the JSON hashed in _check_file
         self.metadata = metadata_from_map({METADATA_KEY: value} if value is not None else {}, self.path)
         return model
 
@@ -214,10 +234,32 @@ class OpenVinoRunner(Runner):
             )
         return compiled
 
+    def _compiled_for(self, batch_size: int) -> Any:
+        """The model that runs a batch of ``batch_size``: its static-shape compilation, or the dynamic one."""
+        if not self.backend_options.static_batch:
+            return self.compiled
+        with self._lock:
+            compiled = self._static.get(batch_size)
+            if compiled is not None:
+                self._static.move_to_end(batch_size)
+                return compiled
+        model = self._model.clone()
+        model.reshape({model.input(self.metadata.input_name): [batch_size, *self.metadata.input_shape]})
+        compiled = self._compile(self._ov, self._core, model)
+        with self._lock:
+            # Two threads may both have compiled this size; keep the first, so requests stay pooled.
+            compiled = self._static.setdefault(batch_size, compiled)
+            self._static.move_to_end(batch_size)
+            while len(self._static) > STATIC_SHAPES_KEPT:
+                evicted, _ = self._static.popitem(last=False)
+                self._requests.pop(evicted, None)
+        return compiled
+
     def deactivate(self) -> None:
         with self._lock:
             self._requests.clear()
-        self.compiled = None
+            self._static.clear()
+        self.compiled = self._model = self._core = self._ov = None
 
     @property
     def device(self) -> str:
@@ -233,10 +275,13 @@ class OpenVinoRunner(Runner):
         return self._precision
 
     def memory_bytes(self) -> int | None:
-        """Weights the compiled model holds: the graph's constants, halved when computing in BF16 (an estimate)."""
+        """Weights the compiled models hold: the graph's constants (halved when computing in BF16) times
+        the models compiled now, the dynamic one and each static shape kept (an estimate)."""
         if self.compiled is None or self._weight_bytes is None:
             return None
-        return self._weight_bytes // 2 if self._precision == "bf16" else self._weight_bytes
+        one = self._weight_bytes // 2 if self._precision == "bf16" else self._weight_bytes
+        with self._lock:
+            return one * (1 + len(self._static))
 
     def describe(self) -> dict[str, Any]:
         facts = super().describe() | {"openvino": self._version, "cpu": cpu_units().label()}
@@ -248,11 +293,17 @@ class OpenVinoRunner(Runner):
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         assert self.metadata is not None and self.compiled is not None
+        compiled = self._compiled_for(len(batch))
+        key = len(batch) if self.backend_options.static_batch else 0
         with self._lock:
-            request = self._requests.pop() if self._requests else self.compiled.create_infer_request()
+            owner, idle = self._requests.get(key, (None, []))
+            if owner is not compiled:
+                owner, idle = self._requests[key] = (compiled, [])
+            request = idle.pop() if idle else compiled.create_infer_request()
         try:
             result = request.infer({self.metadata.input_name: batch})
-            return np.array(result[self.compiled.output(self.metadata.output_name)], dtype=np.float32, copy=True)
+            return np.array(result[compiled.output(self.metadata.output_name)], dtype=np.float32, copy=True)
         finally:
             with self._lock:
-                self._requests.append(request)
+                if self._requests.get(key, (None,))[0] is compiled:  # not evicted meanwhile
+                    self._requests[key][1].append(request)

@@ -117,6 +117,24 @@ def test_scores_batches_exactly(tiny, sample_images):
 
 
 @needs_openvino
+def test_static_batch_models_match_the_dynamic_graph_and_stay_bounded(tiny, sample_images):
+    from memexport.runtime.openvino_runner import STATIC_SHAPES_KEPT, OpenVinoOptions
+
+    batch = preprocessed(sample_images)
+    with runner_for(tiny, CPU, "openvino", OpenVinoOptions(static_batch=False)) as dynamic:
+        held_dynamic = dynamic.memory_bytes()
+        expected = dynamic.infer(batch)
+        assert dynamic.memory_bytes() == held_dynamic and not dynamic._static  # the dynamic graph served it
+    with runner_for(tiny, CPU, "openvino") as runner:
+        for size in (len(batch), 3, 1, len(batch)):
+            np.testing.assert_allclose(runner.infer(batch[:size]), expected[:size], atol=1e-6)
+        kept = list(runner._static)
+        assert kept == [1, len(batch)][-STATIC_SHAPES_KEPT:]  # least recently used sizes dropped first
+        assert runner.memory_bytes() == held_dynamic * (1 + STATIC_SHAPES_KEPT)
+        assert [list(runner._static.values())[i].input(0).get_partial_shape()[0].get_length() for i in range(len(kept))] == kept
+
+
+@needs_openvino
 def test_threads_reach_openvino(tiny, sample_images):
     batch = preprocessed(sample_images[:3])
     one, facts = scores(tiny, batch, "openvino", threads=1)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -44,6 +45,11 @@ class BenchOptions:
             ``bf16`` applies to OpenVINO only.
         fidelity: Folder of images to score with every path and compare with ONNX Runtime FP32
             (default ``None``: no fidelity columns).
+        rounds: Time the paths in turn, this many rounds of ``iterations / rounds`` calls each, all
+            runners loaded at once, so that every path sees the same machine load (on a shared
+            machine whose speed drifts by 1.5x within a minute, a path timed in one block can gain or
+            lose that much against the next); the percentiles pool every round. Default 1: each path
+            in one block, one runner loaded at a time.
     """
 
     batch_sizes: tuple[int, ...] = (1, 16)
@@ -56,6 +62,11 @@ class BenchOptions:
     backends: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ()
     fidelity: Path | None = None
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -150,32 +161,60 @@ def runner_device(runner: Runner) -> str:
 
 
 def bench_runner(runner: Runner, label: str, options: BenchOptions, device: str, free_before: int | None = None) -> list[BenchRecord]:
-    """Time an active runner at each batch size.
+    """Time an active runner at each batch size, in one block.
 
     Args:
         free_before: Free device bytes read before the runner loaded (default ``None``: no VRAM columns).
     """
+    ms = {size: time_calls(lambda: runner.infer(batch), options.iterations, options.warmup, options.min_seconds)
+          for size, batch in bench_batches(runner, options).items()}
+    return records_for(runner, label, device, ms, free_before)
+
+
+def bench_batches(runner: Runner, options: BenchOptions) -> dict[int, np.ndarray]:
+    """The input of each batch size timed."""
+    return {size: input_batch(runner, size, options.images) for size in options.batch_sizes}
+
+
+def records_for(runner: Runner, label: str, device: str, ms: dict[int, np.ndarray], free_before: int | None = None) -> list[BenchRecord]:
+    """One record per batch size from its call times in milliseconds."""
     from memexport.runtime.budget import MIB, free_vram, vram_delta
 
     assert runner.metadata is not None
     held = runner.memory_bytes() if device == "cuda" else None
     estimate_mb = held / MIB if held is not None else None
+    units = cpu_units()
     records = []
-    for batch_size in options.batch_sizes:
-        batch = input_batch(runner, batch_size, options.images)
-        ms = time_calls(lambda: runner.infer(batch), options.iterations, options.warmup, options.min_seconds)
-        p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
-        units = cpu_units()
+    for batch_size, times in ms.items():
+        p50, p90, p99 = (float(np.percentile(times, q)) for q in (50, 90, 99))
         records.append(
             BenchRecord(
                 model=runner.metadata.model, artifact=label, backend=runner.backend, precision=runner.precision,
                 device=device, batch_size=batch_size, p50_ms=p50, p90_ms=p90, p99_ms=p99,
-                images_per_s=batch_size / (p50 / 1000.0), peak_rss_mb=peak_rss_mb(), iterations=len(ms),
+                images_per_s=batch_size / (p50 / 1000.0), peak_rss_mb=peak_rss_mb(), iterations=len(times),
                 vram_mb=_mb(vram_delta(free_before, free_vram() if free_before is not None else None)), vram_estimate_mb=estimate_mb,
                 cpu=units.model, cpu_units=units.flags,
             )
         )
     return records
+
+
+def time_in_rounds(runners: Sequence[Runner], options: BenchOptions, progress: Callable[[str], None] = lambda _: None) -> list[dict[int, np.ndarray]]:
+    """Call times of every runner at every batch size, taken in ``options.rounds`` rounds in turn.
+
+    The warm-up calls come in the first round only; each round times ``ceil(iterations / rounds)``
+    calls (and ``min_seconds / rounds``) per runner and batch size.
+    """
+    per_round = -(-options.iterations // options.rounds)
+    batches = [bench_batches(runner, options) for runner in runners]
+    times: list[dict[int, list[float]]] = [{size: [] for size in options.batch_sizes} for _ in runners]
+    for k in range(options.rounds):
+        progress(f"round {k + 1} of {options.rounds}: {len(runners)} path(s)")
+        for runner, inputs, taken in zip(runners, batches, times):
+            for size, batch in inputs.items():
+                taken[size] += list(time_calls(lambda: runner.infer(batch), per_round, options.warmup if k == 0 else 0,
+                                               options.min_seconds / options.rounds))
+    return [{size: np.asarray(ms) for size, ms in taken.items()} for taken in times]
 
 
 def _mb(nbytes: int | None) -> float | None:
@@ -249,55 +288,101 @@ def bench_artifacts(
     """Benchmark every artifact x back end x precision (see :func:`bench_paths`), then eager torch once
     per model (when installed and asked for). Combinations a back end refuses (``bf16`` on ONNX
     Runtime, or on a CPU without a BF16 unit) are left out with a note through ``progress``.
+    With ``options.rounds`` above 1 every path, torch included, is loaded first and timed in turn
+    (:func:`time_in_rounds`).
 
     Args:
         artifacts: ``.onnx``, ``.xml`` or engine files; they may mix models and precisions.
         options: See :class:`BenchOptions`.
         progress: Called with a short line before each back end runs (default: silent).
     """
+    paths = bench_paths(artifacts, options.backends, options.precisions, progress)
+    skipped: list[Exception] = []
+    with ExitStack() as stack:
+        if options.rounds > 1:
+            opened = [o for o in (_open_path(path, options, progress, skipped, stack) for path in paths) if o is not None]
+            references = _open_references([o.runner.metadata for o in opened], options, progress, stack)
+            everything = opened + references
+            times = time_in_rounds([o.runner for o in everything], options, progress)
+            measured = [o.measure(records_for(o.runner, o.label, o.device, ms, o.free_before), options) for o, ms in zip(everything, times)]
+        else:
+            measured, models = [], []
+            for path in paths:
+                with ExitStack() as one:
+                    o = _open_path(path, options, progress, skipped, one)
+                    if o is not None:
+                        progress(f"timing {o.what}")
+                        measured.append(o.measure(bench_runner(o.runner, o.label, options, o.device, o.free_before), options))
+                        models.append(o.runner.metadata)
+            for o in _open_references(models, options, progress, stack):
+                progress(f"timing {o.what}")
+                measured.append(o.measure(bench_runner(o.runner, o.label, options, o.device, o.free_before), options))
+    records = [r for timed, _ in measured for r in timed]
+    if skipped and not records:
+        raise skipped[0]
+    scored = [(timed, scores) for timed, scores in measured if scores is not None]
+    return with_fidelity(records, scored, progress) if scored else records
+
+
+@dataclass
+class _Opened:
+    """An active runner in a bench run, with what its records need."""
+
+    runner: Runner
+    label: str
+    what: str
+    device: str
+    precision: str | None = None
+    free_before: int | None = None
+    reference: bool = False
+
+    def measure(self, timed: list[BenchRecord], options: BenchOptions) -> tuple[list[BenchRecord], np.ndarray | None]:
+        """The records (with the precision asked for) and, for artifacts with a fidelity folder, their scores on it."""
+        if self.reference:
+            return timed, None
+        timed = [replace(r, precision_option=self.precision) for r in timed]
+        return timed, (fidelity_scores(self.runner, options.fidelity) if options.fidelity is not None else None)
+
+
+def _open_path(path: tuple[Path, str, str | None], options: BenchOptions, progress: Callable[[str], None],
+               skipped: list[Exception], stack: ExitStack) -> _Opened | None:
+    """Activate one artifact x back end x precision inside ``stack``, or note why it was refused."""
     from memexport.runtime.budget import free_vram
     from memexport.runtime.registry import runner_for
 
-    records: list[BenchRecord] = []
-    baselines: dict[str, object] = {}
-    scored: list[tuple[list[BenchRecord], np.ndarray]] = []
-    skipped: list[Exception] = []
-    for artifact, backend, precision in bench_paths(artifacts, options.backends, options.precisions, progress):
-        what = f"{artifact} on {backend}" + (f" {precision}" if precision else "")
-        on_gpu = options.device != "cpu" or Path(artifact).suffix.lower() in (".plan", ".engine", ".trt")
-        free_before = free_vram() if on_gpu else None
-        try:
-            runner = runner_for(artifact, RunnerOptions(device=options.device), backend, precision=precision).__enter__()
-        except MemexportError as refusal:
-            # One path refused (BF16 without a BF16 unit, an artifact a back end cannot compile): the others still run.
-            progress(f"skipped {what}: {refusal}")
-            skipped.append(refusal)
-            continue
-        progress(f"timing {what}")
-        try:
-            device = runner_device(runner)
-            timed = [replace(r, precision_option=precision) for r in bench_runner(runner, str(artifact), options, device, free_before if device == "cuda" else None)]
-            if options.fidelity is not None:
-                scored.append((timed, fidelity_scores(runner, options.fidelity)))
-            records += timed
-            assert runner.metadata is not None
-            baselines.setdefault(runner.metadata.model, runner.metadata)
-        finally:
-            runner.__exit__(None, None, None)
-    if skipped and not records:
-        raise skipped[0]
-    if scored:
-        records = with_fidelity(records, scored, progress)
-    if options.torch_baseline and torch_available():
-        from memexport.export.torch_runner import reference_runner_for
+    artifact, backend, precision = path
+    what = f"{artifact} on {backend}" + (f" {precision}" if precision else "")
+    on_gpu = options.device != "cpu" or Path(artifact).suffix.lower() in (".plan", ".engine", ".trt")
+    free_before = free_vram() if on_gpu else None
+    try:
+        runner = stack.enter_context(runner_for(artifact, RunnerOptions(device=options.device), backend, precision=precision))
+    except MemexportError as refusal:
+        # One path refused (BF16 without a BF16 unit, an artifact a back end cannot compile): the others still run.
+        progress(f"skipped {what}: {refusal}")
+        skipped.append(refusal)
+        return None
+    device = runner_device(runner)
+    return _Opened(runner, str(artifact), what, device, precision, free_before if device == "cuda" else None)
 
-        torch_device = "cuda" if options.device == "cuda" else "cpu"
-        for model, metadata in baselines.items():
-            progress(f"timing torch eager ({model})")
-            free_before = free_vram() if torch_device == "cuda" else None
-            with reference_runner_for(metadata, device=torch_device) as reference:  # type: ignore[arg-type]
-                records += bench_runner(reference, f"torch:{model}", options, torch_device, free_before)
-    return records
+
+def _open_references(metadata: Sequence[Any], options: BenchOptions, progress: Callable[[str], None], stack: ExitStack) -> list[_Opened]:
+    """Eager torch inside ``stack``, once per model of the artifacts' ``metadata``, when installed and asked for."""
+    if not (options.torch_baseline and torch_available()):
+        return []
+    from memexport.export.torch_runner import reference_runner_for
+    from memexport.runtime.budget import free_vram
+
+    models: dict[str, Any] = {}
+    for one in metadata:
+        models.setdefault(one.model, one)  # the first artifact's metadata of each model
+    device = "cuda" if options.device == "cuda" else "cpu"
+    opened = []
+    for model, metadata in models.items():
+        progress(f"loading torch eager ({model})")
+        free_before = free_vram() if device == "cuda" else None
+        reference = stack.enter_context(reference_runner_for(metadata, device=device))  # type: ignore[arg-type]
+        opened.append(_Opened(reference, f"torch:{model}", f"torch eager ({model})", device, None, free_before, reference=True))
+    return opened
 
 
 def with_fidelity(records: list[BenchRecord], scored: Sequence[tuple[list[BenchRecord], np.ndarray]],

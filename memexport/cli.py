@@ -248,6 +248,7 @@ def bench_cmd(
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="Back end(s) to time each artifact on; repeat to compare (default: by suffix). " + BACKEND_HELP),
     precision: Optional[List[str]] = typer.Option(None, "--precision", help="Precision(s) to ask for where a back end offers them (ONNX Runtime and TensorRT run once, at the artifact's own); repeat to compare. " + PRECISION_HELP),
     fidelity: Optional[Path] = typer.Option(None, "--fidelity", help="Score these images with every path and compare with ONNX Runtime FP32 (Spearman, mean abs); name the fastest path that keeps the ranking."),
+    rounds: int = typer.Option(1, "--rounds", help="Time all paths in turn, this many rounds of iterations/rounds calls each (all loaded at once), so a noisy machine's drift hits every path alike."),
 ) -> None:
     """Latency (p50/p90/p99), images/s and peak RSS per artifact, back end, precision and batch size, with the CPU's matrix units."""
     from memexport.bench import BenchOptions, bench_artifacts, bench_end_to_end, end_to_end_ratios, ratio_table
@@ -268,7 +269,7 @@ def bench_cmd(
         return
     options = BenchOptions(
         parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images,
-        backends=tuple(backend or ()), precisions=tuple(precision or ()), fidelity=fidelity,
+        backends=tuple(backend or ()), precisions=tuple(precision or ()), fidelity=fidelity, rounds=rounds,
     )
     records = bench_artifacts(model, options, progress=err)
     _print_bench_table(records)

@@ -68,3 +68,38 @@ def test_cli_prints_the_cpu_the_ratio_and_the_fastest_faithful_path(tmp_path, da
     records = json.loads(out.read_text())
     assert [(r["backend"], r["precision"]) for r in records] == [("onnxruntime", "fp32"), ("openvino", "fp32")]
     assert all(r["cpu_units"] == list(cpu_units().flags) and r["spearman"] == 1.0 for r in records)
+
+
+def test_rounds_time_every_path_in_turn_with_all_loaded(tmp_path, data_dir, monkeypatch):
+    """--rounds: warm-up once, then each round times every path; the records pool every round's calls."""
+    import memexport.bench as bench
+
+    monkeypatch.setitem(MODELS, "tiny-scorer", ModelSpec(name="tiny-scorer", builder="x:y", tolerances=DEFAULT_TOLERANCES))
+    first, second = write_tiny_scorer(tmp_path / "a.onnx"), write_tiny_scorer(tmp_path / "b.onnx")
+    calls: list[tuple[str, int, bool]] = []
+    real_infer = bench.Runner.infer
+
+    def spy(self, batch):
+        calls.append((self.path.name, len(batch), all(r._active for r in live)))
+        return real_infer(self, batch)
+
+    live: list = []
+    real_open = bench._open_path
+
+    def opening(*args, **kwargs):
+        opened = real_open(*args, **kwargs)
+        live.append(opened.runner)
+        return opened
+
+    monkeypatch.setattr(bench.Runner, "infer", spy)
+    monkeypatch.setattr(bench, "_open_path", opening)
+    options = BenchOptions(batch_sizes=(2,), iterations=3, warmup=1, torch_baseline=False, rounds=3, fidelity=data_dir)
+    records = bench_artifacts([first, second], options)
+    timed = [(name, size) for name, size, _ in calls if size == 2]
+    # warm-up + 1 call per round, a then b, three rounds (fidelity scoring comes after, in batches of 8).
+    assert timed == [("a.onnx", 2), ("a.onnx", 2), ("b.onnx", 2), ("b.onnx", 2), ("a.onnx", 2), ("b.onnx", 2), ("a.onnx", 2), ("b.onnx", 2)]
+    assert all(both_loaded for _, size, both_loaded in calls if size == 2)
+    assert [(r.artifact, r.iterations) for r in records] == [(str(first), 3), (str(second), 3)]
+    assert all(r.spearman == 1.0 for r in records)
+    with pytest.raises(UsageError, match="--rounds must be at least 1, got 0"):
+        BenchOptions(rounds=0)

@@ -163,11 +163,12 @@ def save_openvino_artifact(model: Any, metadata: Any, output: Path | str) -> Pat
     """Write ``model`` as OpenVINO IR (``output`` ``.xml`` plus its ``.bin``) with ``metadata``, atomically.
 
     The metadata JSON goes into the IR's ``rt_info`` under ``memexport``, where the OpenVINO
-    runner reads it. The ``.bin`` is renamed into place before the ``.xml``, so a reader never
+    runner reads it, sealed (:func:`memexport.runtime.ir_integrity.seal_openvino_ir`). The ``.bin`` is renamed into place before the ``.xml``, so a reader never
     finds a new ``.xml`` beside old weights. FP32 weights stay FP32 (no FP16 compression).
     """
     ov, _ = require_modules()
     from memexport.atomic import atomic_path
+    from memexport.runtime.ir_integrity import seal_openvino_ir
     from memexport.runtime.metadata import METADATA_KEY
 
     output = Path(output)
@@ -177,6 +178,7 @@ def save_openvino_artifact(model: Any, metadata: Any, output: Path | str) -> Pat
     with atomic_path(output, ".xml") as xml, atomic_path(output.with_suffix(".bin"), ".bin") as weights:
         try:
             ov.save_model(model, str(xml), compress_to_fp16=False)
+            seal_openvino_ir(xml)  # after the last save: the digest covers the .xml as written and its .bin
             xml.with_suffix(".bin").replace(weights)
         finally:
             xml.with_suffix(".bin").unlink(missing_ok=True)

@@ -108,6 +108,18 @@ def _runtime_facts(path: Path) -> dict[str, Any]:
         }
 
 
+def _ir_facts(path: Path) -> dict[str, Any]:
+    """An OpenVINO IR as its runner sees it once loaded (integrity checked first), with its metadata."""
+    from memexport.runtime.ir_integrity import check_openvino_ir
+    from memexport.runtime.registry import runner_for
+
+    with runner_for(path) as runner:
+        facts = runner.describe()
+        assert runner.metadata is not None
+        extra = dict(runner.metadata.extra)
+    return facts | extra | {"integrity_verified": check_openvino_ir(path) is not None}
+
+
 def inspect_artifact(
     path: Path | str, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, budget_bytes: int | None = None
 ) -> dict[str, Any]:
@@ -135,6 +147,8 @@ def inspect_artifact(
 
     path = Path(path)
     budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    if path.suffix.lower() == ".xml":
+        return _ir_facts(path)
     if path.suffix.lower() != ".onnx":
         return runner_for(path).describe()
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""The torch reference runner: the declared model in eager torch, FP32."""
+"""The torch reference runner: the declared model in eager torch, FP32 (or BF16 autocast, a peer to compare with)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,23 @@ class TorchRunner(Runner):
         weights: Its checkpoint(s).
         device: ``"cpu"`` or ``"cuda"`` (default ``"cpu"``).
         model: An already built module to reuse instead of building one (default ``None``).
+        autocast: ``"bf16"`` runs under ``torch.autocast(dtype=torch.bfloat16)``, what a torch user
+            would try first for speed on a BF16 CPU; ``None`` is exact FP32 (default ``None``).
     """
 
     backend = "torch"
 
-    def __init__(self, spec: ModelSpec, weights: WeightsSource, device: str = "cpu", model: Any = None) -> None:
+    def __init__(self, spec: ModelSpec, weights: WeightsSource, device: str = "cpu", model: Any = None, autocast: str | None = None) -> None:
         super().__init__(None, RunnerOptions(device=device))
-        self.spec, self.weights, self.model = spec, weights, model
+        if autocast not in (None, "bf16"):
+            raise UsageError(f"torch autocast {autocast!r} is not supported; use bf16, or none for FP32")
+        self.spec, self.weights, self.model, self.autocast = spec, weights, model, autocast
         self._torch_device: str | None = None
+
+    @property
+    def precision(self) -> str:
+        """``bf16`` under autocast, else ``fp32``."""
+        return self.autocast or "fp32"
 
     @property
     def device(self) -> str:
@@ -73,7 +82,8 @@ class TorchRunner(Runner):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(kind, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
             out = self.model(torch.from_numpy(batch).to(self.device))
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()

@@ -338,10 +338,10 @@ class _Opened:
 
     def measure(self, timed: list[BenchRecord], options: BenchOptions) -> tuple[list[BenchRecord], np.ndarray | None]:
         """The records (with the precision asked for) and, for artifacts with a fidelity folder, their scores on it."""
-        if self.reference:
-            return timed, None
         timed = [replace(r, precision_option=self.precision) for r in timed]
-        return timed, (fidelity_scores(self.runner, options.fidelity) if options.fidelity is not None else None)
+        if options.fidelity is None or (self.reference and self.precision is None):
+            return timed, None  # torch FP32 is the model itself: nothing to compare
+        return timed, fidelity_scores(self.runner, options.fidelity)
 
 
 def _open_path(path: tuple[Path, str, str | None], options: BenchOptions, progress: Callable[[str], None],
@@ -366,22 +366,30 @@ def _open_path(path: tuple[Path, str, str | None], options: BenchOptions, progre
 
 
 def _open_references(metadata: Sequence[Any], options: BenchOptions, progress: Callable[[str], None], stack: ExitStack) -> list[_Opened]:
-    """Eager torch inside ``stack``, once per model of the artifacts' ``metadata``, when installed and asked for."""
+    """Eager torch inside ``stack``, once per model of the artifacts' ``metadata``, when installed and asked for;
+    with ``bf16`` among the precisions, also torch under BF16 autocast on a CPU with a BF16 unit (the
+    peer a torch user would try first), sharing the FP32 runner's module."""
     if not (options.torch_baseline and torch_available()):
         return []
-    from memexport.export.torch_runner import reference_runner_for
+    from memexport.export.torch_runner import TorchRunner, reference_runner_for
     from memexport.runtime.budget import free_vram
 
     models: dict[str, Any] = {}
     for one in metadata:
         models.setdefault(one.model, one)  # the first artifact's metadata of each model
     device = "cuda" if options.device == "cuda" else "cpu"
+    autocast = "bf16" in options.precisions and (device == "cuda" or cpu_units().bf16)
+    if "bf16" in options.precisions and not autocast:
+        progress(f"skipped torch bf16 autocast: this CPU ({cpu_units().model}) has no BF16 unit")
     opened = []
-    for model, metadata in models.items():
+    for model, meta in models.items():
         progress(f"loading torch eager ({model})")
         free_before = free_vram() if device == "cuda" else None
-        reference = stack.enter_context(reference_runner_for(metadata, device=device))  # type: ignore[arg-type]
+        reference = stack.enter_context(reference_runner_for(meta, device=device))  # type: ignore[arg-type]
         opened.append(_Opened(reference, f"torch:{model}", f"torch eager ({model})", device, None, free_before, reference=True))
+        if autocast:
+            peer = stack.enter_context(TorchRunner(reference.spec, reference.weights, device, model=reference.model, autocast="bf16"))
+            opened.append(_Opened(peer, f"torch:{model}", f"torch bf16 autocast ({model})", device, "bf16", None, reference=True))
     return opened
 
 

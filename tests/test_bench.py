@@ -103,3 +103,28 @@ def test_rounds_time_every_path_in_turn_with_all_loaded(tmp_path, data_dir, monk
     assert all(r.spearman == 1.0 for r in records)
     with pytest.raises(UsageError, match="--rounds must be at least 1, got 0"):
         BenchOptions(rounds=0)
+
+
+def test_bf16_adds_the_torch_autocast_peer_with_its_fidelity(tmp_path, data_dir, monkeypatch):
+    """--precision bf16 times torch under BF16 autocast too (a BF16 CPU only), scored against ONNX Runtime FP32."""
+    pytest.importorskip("torch")
+    import memexport.bench as bench
+    import memexport.export.torch_runner as torch_runner
+    from memexport.export.weights import WeightsSource
+    from tests.export.test_torch_runner import tiny_torch_scorer
+
+    monkeypatch.setitem(MODELS, "tiny-scorer", ModelSpec(name="tiny-scorer", builder="x:y", tolerances=DEFAULT_TOLERANCES))
+    spec = MODELS["tiny-scorer"]
+    monkeypatch.setattr(torch_runner, "reference_runner_for", lambda meta, device="cpu": torch_runner.TorchRunner(spec, WeightsSource(None, {}, 0), device, model=tiny_torch_scorer()))
+    monkeypatch.setattr(bench, "torch_available", lambda: True)
+    notes: list[str] = []
+    options = BenchOptions(batch_sizes=(2,), iterations=2, warmup=0, backends=("onnxruntime",), precisions=("bf16",), fidelity=data_dir)
+    records = bench_artifacts([write_tiny_scorer(tmp_path / "tiny.onnx")], options, notes.append)
+    if not cpu_units().bf16:
+        assert [(r.backend, r.precision) for r in records] == [("onnxruntime", "fp32"), ("torch", "fp32")]
+        assert any("skipped torch bf16 autocast" in n for n in notes)
+        return
+    assert [(r.backend, r.precision) for r in records] == [("onnxruntime", "fp32"), ("torch", "fp32"), ("torch", "bf16")]
+    torch32, torch16 = records[1], records[2]
+    assert torch32.spearman is None  # the model itself: nothing to compare
+    assert torch16.fidelity_images == 8 and torch16.spearman is not None and torch16.mean_abs > 0  # another model than the ONNX: scored, not assumed

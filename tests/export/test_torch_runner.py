@@ -40,3 +40,30 @@ def test_changed_part_checkpoint_is_refused(tmp_path, resmem_weights):
     part.unlink()
     with pytest.raises(UsageError, match="is missing"):
         reference_runner_for(meta)
+
+
+def tiny_torch_scorer() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 1), torch.nn.Flatten(0), torch.nn.Sigmoid(),
+    )
+
+
+def test_bf16_autocast_is_a_separate_precision_sharing_the_module(sample_images):
+    import numpy as np
+
+    from memexport.export.torch_runner import TorchRunner
+    from memexport.export.weights import WeightsSource
+
+    batch = np.random.default_rng(0).random((4, 3, 227, 227), dtype=np.float32)
+    module = tiny_torch_scorer()
+    with TorchRunner(RESMEM, WeightsSource(None, {}, 0), model=module) as exact:
+        fp32 = exact.infer(batch)
+        assert exact.precision == "fp32"
+    with TorchRunner(RESMEM, WeightsSource(None, {}, 0), model=module, autocast="bf16") as peer:
+        bf16 = peer.infer(batch)
+        assert peer.precision == "bf16" and peer.model is module
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 0.02  # BF16 rounding, not another model
+    with pytest.raises(UsageError, match="torch autocast 'fp16' is not supported"):
+        TorchRunner(RESMEM, WeightsSource(None, {}, 0), autocast="fp16")

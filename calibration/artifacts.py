@@ -172,6 +172,16 @@ class GuardedOnnxKind:
     def layers(self, ctx: CalibrationContext) -> list[str]:
         raise NotImplementedError
 
+    def pinned_prefixes(self, ctx: CalibrationContext) -> tuple[str, ...]:
+        """The spec's node-name prefixes that stay out of INT8 in every artifact (ResMem: stem and layer1)."""
+        return ctx.spec.int8_fp32_layers if ctx.spec is not None else ()
+
+    def pinned(self, ctx: CalibrationContext) -> frozenset[str]:
+        """Node names under :meth:`pinned_prefixes`: never quantised, never offered to the guard."""
+        from memexport.calibration.cpu_int8 import pinned_layers
+
+        return frozenset(pinned_layers(ctx.fp32, self.pinned_prefixes(ctx)))
+
     def unit_of(self, layer: str) -> str:
         """The fallback unit of a layer: its ResNet block (one FP32 island per block, not per layer), else the layer."""
         from memexport.calibration.guard import block_unit
@@ -266,7 +276,7 @@ def judge(report: Any, what: str, strict: bool, log: Callable[[str], None]) -> N
 
 
 class QdqKind(GuardedOnnxKind):
-    """Explicit Q/DQ ONNX for TensorRT: symmetric INT8, per-channel weights."""
+    """Explicit Q/DQ ONNX for TensorRT: symmetric INT8, per-channel weights, the spec's pinned layers without Q/DQ."""
 
     name, suffix, quantization = "qdq", "int8-qdq", "tensorrt-qdq-s8s8-symmetric"
 
@@ -278,12 +288,16 @@ class QdqKind(GuardedOnnxKind):
     def quantize(self, ctx: CalibrationContext, fold: int | None, exclude: frozenset[str]) -> Any:
         from memexport.calibration.qdq import QdqOptions, qdq_proto_from_ranges
 
-        return qdq_proto_from_ranges(ctx.fp32, self.ranges(ctx, fold), QdqOptions(exclude=exclude))
+        return qdq_proto_from_ranges(ctx.fp32, self.ranges(ctx, fold), QdqOptions(exclude=self.pinned(ctx) | exclude))
 
     def layers(self, ctx: CalibrationContext) -> list[str]:
         from memexport.calibration.qdq import quantizable_layers
 
-        return quantizable_layers(ctx.fp32)
+        pinned = self.pinned(ctx)
+        return [name for name in quantizable_layers(ctx.fp32) if name not in pinned]
+
+    def extra_metadata(self, ctx: CalibrationContext, fallback: frozenset[str]) -> dict[str, Any]:
+        return {"pinned_fp32_layers": list(self.pinned_prefixes(ctx)), **super().extra_metadata(ctx, fallback)}
 
     def ranges_key(self, ctx: CalibrationContext) -> str:
         return f"{ctx.options.qdq_method}@{ctx.options.qdq_percentile}"
@@ -302,14 +316,6 @@ class CpuKind(GuardedOnnxKind):
     """
 
     name, suffix, quantization = "cpu", "int8-cpu", "onnxruntime-qoperator-u8s8"
-
-    def pinned_prefixes(self, ctx: CalibrationContext) -> tuple[str, ...]:
-        return ctx.spec.int8_cpu_fp32_layers if ctx.spec is not None else ()
-
-    def pinned(self, ctx: CalibrationContext) -> frozenset[str]:
-        from memexport.calibration.cpu_int8 import pinned_layers
-
-        return frozenset(pinned_layers(ctx.fp32, self.pinned_prefixes(ctx)))
 
     def ranges_from(self, ctx: CalibrationContext, stats: Any) -> Any:
         from memexport.calibration.cpu_int8 import cpu_ranges
@@ -374,7 +380,7 @@ class OpenVinoKind:
         return True
 
     def pinned(self, ctx: Any) -> tuple[str, ...]:
-        return ctx.spec.int8_cpu_fp32_layers if ctx.spec is not None else ()
+        return ctx.spec.int8_fp32_layers if ctx.spec is not None else ()
 
     def layers(self, ctx: Any) -> list[str]:
         """Convolutions the guard may keep out of INT8 (the head is never INT8 here)."""

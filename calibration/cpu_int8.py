@@ -75,7 +75,7 @@ def constant_adds(proto: Any) -> list[str]:
 
 
 def pinned_layers(proto: Any, prefixes: tuple[str, ...]) -> list[str]:
-    """Names of the nodes under any of ``prefixes`` (a spec's ``int8_cpu_fp32_layers``)."""
+    """Names of the nodes under any of ``prefixes`` (a spec's ``int8_fp32_layers``)."""
     return [n.name for n in proto.graph.node if prefixes and n.name.startswith(prefixes)]
 
 

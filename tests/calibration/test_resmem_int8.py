@@ -55,8 +55,15 @@ def test_resmem_int8_parity(resmem_onnx, data_dir, sample_images, tmp_path):
     assert sum(op == "QLinearAdd" for op in ops.values()) == 50 - 3  # every residual sum but layer1's three
     assert sum(op == "QLinearConv" for op in ops.values()) > 120
     described = inspect_artifact(result.cpu)
-    assert described["pinned_fp32_layers"] == list(RESMEM.int8_cpu_fp32_layers)
+    assert described["pinned_fp32_layers"] == list(RESMEM.int8_fp32_layers)
     assert abs(described["score_offset_logit"]) < 0.5
+    # The Q/DQ artifact pins the same layers: no QuantizeLinear feeds the stem or layer1.
+    qdq = onnx.load(str(result.qdq), load_external_data=False)
+    dequantized = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    pinned = [n for n in qdq.graph.node if n.name.startswith(RESMEM.int8_fp32_layers) and n.op_type == "Conv"]
+    assert len(pinned) == 11 and not any(i in dequantized for n in pinned for i in n.input)
+    assert any(i in dequantized for n in qdq.graph.node if n.name == "/features/layer2/layer2.0/conv1/Conv" for i in n.input)
+    assert inspect_artifact(result.qdq)["pinned_fp32_layers"] == list(RESMEM.int8_fp32_layers)
 
     # The spec's INT8 error bound and Kendall bound as they are; Spearman at 0.97 because on 8 images
     # one swap of the two closest scores (0.817 vs 0.826) already gives 0.976.

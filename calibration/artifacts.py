@@ -215,7 +215,11 @@ class GuardedOnnxKind:
 
     def guard(self, ctx: CalibrationContext) -> Any:
         amax, u8_ranges = self.simulated_ranges(ctx)
-        return guard_for(ctx, self.name, self.layers(ctx), amax, u8_ranges, self.ranges_key(ctx), self.unit_of)
+        return guard_for(ctx, self.name, self.layers(ctx), amax, u8_ranges, self.ranges_key(ctx), self.unit_of, self.fallback_rounds(ctx))
+
+    def fallback_rounds(self, ctx: CalibrationContext) -> int:
+        """Fallback steps the guard may try for this kind (default ``options.fallback_rounds``)."""
+        return ctx.options.fallback_rounds
 
     def write(self, ctx: CalibrationContext) -> Written:
         from memexport.export.onnx_export import save_onnx_artifact
@@ -234,13 +238,18 @@ class GuardedOnnxKind:
         return Written(path, report)
 
 
-def guard_for(ctx: CalibrationContext, kind: str, layers: Sequence[str], amax: Any, u8_ranges: Any, ranges_key: str, unit_of: Callable[[str], str]) -> Any:
-    """The estimate-driven :class:`~memexport.calibration.guard.Guard` of one artifact kind, ranking units on the evidence images."""
+def guard_for(ctx: CalibrationContext, kind: str, layers: Sequence[str], amax: Any, u8_ranges: Any, ranges_key: str,
+              unit_of: Callable[[str], str], rounds: int | None = None) -> Any:
+    """The estimate-driven :class:`~memexport.calibration.guard.Guard` of one artifact kind, ranking units on the evidence images.
+
+    Args:
+        rounds: Fallback steps allowed (default ``None``: ``options.fallback_rounds``).
+    """
     from memexport.calibration.guard import Guard
 
     batch, reference = ctx.evidence.originals()
     return Guard(
-        ctx.fp32, amax, list(layers), batch, reference, ctx.target(), ctx.log, max_rounds=ctx.options.fallback_rounds,
+        ctx.fp32, amax, list(layers), batch, reference, ctx.target(), ctx.log, max_rounds=ctx.options.fallback_rounds if rounds is None else rounds,
         cache=ctx.out_dir / f"{ctx.stem}.sensitivity-{kind}.json", cache_key=f"{ctx.stats.fingerprint}|{kind}|{ranges_key}",
         u8_ranges=u8_ranges, unit_of=unit_of,
     )
@@ -263,9 +272,11 @@ def judge(report: Any, what: str, strict: bool, log: Callable[[str], None]) -> N
         log(f"{what}: verified: {final.describe()} meets {goal}")
         return
     if report.refuted:
+        searched = f"even with {len(report.fallback)} layer(s) in FP32" if report.fallback else "with no layer searched for FP32 fallback"
+        allow = "" if report.fallback else ", allow fallback (--fallback-rounds, or --cpu-fallback-rounds for the CPU artifact)"
         raise CalibrationError(
-            f"{what}: INT8 misses {goal} on new photos: {final.describe()}, even with {len(report.fallback)} layer(s) in FP32; "
-            "calibrate on more images, try --method percentile, or lower --min-spearman"
+            f"{what}: INT8 misses {goal} on new photos: {final.describe()}, {searched}; "
+            f"calibrate on more images, try --method percentile{allow}, or lower --min-spearman"
         )
     needed = final.images_to_settle(target)
     settle = f"about {needed - final.images} more images would settle it" if needed else "its estimate itself misses the target, so more images would not settle it"
@@ -343,6 +354,10 @@ class CpuKind(GuardedOnnxKind):
 
     def ranges_key(self, ctx: CalibrationContext) -> str:
         return f"percentile@{ctx.options.cpu_percentile}"
+
+    def fallback_rounds(self, ctx: CalibrationContext) -> int:
+        """``options.cpu_fallback_rounds``: FP32 islands cost this artifact more speed than they buy fidelity."""
+        return ctx.options.cpu_fallback_rounds
 
     def extra_metadata(self, ctx: CalibrationContext, fallback: frozenset[str]) -> dict[str, Any]:
         return {"pinned_fp32_layers": list(self.pinned_prefixes(ctx)), "range_percentile": ctx.options.cpu_percentile, **super().extra_metadata(ctx, fallback)}

@@ -15,13 +15,15 @@ from memexport.calibration.cpu_int8 import CPU_PERCENTILE
 from memexport.calibration.qdq import tensorrt_qdq_violations
 from memexport.calibration.stats import ActivationStats, amax_from_stats
 from memexport.cli import app
-from memexport.errors import UsageError
+from memexport.errors import CalibrationError, UsageError
 from memexport.inspect import inspect_artifact
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from tests.models import SENSITIVE_LAYER, write_tiny_cnn
 
-OPTIONS = CalibrationOptions(method="minmax", held_out_fraction=0.5, augment=1)
+# The CPU artifact's fallback is off by default (ResMem: islands cost more speed than they buy); on the
+# tiny model with its planted layer both guards search, so both searches are tested.
+OPTIONS = CalibrationOptions(method="minmax", held_out_fraction=0.5, augment=1, cpu_fallback_rounds=4)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,17 @@ def test_guard_keeps_the_planted_layer_and_records_it(calibrated):
     assert isinstance(cpu["score_offset_logit"], float)
 
 
+def test_cpu_fallback_is_off_by_default_and_bounded_options_are_checked(calibrated, tmp_path, sample_images):
+    model, result, _ = calibrated
+    assert CalibrationOptions().cpu_fallback_rounds == 0 and CalibrationOptions().fallback_rounds == 4
+    # The planted layer ruins the all-INT8 CPU artifact; without a search the guard refuses it and says how to allow one.
+    with pytest.raises(CalibrationError, match=r"tiny\.int8-cpu\.onnx: INT8 misses .* with no layer searched for FP32 fallback; .*--cpu-fallback-rounds"):
+        calibrate(model, sample_images[0].parent, tmp_path / "off", dataclasses.replace(OPTIONS, cpu_fallback_rounds=0, outputs=("cpu",)))
+    for flag, options in (("--fallback-rounds", CalibrationOptions(fallback_rounds=-1)), ("--cpu-fallback-rounds", CalibrationOptions(cpu_fallback_rounds=-1))):
+        with pytest.raises(UsageError, match=f"{flag} must be 0 or more, got -1"):
+            calibrate(model, sample_images[0].parent, tmp_path, options)
+
+
 def test_changing_method_reuses_statistics_without_reading_images(calibrated, tmp_path, monkeypatch, sample_images):
     import memexport.calibration.images as images
 
@@ -100,7 +113,7 @@ def test_cli_calibrate_predict_bench(tmp_path, sample_images):
     model = write_tiny_cnn(tmp_path / "tiny.onnx", planted=True)
     out = tmp_path / "out"
     called = runner.invoke(app, ["calibrate", "--model", str(model), "--images", str(sample_images[0].parent), "-o", str(out),
-                                 "--method", "minmax", "--held-out-fraction", "0.5", "--augment", "1"])
+                                 "--method", "minmax", "--held-out-fraction", "0.5", "--augment", "1", "--cpu-fallback-rounds", "4"])
     assert called.exit_code == 0, called.output
     assert "sensitivity" in called.output and SENSITIVE_LAYER in called.output and "fp32" in called.output
     for name in ("tiny.calib.cache", "tiny.int8-qdq.onnx", "tiny.int8-cpu.onnx", "tiny.calib-stats.npz"):

@@ -273,7 +273,7 @@ def judge(report: Any, what: str, strict: bool, log: Callable[[str], None]) -> N
         return
     if report.refuted:
         searched = f"even with {len(report.fallback)} layer(s) in FP32" if report.fallback else "with no layer searched for FP32 fallback"
-        allow = "" if report.fallback else ", allow fallback (--fallback-rounds, or --cpu-fallback-rounds for the CPU artifact)"
+        allow = "" if report.fallback else ", allow fallback (--fallback-rounds for Q/DQ, --cpu-fallback-rounds for the CPU artifacts)"
         raise CalibrationError(
             f"{what}: INT8 misses {goal} on new photos: {final.describe()}, {searched}; "
             f"calibrate on more images, try --method percentile{allow}, or lower --min-spearman"
@@ -356,7 +356,7 @@ class CpuKind(GuardedOnnxKind):
         return f"percentile@{ctx.options.cpu_percentile}"
 
     def fallback_rounds(self, ctx: CalibrationContext) -> int:
-        """``options.cpu_fallback_rounds``: FP32 islands cost this artifact more speed than they buy fidelity."""
+        """``options.cpu_fallback_rounds``: FP32 islands cost this artifact more speed than they buy fidelity (as for the IR)."""
         return ctx.options.cpu_fallback_rounds
 
     def extra_metadata(self, ctx: CalibrationContext, fallback: frozenset[str]) -> dict[str, Any]:
@@ -478,7 +478,8 @@ class OpenVinoKind:
 
         percentile = ctx.options.cpu_percentile
         amax = amax_from_stats(ctx.stats.all(), "percentile", percentile)
-        guard = guard_for(ctx, self.name, self.layers(ctx), amax, cpu_ranges(ctx.stats.all(), percentile), f"percentile@{percentile}", block_unit)
+        guard = guard_for(ctx, self.name, self.layers(ctx), amax, cpu_ranges(ctx.stats.all(), percentile), f"percentile@{percentile}", block_unit,
+                          ctx.options.cpu_fallback_rounds)
         best = None
         for precision in dict.fromkeys((self.precision, "f32")):
             ctx.log(f"{file_name}: estimating with OpenVINO, layers outside INT8 in {precision}")

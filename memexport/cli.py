@@ -371,8 +371,8 @@ def calibrate_cmd(
     strict: bool = typer.Option(False, "--strict", help="Refuse an artifact the evidence cannot verify, instead of writing it marked verified: false."),
     outputs: str = typer.Option("cache,qdq,cpu,openvino", "--outputs", help="Comma-separated: cache, qdq, cpu, openvino (skipped without the openvino extra)."),
     tensorrt_version: str = typer.Option("8.6.1", "--tensorrt-version", help="TensorRT version written into the cache header."),
-    fallback_rounds: int = typer.Option(4, "--fallback-rounds", help="Q/DQ and OpenVINO: fallback steps the guard may try (the most sensitive 1, 2, 4, ... blocks kept in FP32)."),
-    cpu_fallback_rounds: int = typer.Option(0, "--cpu-fallback-rounds", help="The same for the CPU (U8S8) artifact; off by default: each FP32 block costs it more speed than fidelity."),
+    fallback_rounds: int = typer.Option(4, "--fallback-rounds", help="Q/DQ: fallback steps the guard may try (the most sensitive 1, 2, 4, ... blocks kept in FP32)."),
+    cpu_fallback_rounds: int = typer.Option(0, "--cpu-fallback-rounds", help="The same for the CPU artifacts (U8S8 and OpenVINO IR); off by default: on a CPU each FP32 block costs more speed than it buys fidelity."),
 ) -> None:
     """INT8 calibration: TensorRT cache, Q/DQ ONNX, U8S8 CPU ONNX and OpenVINO IR, each with a fidelity estimate against FP32."""
     from memexport.calibration import CalibrationOptions, calibrate

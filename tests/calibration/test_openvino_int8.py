@@ -13,7 +13,8 @@ from memexport.calibration.openvino_int8 import OpenVinoInt8Options, ignored_pat
 from memexport.errors import BackendUnavailableError
 from tests.models import SENSITIVE_LAYER, write_tiny_cnn
 
-OPTIONS = CalibrationOptions(method="minmax", held_out_fraction=0.5, augment=1, outputs=("openvino",))
+# The planted layer needs the guard's fallback, which is off by default for the CPU artifacts.
+OPTIONS = CalibrationOptions(method="minmax", held_out_fraction=0.5, augment=1, outputs=("openvino",), cpu_fallback_rounds=4)
 
 
 def test_ignored_patterns_match_a_layer_and_its_parts_only():

@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 ARTIFACTS ?= artifacts
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos int8 synthetic-images bench-e2e
+.PHONY: install demo test test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,16 @@ $(ARTIFACTS)/photos-calib/.done: $(ARTIFACTS)/photos/.done
 	mkdir -p $(ARTIFACTS)/photos-calib
 	cd $(ARTIFACTS)/photos && cp $(CALIB_PHOTOS) ../photos-calib/
 	touch $@
+
+# The unseen photos of the README's INT8 and OpenVINO tables: heldout-photos and photos-calib in one
+# folder (hard links, prefixed by their source), for `memexport bench --fidelity`.
+$(ARTIFACTS)/unseen45/.done: $(ARTIFACTS)/heldout-photos/.done $(ARTIFACTS)/photos-calib/.done
+	mkdir -p $(ARTIFACTS)/unseen45
+	for f in $(ARTIFACTS)/heldout-photos/*.jpg $(ARTIFACTS)/heldout-photos/*.png $(ARTIFACTS)/photos-calib/*.jpg $(ARTIFACTS)/photos-calib/*.png; do \
+		ln -f "$$f" $(ARTIFACTS)/unseen45/$$(basename $$(dirname "$$f"))-$$(basename "$$f"); done
+	touch $@
+
+unseen-photos: $(ARTIFACTS)/unseen45/.done
 
 # The INT8 artifacts of the README: the default two-argument workflow on the 15 shared images.
 # The README's figures then score them on heldout-photos (tuned on) and photos-calib (blind).

@@ -292,16 +292,16 @@ def write_kinds(ctx: CalibrationContext) -> tuple[dict[str, Written], dict[str, 
     """
     written: dict[str, Written] = {}
     refused: dict[str, str] = {}
-    for kind in OUTPUTS:
-        if kind not in ctx.options.outputs:
-            continue
+    asked = [kind for kind in OUTPUTS if kind in ctx.options.outputs]
+    for kind in asked:
         try:
             outcome = KINDS[kind]().write(ctx)
             if outcome is not None:  # None: an optional kind whose back end is not installed, skipped in one line
                 written[kind] = outcome
         except CalibrationError as error:
             refused[kind] = str(error)
-            ctx.log(f"refused: {error}")
+            if len(asked) > 1:  # said now, while the other kinds run; a lone kind's refusal is the final error itself
+                ctx.log(f"refused: {error}")
     return written, refused
 
 

@@ -81,8 +81,10 @@ def test_cpu_fallback_is_off_by_default_and_bounded_options_are_checked(calibrat
     model, result, _ = calibrated
     assert CalibrationOptions().cpu_fallback_rounds == 0 and CalibrationOptions().fallback_rounds == 4
     # The planted layer ruins the all-INT8 CPU artifact; without a search the guard refuses it and says how to allow one.
+    lines: list[str] = []
     with pytest.raises(CalibrationError, match=r"tiny\.int8-cpu\.onnx: INT8 misses .* with no layer searched for FP32 fallback; .*--cpu-fallback-rounds"):
-        calibrate(model, sample_images[0].parent, tmp_path / "off", dataclasses.replace(OPTIONS, cpu_fallback_rounds=0, outputs=("cpu",)))
+        calibrate(model, sample_images[0].parent, tmp_path / "off", dataclasses.replace(OPTIONS, cpu_fallback_rounds=0, outputs=("cpu",)), log=lines.append)
+    assert not any(line.startswith("refused:") for line in lines)  # a lone kind's refusal is said once, as the error
     for flag, options in (("--fallback-rounds", CalibrationOptions(fallback_rounds=-1)), ("--cpu-fallback-rounds", CalibrationOptions(cpu_fallback_rounds=-1))):
         with pytest.raises(UsageError, match=f"{flag} must be 0 or more, got -1"):
             calibrate(model, sample_images[0].parent, tmp_path, options)

@@ -59,16 +59,16 @@ def environment_report() -> dict[str, Any]:
 
 # Speed against ONNX Runtime FP32 (batch 16), as measured with `memexport bench` on the CPU kinds
 # named; the other cells are the issue's targets for that kind of CPU, not measurements.
-_MEASURED_AMX = "measured on an AMX Xeon"
+_MEASURED_AMX = "measured on a 2-core AMX Xeon, README *OpenVINO*"
 _MEASURED_EPYC = "measured on an AVX-512 VNNI EPYC"
 
 
 def cpu_advice(units: CpuUnits) -> list[dict[str, str]]:
     """What each CPU back end and precision is expected to gain on a CPU with ``units``, against ONNX Runtime FP32."""
     if units.amx:
-        bf16 = f"~4x: AMX-BF16 (3.96x, Spearman ~0.998 against FP32, {_MEASURED_AMX})"
-        ov_int8 = f"5-7x: AMX-INT8 (6-7x with NNCF defaults, {_MEASURED_AMX})"
-        ort_int8 = f"~2.7x: VNNI only, ONNX Runtime's INT8 kernels do not use AMX (2.73x, {_MEASURED_AMX})"
+        bf16 = f"~3x: AMX-BF16 (2.8-3.2x, Spearman 0.9986 against FP32 on 45 photos, {_MEASURED_AMX})"
+        ov_int8 = f"~5x: AMX-INT8 (5.49x with BF16 outside INT8, Spearman 0.994 on 45 photos, {_MEASURED_AMX})"
+        ort_int8 = f"~2.7x: VNNI only, ONNX Runtime's INT8 kernels do not use AMX (2.60-2.84x, {_MEASURED_AMX})"
     else:
         bf16 = "~1.3x expected: AVX512-BF16 without AMX" if units.bf16 else "refused: no BF16 unit (OpenVINO would emulate it, slower than FP32)"
         ov_int8 = "~2.5x expected: VNNI" if units.vnni else "little: no VNNI or AMX for INT8"
@@ -76,7 +76,7 @@ def cpu_advice(units: CpuUnits) -> list[dict[str, str]]:
     return [
         {"backend": "onnxruntime", "precision": "fp32", "expect": "1x: the exact reference and the default"},
         {"backend": "onnxruntime", "precision": "int8", "expect": ort_int8 + "; the *.int8-cpu.onnx artifact"},
-        {"backend": "openvino", "precision": "fp32", "expect": f"~0.9x (0.88x, {_MEASURED_AMX}): exact, but ONNX Runtime is faster"},
+        {"backend": "openvino", "precision": "fp32", "expect": f"~0.9x (0.90-0.99x, {_MEASURED_AMX}): exact, but ONNX Runtime is as fast or faster"},
         {"backend": "openvino", "precision": "bf16", "expect": bf16},
         {"backend": "openvino", "precision": "int8", "expect": ov_int8 + "; the *.int8-openvino artifact"},
     ]

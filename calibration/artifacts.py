@@ -103,6 +103,11 @@ class CacheKind:
         return Written(path)
 
 
+def pinned_prefixes(ctx: CalibrationContext) -> tuple[str, ...]:
+    """The spec's node-name prefixes that every INT8 artifact keeps out of INT8 (ResMem: stem and layer1)."""
+    return ctx.spec.int8_fp32_layers if ctx.spec is not None else ()
+
+
 class GuardedOnnxKind:
     """An INT8 ONNX built from the ranges, its fidelity estimated (and fallback searched), then written.
 
@@ -173,8 +178,8 @@ class GuardedOnnxKind:
         raise NotImplementedError
 
     def pinned_prefixes(self, ctx: CalibrationContext) -> tuple[str, ...]:
-        """The spec's node-name prefixes that stay out of INT8 in every artifact (ResMem: stem and layer1)."""
-        return ctx.spec.int8_fp32_layers if ctx.spec is not None else ()
+        """See :func:`pinned_prefixes`."""
+        return pinned_prefixes(ctx)
 
     def pinned(self, ctx: CalibrationContext) -> frozenset[str]:
         """Node names under :meth:`pinned_prefixes`: never quantised, never offered to the guard."""
@@ -239,17 +244,17 @@ class GuardedOnnxKind:
 
 
 def guard_for(ctx: CalibrationContext, kind: str, layers: Sequence[str], amax: Any, u8_ranges: Any, ranges_key: str,
-              unit_of: Callable[[str], str], rounds: int | None = None) -> Any:
+              unit_of: Callable[[str], str], rounds: int) -> Any:
     """The estimate-driven :class:`~memexport.calibration.guard.Guard` of one artifact kind, ranking units on the evidence images.
 
     Args:
-        rounds: Fallback steps allowed (default ``None``: ``options.fallback_rounds``).
+        rounds: Fallback steps allowed (``fallback_rounds`` or ``cpu_fallback_rounds``, by kind).
     """
     from memexport.calibration.guard import Guard
 
     batch, reference = ctx.evidence.originals()
     return Guard(
-        ctx.fp32, amax, list(layers), batch, reference, ctx.target(), ctx.log, max_rounds=ctx.options.fallback_rounds if rounds is None else rounds,
+        ctx.fp32, amax, list(layers), batch, reference, ctx.target(), ctx.log, max_rounds=rounds,
         cache=ctx.out_dir / f"{ctx.stem}.sensitivity-{kind}.json", cache_key=f"{ctx.stats.fingerprint}|{kind}|{ranges_key}",
         u8_ranges=u8_ranges, unit_of=unit_of,
     )
@@ -395,7 +400,8 @@ class OpenVinoKind:
         return True
 
     def pinned(self, ctx: Any) -> tuple[str, ...]:
-        return ctx.spec.int8_fp32_layers if ctx.spec is not None else ()
+        """See :func:`pinned_prefixes`."""
+        return pinned_prefixes(ctx)
 
     def layers(self, ctx: Any) -> list[str]:
         """Convolutions the guard may keep out of INT8 (the head is never INT8 here)."""

@@ -49,6 +49,7 @@ from memexport.runtime.batch import (
     upfront_failures,
 )
 from memexport.optional import require
+from memexport.runtime.integrity import model_not_found
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.predictor import Predictor
 from memexport.runtime.registry import backend_for, runner_for
@@ -445,7 +446,7 @@ def scores_from_images_on_ray(
     parquet = output_format == "parquet"
     done_keys, collected, todo = plan_job(inputs, output, options, summary, *([prepare_parquet] if parquet else []))
     if todo and not model.is_file():
-        raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
+        raise model_not_found(model)
     started = time.perf_counter()
     writers: list[ResultWriter] = []
 

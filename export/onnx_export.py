@@ -13,7 +13,7 @@ from memexport import __version__
 from memexport.atomic import atomic_path
 from memexport.errors import ArtifactError, CheckpointError, UsageError
 from memexport.export.weights import WeightsSource
-from memexport.runtime.integrity import seal_onnx
+from memexport.runtime.integrity import model_not_found, seal_onnx
 from memexport.runtime.metadata import METADATA_KEY, ArtifactMetadata
 from memexport.spec import ModelSpec
 
@@ -118,7 +118,7 @@ def load_fp32_artifact(model: Path | str, purpose: str) -> tuple[Any, ArtifactMe
 
     model = Path(model)
     if not model.is_file():
-        raise ArtifactError(f"{model}: model file not found; export one with `memexport export resmem -o {model.name}`")
+        raise model_not_found(model)
     try:
         proto = onnx.load(str(model))
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt artifact

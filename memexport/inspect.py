@@ -141,7 +141,7 @@ def inspect_artifact(
             outside the model's folder.
     """
     from memexport.runtime.budget import DEFAULT_BUDGET_BYTES
-    from memexport.runtime.integrity import check_onnx
+    from memexport.runtime.integrity import check_onnx, model_not_found
     from memexport.runtime.metadata import metadata_from_map
     from memexport.runtime.registry import runner_for
 
@@ -152,7 +152,7 @@ def inspect_artifact(
     if path.suffix.lower() != ".onnx":
         return runner_for(path).describe()
     if not path.is_file():
-        raise ArtifactError(f"{path}: model file not found; export one with `memexport export resmem -o {path.name}`")
+        raise model_not_found(path)
     facts = _graph_facts(path) if importlib.util.find_spec("onnx") is not None else _runtime_facts(path)
     meta = metadata_from_map(facts["props"], path)
     integrity = check_onnx(path, parsed_value=facts["props"].get("memexport"))

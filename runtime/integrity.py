@@ -37,6 +37,19 @@ from memexport.errors import ArtifactError
 from memexport.optional import optional
 from memexport.runtime.metadata import METADATA_KEY
 
+def model_not_found(path: Path) -> ArtifactError:
+    """The one-line error for a model file that is not there, with the command that makes one."""
+    return ArtifactError(f"{path}: model file not found; export one with `memexport export resmem -o {path.with_suffix('.onnx').name}`")
+
+
+def check_model_present(path: Path) -> None:
+    """Refuse a missing or empty model file in one line, before a back end parses it."""
+    if not path.is_file():
+        raise model_not_found(path)
+    if path.stat().st_size == 0:
+        raise ArtifactError(f"{path}: model file is empty (0 bytes); re-export it")
+
+
 def check_external_data_location(model_path: Path, locations: Sequence[str]) -> None:
     """Refuse external-data references that leave the model's folder.
 

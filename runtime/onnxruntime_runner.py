@@ -12,7 +12,7 @@ import numpy as np
 from memexport.cachedir import default_cache_dir
 from memexport.errors import ArtifactError, BackendUnavailableError
 from memexport.runtime.base import Runner, RunnerOptions
-from memexport.runtime.integrity import check_external_data_location, check_onnx, external_data_locations
+from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
 from memexport.runtime.metadata import metadata_from_map
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -133,10 +133,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _check_file(self) -> None:
         """Refuse a missing, empty, escaping or (with ``check_integrity``) tampered file before ONNX Runtime parses it."""
-        if not self.path.is_file():
-            raise ArtifactError(f"{self.path}: model file not found; export one with `memexport export resmem -o {self.path.name}`")
-        if self.path.stat().st_size == 0:
-            raise ArtifactError(f"{self.path}: model file is empty (0 bytes); re-export it")
+        check_model_present(self.path)
         check_external_data_location(self.path, external_data_locations(self.path))
         if self.options.check_integrity:
             check_onnx(self.path)

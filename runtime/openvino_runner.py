@@ -25,7 +25,7 @@ from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
 from memexport.optional import require
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.cpu import CpuUnits, cpu_units
-from memexport.runtime.integrity import check_external_data_location, check_onnx, external_data_locations
+from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
 from memexport.runtime.ir_integrity import check_openvino_ir, check_parsed_metadata, ir_metadata_value
 from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
 
@@ -156,10 +156,7 @@ class OpenVinoRunner(Runner):
     def _check_file(self) -> None:
         """Refuse a missing, empty, escaping or (with ``check_integrity``) tampered file before OpenVINO parses it."""
         assert self.path is not None
-        if not self.path.is_file():
-            raise ArtifactError(f"{self.path}: model file not found; export one with `memexport export resmem -o {self.path.with_suffix('.onnx').name}`")
-        if self.path.stat().st_size == 0:
-            raise ArtifactError(f"{self.path}: model file is empty (0 bytes); re-export it")
+        check_model_present(self.path)
         if self.path.suffix.lower() == ".xml":
             if not self.path.with_suffix(".bin").is_file():
                 raise ArtifactError(f"{self.path}: OpenVINO IR without its weights {self.path.with_suffix('.bin').name}; keep the .xml and .bin side by side")

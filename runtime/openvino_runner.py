@@ -28,6 +28,7 @@ from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
 from memexport.runtime.ir_integrity import check_openvino_ir, check_parsed_metadata, ir_metadata_value
 from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
+from memexport.spec import MODELS
 
 PRECISIONS = ("fp32", "bf16")
 HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -97,6 +98,71 @@ def _rt_metadata(model: Any) -> str | None:
         if model.has_rt_info(key):
             return str(model.get_rt_info(key).astype(str))
     return None
+
+
+def split_model(ov: Any, model: Any, names: Sequence[str]) -> tuple[Any, Any]:
+    """Cut ``model`` at the tensors ``names``: a prefix that computes them from the model's inputs,
+    and the rest, which takes them as extra inputs (same names) next to the original ones.
+
+    Raises:
+        ArtifactError: When a tensor is not in the graph (an export from another memexport version).
+    """
+    source, rest = model.clone(), model.clone()
+    ports = [_port(source, name) for name in names]
+    prefix = ov.Model([port for port in ports], source.get_parameters(), "fp32_prefix")
+    cut = []
+    for name in names:
+        port = _port(rest, name)
+        parameter = ov.opset13.parameter(port.get_partial_shape(), port.get_element_type(), name=name)
+        parameter.output(0).set_names({name})
+        for target in list(port.get_target_inputs()):
+            target.replace_source_output(parameter.output(0))
+        cut.append(parameter)
+    return prefix, ov.Model(rest.get_results(), [*rest.get_parameters(), *cut], "rest")
+
+
+def _port(model: Any, name: str) -> Any:
+    for op in model.get_ordered_ops():
+        for output in op.outputs():
+            if name in output.get_names():
+                return output
+    raise ArtifactError(f"graph tensor {name!r}, where the model spec's FP32 part ends, is not in this model; re-export it with this memexport")
+
+
+class _Staged:
+    """A model compiled in two parts, run one after the other: an FP32 prefix, then the rest.
+
+    It answers what the runner asks of a compiled model (``create_infer_request``, ``output``,
+    ``input``, ``get_property``); properties are the rest's, where nearly all the work is.
+    """
+
+    def __init__(self, prefix: Any, rest: Any, names: Sequence[str]) -> None:
+        self.prefix, self.rest, self.names = prefix, rest, tuple(names)
+
+    def create_infer_request(self) -> "_StagedRequest":
+        return _StagedRequest(self)
+
+    def output(self, name: str) -> Any:
+        return self.rest.output(name)
+
+    def input(self, index: int) -> Any:
+        return self.prefix.input(index)
+
+    def get_property(self, key: str) -> Any:
+        return self.rest.get_property(key)
+
+
+class _StagedRequest:
+    def __init__(self, staged: _Staged) -> None:
+        self.staged = staged
+        self.prefix = staged.prefix.create_infer_request()
+        self.rest = staged.rest.create_infer_request()
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> Any:
+        self.prefix.infer(inputs)
+        for name in self.staged.names:  # hand the prefix's output tensors over without a copy
+            self.rest.set_tensor(name, self.prefix.get_tensor(name))
+        return self.rest.infer(inputs)
 
 
 class OpenVinoRunner(Runner):
@@ -210,8 +276,28 @@ class OpenVinoRunner(Runner):
         guarded = self.metadata.precision == "int8" and self.metadata.extra.get("inference_precision") == "bf16"
         return "bf16" if guarded and bf16_fast else "fp32"
 
+    def _fp32_until(self) -> tuple[str, ...]:
+        """Where the FP32 part of a BF16 run ends: the model spec's ``bf16_fp32_until`` for a
+        floating-point artifact computed in BF16 (an INT8 artifact runs as its guard verified it)."""
+        assert self.metadata is not None
+        spec = MODELS.get(self.metadata.model)
+        if spec is None or self._precision != "bf16" or self.metadata.precision == "int8":
+            return ()
+        return spec.bf16_fp32_until
+
     def _compile(self, ov: Any, core: Any, model: Any) -> Any:
-        wanted = HINTS[self._precision]
+        """Compile at the resolved precision; BF16 with an FP32 prefix compiles the two parts apart."""
+        names = self._fp32_until()
+        if not names:
+            return self._compile_part(ov, core, model, self._precision)
+        try:
+            prefix, rest = split_model(ov, model, names)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{self.path}: {exc}") from None
+        return _Staged(self._compile_part(ov, core, prefix, "fp32"), self._compile_part(ov, core, rest, "bf16"), names)
+
+    def _compile_part(self, ov: Any, core: Any, model: Any, precision: str) -> Any:
+        wanted = HINTS[precision]
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": wanted, "PERFORMANCE_HINT": self.backend_options.performance_hint}
         if self.options.threads:
             config["INFERENCE_NUM_THREADS"] = self.options.threads
@@ -286,6 +372,8 @@ class OpenVinoRunner(Runner):
             for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
                 value = self.compiled.get_property(key)
                 facts[key.lower()] = value.get_type_name() if key == "INFERENCE_PRECISION_HINT" else str(value)
+            if isinstance(self.compiled, _Staged):
+                facts["fp32_until"] = list(self.compiled.names)
         return facts
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:

@@ -83,6 +83,7 @@ def test_bf16_fidelity_within_the_spec_on_tests_data(resmem_onnx, sample_images)
     fp32, _ = scores(resmem_onnx, batch, "onnxruntime")
     bf16, facts = scores(resmem_onnx, batch, "openvino", "bf16")
     assert facts["precision"] == "bf16" and facts["inference_precision_hint"] == "bf16"
+    assert facts["fp32_until"] == list(RESMEM.bf16_fp32_until)  # the stem, kept in FP32
     assert np.abs(bf16 - fp32).max() > 1e-5  # really computed in BF16, not FP32
     report = compare(bf16, fp32, RESMEM.tolerance("bf16"))
     assert report.passed, report.lines()
@@ -245,3 +246,68 @@ def test_int8_artifact_runs_as_its_guard_verified_it_unless_asked_otherwise(tmp_
         asked = runner.compiled.get_property("INFERENCE_PRECISION_HINT")
     assert asked == ov.Type.f32
     assert default == (ov.Type.bf16 if bf16_here() else ov.Type.f32)
+
+
+def tiny_cnn_sealed(tmp_path):
+    from memexport.runtime.integrity import seal_onnx
+    from tests.models import write_tiny_cnn
+
+    path = write_tiny_cnn(tmp_path / "cnn.onnx")
+    seal_onnx(path, [])
+    return path
+
+
+@needs_openvino
+def test_split_model_parts_compose_to_the_whole_graph(tmp_path):
+    import openvino as ov
+
+    from memexport.runtime.openvino_runner import split_model
+
+    core = ov.Core()
+    model = core.read_model(str(tiny_cnn_sealed(tmp_path)))
+    prefix, rest = split_model(ov, model, ["a_relu"])
+    assert [p.get_friendly_name() for p in rest.get_parameters()] == ["image", "a_relu"]
+    assert "conv_a" not in {op.get_friendly_name() for op in rest.get_ordered_ops()}
+    assert {op.get_friendly_name() for op in prefix.get_ordered_ops()} >= {"conv_a"}
+    assert "conv_b" not in {op.get_friendly_name() for op in prefix.get_ordered_ops()}
+    x = np.random.default_rng(0).normal(0, 1, (5, 3, 32, 32)).astype(np.float32)
+    exact = {"INFERENCE_PRECISION_HINT": "f32"}
+    whole = core.compile_model(model, "CPU", exact)(x)[0]
+    middle = core.compile_model(prefix, "CPU", exact)(x)[0]
+    np.testing.assert_allclose(core.compile_model(rest, "CPU", exact)({"image": x, "a_relu": middle})[0], whole, atol=1e-6)
+    assert len(model.get_parameters()) == 1  # the model it was given is left whole
+    with pytest.raises(ArtifactError) as caught:
+        split_model(ov, model, ["no_such_tensor"])
+    assert "\n" not in str(caught.value) and "'no_such_tensor'" in str(caught.value) and "re-export" in str(caught.value)
+
+
+@needs_openvino
+def test_bf16_keeps_the_specs_fp32_part_in_fp32(tmp_path, monkeypatch):
+    """A spec's ``bf16_fp32_until`` runs in FP32 under --precision bf16; a tensor the graph lacks is one line."""
+    if not bf16_here():
+        pytest.skip(NO_BF16)
+    import openvino as ov
+
+    from memexport.runtime import openvino_runner
+    from memexport.spec import ModelSpec
+
+    path = tiny_cnn_sealed(tmp_path)
+    monkeypatch.setattr(openvino_runner, "MODELS", {"tiny": ModelSpec("tiny", "tests:none", bf16_fp32_until=("a_relu",))})
+    batch = np.random.default_rng(1).normal(0, 1, (6, 3, 32, 32)).astype(np.float32)
+    with runner_for(path, CPU, "openvino", options("fp32")) as exact:
+        fp32 = exact.infer(batch)
+        assert "fp32_until" not in exact.describe()
+    with runner_for(path, CPU, "openvino", options("bf16")) as runner:
+        whole, part = runner.infer(batch), runner.infer(batch[:2])
+        staged = runner._compiled_for(len(batch))
+        facts = runner.describe()
+    assert staged.prefix.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert staged.rest.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    assert facts["fp32_until"] == ["a_relu"] and facts["precision"] == "bf16"
+    np.testing.assert_allclose(part, whole[:2], atol=1e-6)
+    np.testing.assert_allclose(whole, fp32, atol=1e-2)
+    monkeypatch.setattr(openvino_runner, "MODELS", {"tiny": ModelSpec("tiny", "tests:none", bf16_fp32_until=("gone",))})
+    with pytest.raises(ArtifactError) as caught:
+        with runner_for(path, CPU, "openvino", options("bf16")):
+            pass
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value) and "'gone'" in str(caught.value)

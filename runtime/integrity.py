@@ -272,7 +272,8 @@ _verified: dict[tuple, tuple[Mapping[str, Any], str]] = {}
 _verified_lock = threading.Lock()
 
 
-def _identity(path: Path) -> tuple:
+def file_identity(path: Path) -> tuple:
+    """What identifies a file's contents without reading it: real path, device, inode, size, mtime, ctime."""
     info = path.stat()
     return (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
@@ -298,7 +299,7 @@ def check_onnx(path: Path | str, parsed_value: str | None = None, use_cache: boo
     """
     path = Path(path)
     try:
-        key = _identity(path) if use_cache else None
+        key = file_identity(path) if use_cache else None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read the artifact ({exc.strerror or exc}); check the path and permissions") from None
     if key is not None:

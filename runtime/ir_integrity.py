@@ -23,12 +23,13 @@ import hashlib
 import json
 import os
 import re
+import threading
 from html import unescape
 from pathlib import Path
 from typing import Any, Mapping
 
 from memexport.errors import ArtifactError
-from memexport.runtime.integrity import INTEGRITY_KEY, canonical_metadata, sha256_file
+from memexport.runtime.integrity import INTEGRITY_KEY, canonical_metadata, file_identity, sha256_file
 from memexport.runtime.integrity import SCHEME as ONNX_SCHEME
 
 IR_SCHEME = "sha256:openvino-ir-xml-without-memexport-values+bin+canonical-metadata/v1"
@@ -126,13 +127,33 @@ def check_parsed_metadata(xml: Path, parsed_value: str | None, value: str | None
         raise ArtifactError(f"{xml}: the memexport metadata OpenVINO read is not the one in the file (tampered?); re-run `memexport calibrate`")
 
 
-def check_openvino_ir(xml: Path | str, parsed_value: str | None = None) -> Mapping[str, Any] | None:
+_verified: dict[tuple, tuple[Mapping[str, Any], str]] = {}
+_verified_lock = threading.Lock()
+
+
+def _cached(xml: Path, parsed_value: str | None) -> tuple[tuple | None, Mapping[str, Any] | None]:
+    """The identity of the ``.xml`` and ``.bin``, and their record if this process already verified them unchanged."""
+    try:
+        key = (file_identity(xml), file_identity(xml.with_suffix(".bin")))
+    except OSError:
+        return None, None  # ir_digest reports it
+    with _verified_lock:
+        cached = _verified.get(key)
+    if cached is None or (parsed_value is not None and json.loads(parsed_value) != json.loads(cached[1])):
+        return key, None
+    return key, cached[0]
+
+
+def check_openvino_ir(xml: Path | str, parsed_value: str | None = None, use_cache: bool = True) -> Mapping[str, Any] | None:
     """Verify an IR against the digest recorded in its metadata.
 
     Args:
         xml: The ``.xml``; its ``.bin`` sits beside it.
         parsed_value: The memexport metadata JSON as OpenVINO read it, cross-checked with the bytes
             hashed (default ``None``: no cross-check).
+        use_cache: Skip re-hashing an IR already verified in this process whose two files keep their
+            size, inode, mtime and ctime, as :func:`memexport.runtime.integrity.check_onnx` does
+            (default ``True``; the ``.bin`` of ResMem's INT8 IR is 348 MB).
 
     Returns:
         The integrity record, or ``None`` for an IR written without one (or converted by hand from a
@@ -143,6 +164,9 @@ def check_openvino_ir(xml: Path | str, parsed_value: str | None = None) -> Mappi
             OpenVINO parsed is not the one in the file.
     """
     xml = Path(xml)
+    key, record = _cached(xml, parsed_value) if use_cache else (None, None)
+    if record is not None:
+        return record
     digest, value = ir_digest(xml)
     check_parsed_metadata(xml, parsed_value, value)
     record = json.loads(value).get("extra", {}).get(INTEGRITY_KEY) if value is not None else None
@@ -157,4 +181,7 @@ def check_openvino_ir(xml: Path | str, parsed_value: str | None = None) -> Mappi
             f"{str(record.get('sha256'))[:16]}... recorded when it was written: modified or corrupted since; "
             "re-run `memexport calibrate` or restore the original"
         )
+    if key is not None and value is not None:
+        with _verified_lock:
+            _verified[key] = (record, value)
     return record

@@ -183,7 +183,7 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: Path | str, options: RunnerOptions = RunnerOptions(), backend_options: OpenVinoOptions | None = None) -> None:
         super().__init__(path, options, backend_options)
-        self.compiled: Any = None
+        self._dynamic: Any = None  # the dynamic-batch compiled model (``static_batch=False`` only)
         self._model: Any = None
         self._ov: Any = None
         self._core: Any = None
@@ -216,8 +216,26 @@ class OpenVinoRunner(Runner):
             )
         self._check_inputs(model)
         self._weight_bytes = sum(int(op.get_byte_size()) for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
-        self.compiled = self._compile(ov, core, model)
         self._ov, self._core, self._model = ov, core, model
+        try:
+            # Compile now, so a model OpenVINO cannot compile is refused on activation, not on the first
+            # batch; with static shapes that is the batch-1 model (single images use it), not the
+            # dynamic graph, which would only hold one more copy of the weights.
+            if self.backend_options.static_batch:
+                self._compiled_for(1)
+            else:
+                self._dynamic = self._compile(ov, core, model)
+        except Exception:
+            self._ov = self._core = self._model = None
+            raise
+
+    @property
+    def compiled(self) -> Any:
+        """The compiled model serving calls: the dynamic one, or the most recently used static shape (``None`` when inactive)."""
+        if not self.backend_options.static_batch:
+            return self._dynamic
+        with self._lock:
+            return next(reversed(self._static.values()), None)
 
     def _check_file(self) -> None:
         """Refuse a missing, empty, escaping or (with ``check_integrity``) tampered file before OpenVINO parses it."""
@@ -320,7 +338,7 @@ class OpenVinoRunner(Runner):
     def _compiled_for(self, batch_size: int) -> Any:
         """The model that runs a batch of ``batch_size``: its static-shape compilation, or the dynamic one."""
         if not self.backend_options.static_batch:
-            return self.compiled
+            return self._dynamic
         with self._lock:
             compiled = self._static.get(batch_size)
             if compiled is not None:
@@ -342,7 +360,7 @@ class OpenVinoRunner(Runner):
         with self._lock:
             self._requests.clear()
             self._static.clear()
-        self.compiled = self._model = self._core = self._ov = None
+        self._dynamic = self._model = self._core = self._ov = None
 
     @property
     def device(self) -> str:
@@ -359,25 +377,26 @@ class OpenVinoRunner(Runner):
 
     def memory_bytes(self) -> int | None:
         """Weights the compiled models hold: the graph's constants (halved when computing in BF16) times
-        the models compiled now, the dynamic one and each static shape kept (an estimate)."""
-        if self.compiled is None or self._weight_bytes is None:
+        the models compiled now, the dynamic one or each static shape kept (an estimate)."""
+        if self._model is None or self._weight_bytes is None:
             return None
         one = self._weight_bytes // 2 if self._precision == "bf16" else self._weight_bytes
         with self._lock:
-            return one * (1 + len(self._static))
+            return one * (len(self._static) + (self._dynamic is not None))
 
     def describe(self) -> dict[str, Any]:
         facts = super().describe() | {"openvino": self._version, "cpu": cpu_units().label()}
-        if self.compiled is not None:
+        compiled = self.compiled
+        if compiled is not None:
             for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
-                value = self.compiled.get_property(key)
+                value = compiled.get_property(key)
                 facts[key.lower()] = value.get_type_name() if key == "INFERENCE_PRECISION_HINT" else str(value)
-            if isinstance(self.compiled, _Staged):
-                facts["fp32_until"] = list(self.compiled.names)
+            if isinstance(compiled, _Staged):
+                facts["fp32_until"] = list(compiled.names)
         return facts
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        assert self.metadata is not None and self.compiled is not None
+        assert self.metadata is not None and self._model is not None
         compiled = self._compiled_for(len(batch))
         key = len(batch) if self.backend_options.static_batch else 0
         with self._lock:

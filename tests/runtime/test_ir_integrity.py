@@ -94,3 +94,23 @@ def test_metadata_copies_inside_subgraph_bodies_are_hashed_not_read(tmp_path):
     xml.write_text(xml.read_text().replace("&quot;old&quot;: 1", "&quot;old&quot;: 2"))
     with pytest.raises(ArtifactError, match="does not match the"):
         check_openvino_ir(xml)
+
+
+@needs_openvino
+def test_verified_ir_is_not_hashed_again_until_a_file_changes(tmp_path, monkeypatch):
+    from memexport.runtime import ir_integrity
+
+    xml = sealed_ir(tmp_path)
+    record = check_openvino_ir(xml)
+    calls = []
+    real = ir_integrity.ir_digest
+    monkeypatch.setattr(ir_integrity, "ir_digest", lambda p, data=None: calls.append(p) or real(p, data))
+    assert check_openvino_ir(xml) == record and calls == []
+    assert check_openvino_ir(xml, use_cache=False) == record and len(calls) == 1
+    weights = xml.with_suffix(".bin")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))  # same size, new mtime/ctime: hashed again, and caught
+    with pytest.raises(ArtifactError, match="does not match the"):
+        check_openvino_ir(xml)
+    assert len(calls) == 2

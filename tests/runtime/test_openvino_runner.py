@@ -127,11 +127,12 @@ def test_static_batch_models_match_the_dynamic_graph_and_stay_bounded(tiny, samp
         expected = dynamic.infer(batch)
         assert dynamic.memory_bytes() == held_dynamic and not dynamic._static  # the dynamic graph served it
     with runner_for(tiny, CPU, "openvino") as runner:
+        assert list(runner._static) == [1] and runner.memory_bytes() == held_dynamic  # compiled on activation: batch 1 only
         for size in (len(batch), 3, 1, len(batch)):
             np.testing.assert_allclose(runner.infer(batch[:size]), expected[:size], atol=1e-6)
         kept = list(runner._static)
         assert kept == [1, len(batch)][-STATIC_SHAPES_KEPT:]  # least recently used sizes dropped first
-        assert runner.memory_bytes() == held_dynamic * (1 + STATIC_SHAPES_KEPT)
+        assert runner.memory_bytes() == held_dynamic * STATIC_SHAPES_KEPT  # no dynamic graph held beside them
         assert [list(runner._static.values())[i].input(0).get_partial_shape()[0].get_length() for i in range(len(kept))] == kept
 
 

@@ -31,7 +31,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from memexport.errors import ArtifactError
 from memexport.optional import optional
@@ -268,8 +268,31 @@ def seal_onnx(path: Path | str, external_locations: Sequence[str] = ()) -> dict[
     return record
 
 
+# Files this process verified: their identity (see file_identity) -> (integrity record, metadata JSON hashed).
 _verified: dict[tuple, tuple[Mapping[str, Any], str]] = {}
 _verified_lock = threading.Lock()
+
+
+def verified_before(key: tuple, parsed_value: str | None = None, same: Callable[[str, str], bool] = str.__eq__) -> Mapping[str, Any] | None:
+    """The record of files already verified in this process under identity ``key``, or ``None``.
+
+    Args:
+        key: Identity of the files (tuples of :func:`file_identity`), unchanged since they were hashed.
+        parsed_value: Metadata JSON a back end parsed, which must be ``same`` as the one hashed
+            (default ``None``: no cross-check).
+        same: How two metadata values compare (default: equal strings).
+    """
+    with _verified_lock:
+        cached = _verified.get(key)
+    if cached is None or (parsed_value is not None and not same(parsed_value, cached[1])):
+        return None
+    return cached[0]
+
+
+def remember_verified(key: tuple, record: Mapping[str, Any], value: str) -> None:
+    """Record that the files of identity ``key``, with metadata JSON ``value``, matched ``record``."""
+    with _verified_lock:
+        _verified[key] = (record, value)
 
 
 def file_identity(path: Path) -> tuple:
@@ -302,11 +325,9 @@ def check_onnx(path: Path | str, parsed_value: str | None = None, use_cache: boo
         key = file_identity(path) if use_cache else None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read the artifact ({exc.strerror or exc}); check the path and permissions") from None
-    if key is not None:
-        with _verified_lock:
-            cached = _verified.get(key)
-        if cached is not None and (parsed_value is None or parsed_value == cached[1]):
-            return cached[0]
+    cached = verified_before(key, parsed_value) if key is not None else None
+    if cached is not None:
+        return cached
     try:
         digest, span = onnx_digest(path)
     except MissingMetadataEntry:
@@ -340,6 +361,5 @@ def check_onnx(path: Path | str, parsed_value: str | None = None, use_cache: boo
                     "modified or corrupted after export; re-export the model"
                 )
     if key is not None:
-        with _verified_lock:
-            _verified[key] = (record, span.value)
+        remember_verified(key, record, span.value)
     return record

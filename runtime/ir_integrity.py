@@ -23,13 +23,12 @@ import hashlib
 import json
 import os
 import re
-import threading
 from html import unescape
 from pathlib import Path
 from typing import Any, Mapping
 
 from memexport.errors import ArtifactError
-from memexport.runtime.integrity import INTEGRITY_KEY, canonical_metadata, file_identity, sha256_file
+from memexport.runtime.integrity import INTEGRITY_KEY, canonical_metadata, file_identity, remember_verified, sha256_file, verified_before
 from memexport.runtime.integrity import SCHEME as ONNX_SCHEME
 
 IR_SCHEME = "sha256:openvino-ir-xml-without-memexport-values+bin+canonical-metadata/v1"
@@ -127,21 +126,16 @@ def check_parsed_metadata(xml: Path, parsed_value: str | None, value: str | None
         raise ArtifactError(f"{xml}: the memexport metadata OpenVINO read is not the one in the file (tampered?); re-run `memexport calibrate`")
 
 
-_verified: dict[tuple, tuple[Mapping[str, Any], str]] = {}
-_verified_lock = threading.Lock()
+def _same_json(parsed: str, hashed: str) -> bool:
+    return json.loads(parsed) == json.loads(hashed)  # OpenVINO may re-serialise what it parsed
 
 
-def _cached(xml: Path, parsed_value: str | None) -> tuple[tuple | None, Mapping[str, Any] | None]:
-    """The identity of the ``.xml`` and ``.bin``, and their record if this process already verified them unchanged."""
+def _identity(xml: Path) -> tuple | None:
+    """The identity of the ``.xml`` and its ``.bin`` (``None`` when unreadable: the check reports it)."""
     try:
-        key = (file_identity(xml), file_identity(xml.with_suffix(".bin")))
+        return (file_identity(xml), file_identity(xml.with_suffix(".bin")))
     except OSError:
-        return None, None  # ir_digest reports it
-    with _verified_lock:
-        cached = _verified.get(key)
-    if cached is None or (parsed_value is not None and json.loads(parsed_value) != json.loads(cached[1])):
-        return key, None
-    return key, cached[0]
+        return None
 
 
 def check_openvino_ir(xml: Path | str, parsed_value: str | None = None, use_cache: bool = True) -> Mapping[str, Any] | None:
@@ -164,10 +158,12 @@ def check_openvino_ir(xml: Path | str, parsed_value: str | None = None, use_cach
             OpenVINO parsed is not the one in the file.
     """
     xml = Path(xml)
-    key, record = _cached(xml, parsed_value) if use_cache else (None, None)
-    if record is not None:
-        return record
-    digest, value = ir_digest(xml)
+    key = _identity(xml) if use_cache else None
+    cached = verified_before(key, parsed_value, _same_json) if key is not None else None
+    if cached is not None:
+        return cached
+    data = _read(xml)
+    value = ir_metadata_value(xml, data)
     check_parsed_metadata(xml, parsed_value, value)
     record = json.loads(value).get("extra", {}).get(INTEGRITY_KEY) if value is not None else None
     if record is None or (isinstance(record, dict) and record.get("scheme") == ONNX_SCHEME):
@@ -175,13 +171,13 @@ def check_openvino_ir(xml: Path | str, parsed_value: str | None = None, use_cach
         return None
     if not isinstance(record, dict) or record.get("scheme") != IR_SCHEME:
         raise ArtifactError(f"{xml}: unknown integrity scheme {record!r:.80}; re-run `memexport calibrate` with this memexport version")
+    digest, _ = ir_digest(xml, data)  # only now: hashing the .bin is the costly part
     if digest != record.get("sha256"):
         raise ArtifactError(
             f"{xml}: sha256 {digest[:16]}... of the .xml and {xml.with_suffix('.bin').name} does not match the "
             f"{str(record.get('sha256'))[:16]}... recorded when it was written: modified or corrupted since; "
             "re-run `memexport calibrate` or restore the original"
         )
-    if key is not None and value is not None:
-        with _verified_lock:
-            _verified[key] = (record, value)
+    if key is not None:
+        remember_verified(key, record, value)
     return record

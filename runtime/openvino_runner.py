@@ -26,7 +26,7 @@ from memexport.optional import require
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
-from memexport.runtime.ir_integrity import check_openvino_ir, check_parsed_metadata, ir_metadata_value
+from memexport.runtime.ir_integrity import check_openvino_ir
 from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
 from memexport.spec import MODELS
 
@@ -109,7 +109,7 @@ def split_model(ov: Any, model: Any, names: Sequence[str]) -> tuple[Any, Any]:
     """
     source, rest = model.clone(), model.clone()
     ports = [_port(source, name) for name in names]
-    prefix = ov.Model([port for port in ports], source.get_parameters(), "fp32_prefix")
+    prefix = ov.Model(ports, source.get_parameters(), "fp32_prefix")
     cut = []
     for name in names:
         port = _port(rest, name)
@@ -262,7 +262,7 @@ class OpenVinoRunner(Runner):
         if self.options.check_integrity and value is not None and self.path.suffix.lower() == ".onnx":
             check_onnx(self.path, parsed_value=value)  # cached: cross-checks the JSON hashed
         elif self.options.check_integrity and value is not None:
-            check_parsed_metadata(self.path, value, ir_metadata_value(self.path))  # the JSON hashed in _check_file
+            check_openvino_ir(self.path, parsed_value=value)  # cached: cross-checks the JSON hashed
         self.metadata = metadata_from_map({METADATA_KEY: value} if value is not None else {}, self.path)
         return model
 

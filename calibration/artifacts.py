@@ -333,10 +333,19 @@ class CpuKind(GuardedOnnxKind):
 
     name, suffix, quantization = "cpu", "int8-cpu", "onnxruntime-qoperator-u8s8"
 
-    def ranges_from(self, ctx: CalibrationContext, stats: Any) -> Any:
-        from memexport.calibration.cpu_int8 import cpu_ranges
+    def ranges(self, ctx: CalibrationContext, fold: int | None) -> Any:
+        """The pooled percentile ranges, with the residual branches' outputs the mean of the folds' own
+        (``options.cpu_branch_fold_mean``; the folds left out of ``fold``'s build are left out of its mean too)."""
+        if fold not in self._ranges:
+            from memexport.calibration.cpu_int8 import cpu_ranges, mean_of_fold_ranges, residual_branch_outputs
 
-        return cpu_ranges(stats, ctx.options.cpu_percentile)
+            percentile = ctx.options.cpu_percentile
+            ranges = cpu_ranges(ctx.stats.all() if fold is None else ctx.stats.without(fold), percentile)
+            if ctx.options.cpu_branch_fold_mean:
+                folds = [part for index, part in enumerate(ctx.stats.folds) if index != fold]
+                ranges = mean_of_fold_ranges(ranges, folds, residual_branch_outputs(ctx.fp32), percentile)
+            self._ranges[fold] = ranges
+        return self._ranges[fold]
 
     def simulated_ranges(self, ctx: CalibrationContext) -> tuple[Any, Any]:
         from memexport.calibration.stats import amax_from_stats
@@ -358,14 +367,17 @@ class CpuKind(GuardedOnnxKind):
         return [name for name in quantizable_layers(ctx.fp32, layer_ops) if name not in pinned]
 
     def ranges_key(self, ctx: CalibrationContext) -> str:
-        return f"percentile@{ctx.options.cpu_percentile}"
+        return f"percentile@{ctx.options.cpu_percentile}" + ("/branch-fold-mean" if ctx.options.cpu_branch_fold_mean else "")
 
     def fallback_rounds(self, ctx: CalibrationContext) -> int:
         """``options.cpu_fallback_rounds``: FP32 islands cost this artifact more speed than they buy fidelity (as for the IR)."""
         return ctx.options.cpu_fallback_rounds
 
     def extra_metadata(self, ctx: CalibrationContext, fallback: frozenset[str]) -> dict[str, Any]:
-        return {"pinned_fp32_layers": list(self.pinned_prefixes(ctx)), "range_percentile": ctx.options.cpu_percentile, **super().extra_metadata(ctx, fallback)}
+        return {
+            "pinned_fp32_layers": list(self.pinned_prefixes(ctx)), "range_percentile": ctx.options.cpu_percentile,
+            "branch_ranges": "fold-mean" if ctx.options.cpu_branch_fold_mean else "pooled", **super().extra_metadata(ctx, fallback),
+        }
 
 
 class OpenVinoKind:

@@ -59,6 +59,9 @@ class CalibrationOptions:
         percentile: Percentile of |x| for ``percentile`` (default 99.99).
         cpu_percentile: Percentile of |x| bounding every range of the CPU artifact, whatever
             ``method`` is (default 99.99, :data:`~memexport.calibration.cpu_int8.CPU_PERCENTILE`).
+        cpu_branch_fold_mean: The CPU artifact's ranges for the residual branches' outputs are the
+            mean of each fold's own percentile instead of the percentile of every image pooled
+            (default ``True``; :func:`~memexport.calibration.cpu_int8.mean_of_fold_ranges`).
         offset_images: Calibration images that measure each ONNX artifact's score offset
             (default 64; 0 disables the correction, :mod:`memexport.calibration.offset`).
         tensorrt_version: Version written into the cache header (default 8.6.1).
@@ -85,6 +88,7 @@ class CalibrationOptions:
     strict: bool = False
     percentile: float = 99.99
     cpu_percentile: float = CPU_PERCENTILE
+    cpu_branch_fold_mean: bool = True
     offset_images: int = 64
     tensorrt_version: str = "8.6.1"
     outputs: tuple[str, ...] = OUTPUTS

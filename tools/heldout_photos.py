@@ -16,6 +16,7 @@ import hashlib
 import json
 import sys
 import tarfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -36,13 +37,15 @@ def main(out_dir: str) -> None:
     cache = Path(".cache/sdist")
     cache.mkdir(parents=True, exist_ok=True)
     # The package-level JSON (the per-version endpoint is not served through every mirror).
-    with urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/json", timeout=60) as response:
+    index = f"https://pypi.org/pypi/{PACKAGE}/json"
+    with urllib.request.urlopen(index, timeout=60) as response:
         release = json.load(response)["releases"][VERSION]
     (sdist,) = [f for f in release if f["packagetype"] == "sdist"]
     archive = cache / sdist["filename"]
     if not archive.is_file() or hashlib.sha256(archive.read_bytes()).hexdigest() != sdist["digests"]["sha256"]:
         print(f"downloading {sdist['filename']} ({sdist['size'] / 1e6:.0f} MB) from PyPI")
-        urllib.request.urlretrieve(sdist["url"], archive)
+        # Some PyPI mirrors answer with file URLs relative to the JSON's own address.
+        urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), archive)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if digest != sdist["digests"]["sha256"]:
         sys.exit(f"{archive}: sha256 {digest} does not match PyPI's {sdist['digests']['sha256']}; delete it and run again")

@@ -246,3 +246,27 @@ def test_predict_and_verify_warn_about_an_unverified_artifact(calibrated, tmp_pa
     assert warning and "not verified" in warning and "\n" not in warning
     called = CliRunner().invoke(app, ["predict", str(sample_images[0].parent), "-m", str(unverified), "-o", str(tmp_path / "s.csv"), "--device", "cpu"])
     assert called.exit_code == 0 and "not verified" in called.output
+
+
+@pytest.mark.parametrize("fold_mean", [True, False])
+def test_cpu_artifact_sets_residual_branch_ranges_from_the_folds(tmp_path, sample_images, fold_mean):
+    """The written U8S8 artifact requantises the residual branch (conv_c's output) with the mean of the
+    folds' ranges by default, and with the pooled percentile when asked; inspect says which."""
+    import onnx
+    from onnx import numpy_helper
+
+    from memexport.calibration.cpu_int8 import cpu_ranges, mean_of_fold_ranges
+    from memexport.calibration.stats import FoldedStats
+
+    model = write_tiny_cnn(tmp_path / "res.onnx", residual=True)
+    options = CalibrationOptions(outputs=("cpu",), min_spearman=0.0, augment=0, folds=2, cpu_branch_fold_mean=fold_mean)
+    result = calibrate(model, sample_images[0].parent, tmp_path / "out", options)
+    stats = FoldedStats.load(result.stats)
+    assert len(stats.folds) == 2
+    pooled = cpu_ranges(stats.all(), CPU_PERCENTILE)
+    low, high = mean_of_fold_ranges(pooled, stats.folds, ["c"])["c"] if fold_mean else pooled["c"]
+    proto = onnx.load(str(result.cpu))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    (conv_c,) = [n for n in proto.graph.node if n.op_type == "QLinearConv" and n.name.startswith("conv_c")]
+    assert float(inits[conv_c.input[6]]) == pytest.approx((high - low) / 255.0, rel=1e-5)  # y_scale
+    assert inspect_artifact(result.cpu)["branch_ranges"] == ("fold-mean" if fold_mean else "pooled")

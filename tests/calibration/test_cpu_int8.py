@@ -91,3 +91,30 @@ def test_pinned_layers_match_prefixes():
     proto = tiny_cnn_proto()
     assert pinned_layers(proto, ("conv_a", "relu_a")) == ["conv_a", "relu_a"]
     assert pinned_layers(proto, ()) == []
+
+
+def test_residual_branch_outputs_are_the_convolutions_feeding_a_residual_sum(tmp_path):
+    from memexport.calibration.cpu_int8 import residual_branch_outputs
+
+    # add_res sums conv_c's output with b_relu (the identity path); add_const adds a constant
+    assert residual_branch_outputs(tiny_cnn_proto(residual=True)) == ["c"]
+    assert residual_branch_outputs(tiny_cnn_proto()) == []
+
+
+def test_mean_of_fold_ranges_replaces_only_the_named_tensors(tmp_path, sample_images):
+    from memexport.calibration.cpu_int8 import cpu_ranges, mean_of_fold_ranges
+    from memexport.calibration.images import iter_batches
+    from memexport.calibration.stats import folded_stats_from_batches
+    from tests.models import TINY_PREPROCESS
+
+    model = write_tiny_cnn(tmp_path / "res.onnx", residual=True)
+    halves = [sample_images[::2], sample_images[1::2]]
+    stats = folded_stats_from_batches(model, [iter_batches(half, TINY_PREPROCESS, 2) for half in halves])
+    pooled = cpu_ranges(stats.all(), 99.0)
+    mixed = mean_of_fold_ranges(pooled, stats.folds, ["c", "not-a-tensor"], 99.0)
+    per_fold = [cpu_ranges(part, 99.0)["c"] for part in stats.folds]
+    assert mixed["c"] == pytest.approx(tuple(np.mean(per_fold, axis=0)), rel=1e-6)
+    assert mixed["c"] != pytest.approx(pooled["c"], rel=1e-6)  # the two folds' images differ
+    assert {name: value for name, value in mixed.items() if name != "c"} == {name: value for name, value in pooled.items() if name != "c"}
+    # one fold: nothing to average, the pooled ranges stand
+    assert mean_of_fold_ranges(pooled, stats.folds[:1], ["c"], 99.0) == pooled

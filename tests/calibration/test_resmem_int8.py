@@ -56,7 +56,7 @@ def test_resmem_int8_parity(resmem_onnx, data_dir, sample_images, tmp_path):
     assert sum(op == "QLinearConv" for op in ops.values()) > 120
     described = inspect_artifact(result.cpu)
     assert described["pinned_fp32_layers"] == list(RESMEM.int8_fp32_layers)
-    assert abs(described["score_offset_logit"]) < 0.5
+    assert abs(described["score_offset_logit"]) < 0.5 and described["branch_ranges"] == "fold-mean"
     # The Q/DQ artifact pins the same layers: no QuantizeLinear feeds the stem or layer1.
     qdq = onnx.load(str(result.qdq), load_external_data=False)
     dequantized = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}

@@ -61,7 +61,8 @@ class CalibrationOptions:
             ``method`` is (default 99.99, :data:`~memexport.calibration.cpu_int8.CPU_PERCENTILE`).
         cpu_branch_fold_mean: The CPU artifact's ranges for the residual branches' outputs are the
             mean of each fold's own percentile instead of the percentile of every image pooled
-            (default ``True``; :func:`~memexport.calibration.cpu_int8.mean_of_fold_ranges`).
+            (default ``True``; :func:`~memexport.calibration.cpu_int8.mean_of_fold_ranges`). With
+            ``folds=0`` there is one fold, and the pooled ranges stand.
         offset_images: Calibration images that measure each ONNX artifact's score offset
             (default 64; 0 disables the correction, :mod:`memexport.calibration.offset`).
         tensorrt_version: Version written into the cache header (default 8.6.1).

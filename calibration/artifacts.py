@@ -127,10 +127,11 @@ class GuardedOnnxKind:
     def ranges(self, ctx: CalibrationContext, fold: int | None) -> Any:
         """Ranges from every fold's statistics (``fold`` ``None``) or from all but ``fold``'s, computed once."""
         if fold not in self._ranges:
-            self._ranges[fold] = self.ranges_from(ctx, ctx.stats.all() if fold is None else ctx.stats.without(fold))
+            self._ranges[fold] = self.ranges_from(ctx, ctx.stats.all() if fold is None else ctx.stats.without(fold), fold)
         return self._ranges[fold]
 
-    def ranges_from(self, ctx: CalibrationContext, stats: Any) -> Any:
+    def ranges_from(self, ctx: CalibrationContext, stats: Any, fold: int | None) -> Any:
+        """Ranges from ``stats``: every fold's statistics, or all but ``fold``'s (``fold`` ``None``: all)."""
         raise NotImplementedError
 
     def quantize(self, ctx: CalibrationContext, fold: int | None, exclude: frozenset[str]) -> Any:
@@ -296,7 +297,7 @@ class QdqKind(GuardedOnnxKind):
 
     name, suffix, quantization = "qdq", "int8-qdq", "tensorrt-qdq-s8s8-symmetric"
 
-    def ranges_from(self, ctx: CalibrationContext, stats: Any) -> Any:
+    def ranges_from(self, ctx: CalibrationContext, stats: Any, fold: int | None) -> Any:
         from memexport.calibration.stats import amax_from_stats
 
         return amax_from_stats(stats, ctx.options.qdq_method, ctx.options.qdq_percentile)
@@ -333,19 +334,16 @@ class CpuKind(GuardedOnnxKind):
 
     name, suffix, quantization = "cpu", "int8-cpu", "onnxruntime-qoperator-u8s8"
 
-    def ranges(self, ctx: CalibrationContext, fold: int | None) -> Any:
+    def ranges_from(self, ctx: CalibrationContext, stats: Any, fold: int | None) -> Any:
         """The pooled percentile ranges, with the residual branches' outputs the mean of the folds' own
-        (``options.cpu_branch_fold_mean``; the folds left out of ``fold``'s build are left out of its mean too)."""
-        if fold not in self._ranges:
-            from memexport.calibration.cpu_int8 import cpu_ranges, mean_of_fold_ranges, residual_branch_outputs
+        (``options.cpu_branch_fold_mean``; the fold left out of ``fold``'s build is left out of its mean too)."""
+        from memexport.calibration.cpu_int8 import cpu_ranges, mean_of_fold_ranges, residual_branch_outputs
 
-            percentile = ctx.options.cpu_percentile
-            ranges = cpu_ranges(ctx.stats.all() if fold is None else ctx.stats.without(fold), percentile)
-            if ctx.options.cpu_branch_fold_mean:
-                folds = [part for index, part in enumerate(ctx.stats.folds) if index != fold]
-                ranges = mean_of_fold_ranges(ranges, folds, residual_branch_outputs(ctx.fp32), percentile)
-            self._ranges[fold] = ranges
-        return self._ranges[fold]
+        ranges = cpu_ranges(stats, ctx.options.cpu_percentile)
+        if not ctx.options.cpu_branch_fold_mean:
+            return ranges
+        folds = [part for index, part in enumerate(ctx.stats.folds) if index != fold]
+        return mean_of_fold_ranges(ranges, folds, residual_branch_outputs(ctx.fp32), ctx.options.cpu_percentile)
 
     def simulated_ranges(self, ctx: CalibrationContext) -> tuple[Any, Any]:
         from memexport.calibration.stats import amax_from_stats

@@ -66,10 +66,10 @@ _MEASURED_EPYC = "measured on an AVX-512 VNNI EPYC"
 def cpu_advice(units: CpuUnits) -> list[dict[str, str]]:
     """What each CPU back end and precision is expected to gain on a CPU with ``units``, against ONNX Runtime FP32."""
     if units.amx:
-        # Ranges over three sessions' hosts: the ratio moved with the host more than with the code.
-        bf16 = f"3x or more: AMX-BF16 (2.7-5.8x, Spearman 0.9999 against FP32 on 45 photos with the stem in FP32, {_MEASURED_AMX})"
-        ov_int8 = f"5x or more: AMX-INT8 (4.6-8.9x with BF16 outside INT8, Spearman 0.994 on 45 photos, {_MEASURED_AMX})"
-        ort_int8 = f"~2.7x: VNNI only, ONNX Runtime's INT8 kernels do not use AMX (2.44-2.85x, {_MEASURED_AMX})"
+        # Ranges over the two AMX hosts measured (README *OpenVINO*): the ratio moved with the host, not the code.
+        bf16 = f"3x or more: AMX-BF16 (2.7-5.9x, Spearman 0.9999 against FP32 on 45 photos with the stem in FP32, {_MEASURED_AMX})"
+        ov_int8 = f"5x or more: AMX-INT8 (4.6-9.1x with BF16 outside INT8, Spearman 0.994 on 45 photos, {_MEASURED_AMX})"
+        ort_int8 = f"~2.7x: VNNI only, ONNX Runtime's INT8 kernels do not use AMX (2.44-2.89x, {_MEASURED_AMX})"
     else:
         bf16 = "~1.3x expected: AVX512-BF16 without AMX" if units.bf16 else "refused: no BF16 unit (OpenVINO would emulate it, slower than FP32)"
         ov_int8 = "~2.5x expected: VNNI" if units.vnni else "little: no VNNI or AMX for INT8"

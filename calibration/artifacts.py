@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from memexport.errors import CalibrationError
+from memexport.core.errors import CalibrationError
 
 @dataclass(frozen=True)
 class CalibrationContext:
@@ -398,7 +398,7 @@ class OpenVinoKind:
     def available(self, ctx: Any) -> bool:
         """Whether openvino and nncf import; raises their install hint when this kind was asked for by name."""
         from memexport.calibration.openvino_int8 import require_modules
-        from memexport.errors import BackendUnavailableError
+        from memexport.core.errors import BackendUnavailableError
 
         try:
             require_modules()

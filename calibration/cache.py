@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from memexport.atomic import write_text_atomic
-from memexport.errors import ArtifactError, UsageError
+from memexport.core.atomic import write_text_atomic
+from memexport.core.errors import ArtifactError, UsageError
 
 ALGORITHMS = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "EntropyCalibration2"}
 DEFAULT_TENSORRT_VERSION = "8.6.1"

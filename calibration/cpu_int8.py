@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from memexport.optional import require
+from memexport.core.optional import require
 
 
 # Convolutions carry nearly all the FLOPs; Relu/MaxPool/Add keep tensors in UINT8 between them.

@@ -102,7 +102,7 @@ def gather_evidence(
     """
     from memexport.calibration.guard import ort_session, session_scores
     from memexport.calibration.images import augmented_views, load_all
-    from memexport.errors import InputImageError
+    from memexport.core.errors import InputImageError
     from memexport.runtime.preprocess import load_image, preprocess_image
 
     session = ort_session(model)

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from memexport.errors import UsageError
-from memexport.stats import spearman as spearman_rho
+from memexport.core.errors import UsageError
+from memexport.core.ranks import spearman as spearman_rho
 
 CONFIDENCE = 0.90
 # Fewer images than this leave 3 degrees of freedom or less: the interval spans most of [0, 1].

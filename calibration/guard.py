@@ -301,7 +301,7 @@ class Guard:
 
             self._sensitivity = unit_sensitivity(simulation, self.batch[:count], self.reference[:count], units, progress)
             if self.cache is not None:
-                from memexport.atomic import write_text_atomic
+                from memexport.core.atomic import write_text_atomic
 
                 write_text_atomic(self.cache, json.dumps({"key": self.cache_key, "sensitivity": self._sensitivity}, indent=1))
         return self._sensitivity

@@ -14,8 +14,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from memexport.errors import CalibrationError, InputImageError
-from memexport.spec import PreprocessSpec
+from memexport.core.errors import CalibrationError, InputImageError
+from memexport.core.spec import PreprocessSpec
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from memexport.optional import require
+from memexport.core.optional import require
 
 # Fully connected layers (ONNX Gemm becomes OpenVINO MatMul): a tiny share of the time and the
 # most rank-sensitive part of a scorer, as for the ONNX Runtime CPU artifact.
@@ -167,7 +167,7 @@ def save_openvino_artifact(model: Any, metadata: Any, output: Path | str) -> Pat
     finds a new ``.xml`` beside old weights. FP32 weights stay FP32 (no FP16 compression).
     """
     ov, _ = require_modules()
-    from memexport.atomic import atomic_path
+    from memexport.core.atomic import atomic_path
     from memexport.runtime.ir_integrity import seal_openvino_ir
     from memexport.runtime.metadata import METADATA_KEY
 

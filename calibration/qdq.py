@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from memexport.errors import ArtifactError, UsageError
+from memexport.core.errors import ArtifactError, UsageError
 
 MAX_TENSORRT_OPSET = 17
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")

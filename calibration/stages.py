@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from memexport.errors import ArtifactError, CalibrationError, UsageError
+from memexport.core.errors import ArtifactError, CalibrationError, UsageError
 
 from memexport.calibration.artifacts import KINDS, CalibrationContext, Written
 from memexport.calibration.cpu_int8 import CPU_PERCENTILE
@@ -312,7 +312,7 @@ def write_kinds(ctx: CalibrationContext) -> tuple[dict[str, Written], dict[str, 
 
 def write_record(path: Path, ctx: CalibrationContext, gathered: Gathered, written: Mapping[str, Written], refused: Mapping[str, str]) -> Path:
     """Stage 4: ``<stem>.calib.json``, what was calibrated on and what each estimate shows."""
-    from memexport.atomic import write_text_atomic
+    from memexport.core.atomic import write_text_atomic
 
     guards = {kind: w.guard for kind, w in written.items() if w.guard is not None}
     write_text_atomic(path, json.dumps({
@@ -359,7 +359,7 @@ def calibrate(
         CalibrationError: An artifact misses its target (or cannot be verified, with ``strict``).
     """
     from memexport.export.onnx_export import load_fp32_artifact
-    from memexport.spec import MODELS
+    from memexport.core.spec import MODELS
 
     model, images, out_dir = Path(model), Path(images), Path(out_dir)
     check_options(options, images)

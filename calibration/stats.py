@@ -21,9 +21,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from memexport.atomic import atomic_path
+from memexport.core.atomic import atomic_path
 from memexport.runtime.integrity import sha256_file
-from memexport.errors import ArtifactError, CalibrationError, UsageError
+from memexport.core.errors import ArtifactError, CalibrationError, UsageError
 
 METHODS = ("entropy", "minmax", "percentile")
 STATS_VERSION = 1

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from memexport.errors import ArtifactError, MemexportError, UsageError
+from memexport.core.errors import ArtifactError, MemexportError, UsageError
 from memexport.runtime.batch import (
     PredictOptions,
     PredictSummary,
@@ -48,7 +48,7 @@ from memexport.runtime.batch import (
     safe_item,
     upfront_failures,
 )
-from memexport.optional import require
+from memexport.core.optional import require
 from memexport.runtime.integrity import model_not_found
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.predictor import Predictor
@@ -270,7 +270,7 @@ class ParquetScores:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from memexport.atomic import atomic_path
+        from memexport.core.atomic import atomic_path
 
         table = pa.table({
             "path": [printable(row[0]) for row in rows],

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from memexport.errors import BackendUnavailableError
-from memexport.spec import get_spec
+from memexport.core.errors import BackendUnavailableError
+from memexport.core.spec import get_spec
 
 
 def require_export_deps() -> None:
@@ -44,8 +44,8 @@ def export_model(
     Returns:
         The :class:`~memexport.runtime.metadata.ArtifactMetadata` written.
     """
-    from memexport.errors import UsageError
-    from memexport.spec import MODELS
+    from memexport.core.errors import UsageError
+    from memexport.core.spec import MODELS
 
     spec = get_spec(name)
     require_export_deps()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memexport.errors import ArtifactError
-from memexport.optional import require
+from memexport.core.errors import ArtifactError
+from memexport.core.optional import require
 
 # Kept in FP32: the sigmoid head's last step and the LRN's power/division, where half
 # precision's 11-bit mantissa costs the most for the least time.

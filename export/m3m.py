@@ -33,14 +33,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memexport.errors import ArtifactError, CheckpointError, UsageError
+from memexport.core.errors import ArtifactError, CheckpointError, UsageError
 from memexport.export.resmem import AlexBranch, ResNet, add_head, head_forward, resnet152
 
 if TYPE_CHECKING:  # pragma: no cover
     from memexport.export.onnx_export import ExportOptions
     from memexport.export.weights import WeightsSource
     from memexport.runtime.metadata import ArtifactMetadata
-    from memexport.spec import ModelSpec
+    from memexport.core.spec import ModelSpec
 
 SEGMENTATION_CLASSES = 13
 ALEX_FEATURES = 9216
@@ -434,8 +434,8 @@ def onnx_with_external_data_from_torch(
     """
     import onnx
 
-    from memexport.atomic import fsync_dir, fsync_file
-    from memexport.errors import MemexportError
+    from memexport.core.atomic import fsync_dir, fsync_file
+    from memexport.core.errors import MemexportError
     from memexport.export.onnx_export import checked_torch_model, export_metadata, require_valid_onnx, stamp, trace_to_onnx
     from memexport.runtime.integrity import seal_onnx
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from memexport import __version__
-from memexport.atomic import atomic_path
-from memexport.errors import ArtifactError, CheckpointError, UsageError
+from memexport.core.version import __version__
+from memexport.core.atomic import atomic_path
+from memexport.core.errors import ArtifactError, CheckpointError, UsageError
 from memexport.export.weights import WeightsSource
 from memexport.runtime.integrity import model_not_found, seal_onnx
 from memexport.runtime.metadata import METADATA_KEY, ArtifactMetadata
-from memexport.spec import ModelSpec
+from memexport.core.spec import ModelSpec
 
 # TensorRT 8.6 (the last release for Pascal) parses opset 17 at most; newer opsets only
 # help TensorRT 10+, so 17 is the portable default.

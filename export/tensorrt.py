@@ -16,17 +16,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from memexport import __version__
-from memexport import gpu as gpu_facts
-from memexport.cachedir import default_cache_dir
-from memexport.errors import ArtifactError, BackendUnavailableError, CalibrationError, UsageError
+from memexport.core.version import __version__
+from memexport.runtime import gpu as gpu_facts
+from memexport.core.cachedir import default_cache_dir
+from memexport.core.errors import ArtifactError, BackendUnavailableError, CalibrationError, UsageError
 from memexport.export.trt_version import TrtFeatures, device_memory_size, enum_member, network_flags, tensorrt, trt_features
-from memexport.gpu import GpuInfo, precision_advice, require_tensorrt_supports
-from memexport.optional import require
+from memexport.runtime.gpu import GpuInfo, precision_advice, require_tensorrt_supports
+from memexport.core.optional import require
 from memexport.runtime import budget
 from memexport.runtime.engine_sidecar import EngineSidecar, io_bytes, sha256_bytes, sha256_path, sidecar_path
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.spec import PRECISIONS
+from memexport.core.spec import PRECISIONS
 
 CALIBRATION_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
 CALIBRATORS = {"EntropyCalibration2": "IInt8EntropyCalibrator2", "MinMaxCalibration": "IInt8MinMaxCalibrator"}
@@ -309,7 +309,7 @@ def engine_device_memory(features: TrtFeatures, logger: Any, plan_bytes: bytes) 
 
 
 def cuda_runtime_version() -> str | None:
-    from memexport.errors import CudaError
+    from memexport.core.errors import CudaError
     from memexport.runtime.cuda import load_cuda
 
     try:
@@ -383,7 +383,7 @@ def engine_from_onnx(onnx_path: Path | str, output: Path | str, options: BuildOp
     )
     plan_bytes, device_memory = serialized_engine(info, options, plan, workspace, features, timing_cache_file(options, features, gpu))
     sidecar = engine_sidecar(output, plan_bytes, device_memory, info, options, plan, features, gpu, workspace, estimate)
-    from memexport.atomic import write_bytes_atomic, write_text_atomic
+    from memexport.core.atomic import write_bytes_atomic, write_text_atomic
 
     # Plan first, sidecar last: a crash in between leaves a plan the runner refuses (no
     # sidecar, or a sidecar whose sha256 names another plan), never a silent mismatch.
@@ -398,7 +398,7 @@ def serialized_engine(info: OnnxInfo, options: BuildOptions, plan: PrecisionPlan
 
     The timing cache at ``timing_path`` is read first and written back after the build.
     """
-    from memexport.atomic import write_bytes_atomic
+    from memexport.core.atomic import write_bytes_atomic
 
     trt = tensorrt()
     meta = info.metadata

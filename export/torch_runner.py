@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from memexport.errors import BackendUnavailableError, UsageError
+from memexport.core.errors import BackendUnavailableError, UsageError
 from memexport.export.weights import WeightsSource
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.optional import require
+from memexport.core.optional import require
 from memexport.runtime.base import Runner, RunnerOptions, parse_device
-from memexport.spec import ModelSpec
+from memexport.core.spec import ModelSpec
 
 
 class TorchRunner(Runner):
@@ -104,7 +104,7 @@ def reference_runner_for(metadata: ArtifactMetadata, weights_override: Any = Non
     from pathlib import Path
 
     from memexport.export.weights import resolve, sha256_file
-    from memexport.spec import get_spec
+    from memexport.core.spec import get_spec
 
     spec = get_spec(metadata.model)
     recorded = metadata.weights or {}

@@ -11,7 +11,7 @@ decided in :func:`trt_features` from ``tensorrt.__version__`` (parsed with ``pac
   precision comes from the ONNX itself: an FP16 ONNX (``memexport convert --fp16``) or a
   Q/DQ ONNX (``memexport calibrate``).
 
-``tensorrt`` is imported lazily, once, by :func:`tensorrt` (through :func:`memexport.optional.require`);
+``tensorrt`` is imported lazily, once, by :func:`tensorrt` (through :func:`memexport.core.optional.require`);
 the builder's helpers call it instead of receiving the module as a parameter.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 from packaging.version import Version
 
-from memexport import gpu
-from memexport.errors import BackendUnavailableError
-from memexport.optional import require
+from memexport.runtime import gpu
+from memexport.core.errors import BackendUnavailableError
+from memexport.core.optional import require
 
 # Every TensorRT attribute this package uses (module attributes, enum members and methods
 # of TensorRT objects), in one place. tests/export/test_tensorrt.py checks each name against

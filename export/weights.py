@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Mapping
 
-from memexport.errors import CheckpointError
+from memexport.core.errors import CheckpointError
 from memexport.runtime.integrity import sha256_file  # re-exported: the one file hasher
 
 RESMEM_DISTRIBUTION = "resmem"

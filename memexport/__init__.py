@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memexport.errors import MemexportError
-
-__version__ = "0.1.0"
+from memexport.core.errors import MemexportError
+from memexport.core.version import __version__
 
 __all__ = ["MemexportError", "Predictor", "__version__"]
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from memexport.errors import MemexportError, UsageError
+from memexport.core.errors import MemexportError, UsageError
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.cpu import cpu_units
 
@@ -397,8 +397,8 @@ def with_fidelity(records: list[BenchRecord], scored: Sequence[tuple[list[BenchR
                   progress: Callable[[str], None] = lambda _: None) -> list[BenchRecord]:
     """``records`` with the fidelity fields filled: each path's scores against the first ONNX Runtime FP32
     path of the same model, under the model spec's tolerance for the precision the path computed."""
-    from memexport.parity import compare
-    from memexport.spec import MODELS, Tolerance
+    from memexport.core.parity import compare
+    from memexport.core.spec import MODELS, Tolerance
 
     # Statistics without a verdict, for a model or precision the spec declares no tolerance for.
     no_verdict = Tolerance(atol=float("inf"), min_spearman=-1.0, min_kendall=-1.0)
@@ -485,7 +485,7 @@ def bench_end_to_end(
         warmup: Untimed calls first (default 3).
         progress: Called with a short line before each stage (default: silent).
     """
-    from memexport.errors import UsageError
+    from memexport.core.errors import UsageError
     from memexport.runtime.batch import decoded_batches, default_workers
     from memexport.runtime.files import collect_images
     from memexport.runtime.predictor import Predictor

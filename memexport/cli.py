@@ -1,7 +1,7 @@
 """The ``memexport`` command line: thin typer commands over the library calls.
 
 Every command maps its options onto one library function, so the CLI can do nothing the
-library cannot. :class:`~memexport.errors.MemexportError` becomes one line on stderr and
+library cannot. :class:`~memexport.core.errors.MemexportError` becomes one line on stderr and
 the error's exit code; no traceback is printed for user errors.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from memexport.errors import MemexportError
+from memexport.core.errors import MemexportError
 
 app = typer.Typer(
     name="memexport",
@@ -58,7 +58,7 @@ PRECISION_HELP = "OpenVINO: fp32 (exact, the default) or bf16 (AMX/AVX512-BF16 C
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    from memexport.errors import UsageError
+    from memexport.core.errors import UsageError
 
     try:
         sizes = tuple(int(part) for part in text.split(",") if part.strip())
@@ -106,7 +106,7 @@ def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_a
     """The job function for ``--engine``; Ray-only options are refused on the local engine."""
     from functools import partial
 
-    from memexport.errors import UsageError
+    from memexport.core.errors import UsageError
 
     if engine == "local":
         given = [name for name, value in (("--ray-address", address), ("--actors", actors), ("--cpus-per-actor", cpus_per_actor)) if value]
@@ -152,7 +152,7 @@ def predict_cmd(
     import signal
     import warnings
 
-    from memexport.errors import Interrupted
+    from memexport.core.errors import Interrupted
     from memexport.runtime.batch import PredictOptions
 
     # Pillow warns about odd files it still decodes (bad EXIF, oversized TIFF tags); the
@@ -212,7 +212,7 @@ def verify_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Compare the artifact with the torch reference; exit 1 and print what would pass on failure."""
-    from memexport.parity import require
+    from memexport.core.parity import require
     from memexport.runtime.files import collect_images
     from memexport.verify import VerifyOptions, unverified_warning, verify_artifact
 
@@ -226,7 +226,7 @@ def verify_cmd(
     for line in result.report.lines():
         typer.echo(f"  {line}")
     if json_out:
-        from memexport.atomic import write_text_atomic
+        from memexport.core.atomic import write_text_atomic
 
         record = {"artifact": str(model), "backend": result.backend, "precision": result.precision, **result.report.as_dict()}
         write_text_atomic(json_out, json.dumps(record, indent=2))
@@ -263,7 +263,7 @@ def bench_cmd(
                 f"{record.p90_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
             )
         if json_out:
-            from memexport.atomic import write_text_atomic
+            from memexport.core.atomic import write_text_atomic
 
             write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
         return
@@ -274,7 +274,7 @@ def bench_cmd(
     records = bench_artifacts(model, options, progress=err)
     _print_bench_table(records)
     if json_out:
-        from memexport.atomic import write_text_atomic
+        from memexport.core.atomic import write_text_atomic
 
         write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
 
@@ -330,7 +330,7 @@ def build_cmd(
     device: int = typer.Option(0, "--device", help="CUDA device ordinal to build on."),
 ) -> None:
     """Build a TensorRT engine (plan + JSON sidecar) from a model name or an ONNX file."""
-    from memexport.errors import UsageError
+    from memexport.core.errors import UsageError
     from memexport.export.tensorrt import BuildOptions
     from memexport.pipeline import build
     from memexport.runtime.budget import parse_bytes
@@ -420,7 +420,7 @@ def convert_cmd(
     fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and activations, FP32 input and output."),
 ) -> None:
     """Convert an FP32 ONNX to another precision (today: --fp16)."""
-    from memexport.errors import UsageError
+    from memexport.core.errors import UsageError
     from memexport.export.fp16 import fp16_onnx_from_onnx
 
     if not fp16:

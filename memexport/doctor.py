@@ -7,7 +7,7 @@ import importlib.util
 import platform
 from typing import Any
 
-from memexport.optional import optional
+from memexport.core.optional import optional
 from memexport.runtime.cpu import CpuUnits, cpu_units
 
 
@@ -20,8 +20,8 @@ def _version(dist: str) -> str | None:
 
 def environment_report() -> dict[str, Any]:
     """Versions, execution providers, TensorRT, CUDA devices and precision advice."""
-    from memexport import __version__
-    from memexport.gpu import list_gpus, precision_advice
+    from memexport.core.version import __version__
+    from memexport.runtime.gpu import list_gpus, precision_advice
 
     report: dict[str, Any] = {
         "memexport": __version__,

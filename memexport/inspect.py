@@ -16,7 +16,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
-from memexport.errors import ArtifactError
+from memexport.core.errors import ArtifactError
 
 DEFAULT_BATCH_SIZES = (1, 8, 16, 32)
 # Tensors above this stay out of the shape-inference copy: only their dims matter there.

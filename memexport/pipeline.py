@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from memexport import __version__
-from memexport.cachedir import default_cache_dir
-from memexport.errors import CalibrationError
+from memexport.core.version import __version__
+from memexport.core.cachedir import default_cache_dir
+from memexport.core.errors import CalibrationError
 from memexport.export.tensorrt import BuildOptions, BuildResult, engine_from_onnx
 from memexport.export.trt_version import tensorrt
 from memexport.runtime.engine_sidecar import sha256_path
@@ -36,7 +36,7 @@ def onnx_for_model(name: str, cache_dir: Path | None = None, weights: Path | Non
     """
     from memexport.export import export_model, require_export_deps
     from memexport.export.weights import resolve
-    from memexport.spec import get_spec
+    from memexport.core.spec import get_spec
 
     get_spec(name)
     require_export_deps()

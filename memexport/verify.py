@@ -8,12 +8,12 @@ from typing import Sequence
 
 import numpy as np
 
-from memexport.errors import InputImageError, UsageError
-from memexport.parity import ParityReport, compare
+from memexport.core.errors import InputImageError, UsageError
+from memexport.core.parity import ParityReport, compare
 from memexport.runtime.preprocess import preprocess
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.registry import runner_for
-from memexport.spec import Tolerance, get_spec
+from memexport.core.spec import Tolerance, get_spec
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def verify_artifact(artifact: Path | str, images: Sequence[Path], options: Verif
 
     Raises:
         UsageError: No readable image. ParityError is not raised here: call
-            :func:`memexport.parity.require` on the report.
+            :func:`memexport.core.parity.require` on the report.
     """
     from memexport.export.torch_runner import reference_runner_for
 
@@ -96,7 +96,7 @@ def unverified_warning(path: Path | str) -> str | None:
     import json
     import mmap
 
-    from memexport.errors import MemexportError
+    from memexport.core.errors import MemexportError
     from memexport.runtime.integrity import find_metadata_entry
 
     path = Path(path)

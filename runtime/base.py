@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.runtime.budget import DEFAULT_BUDGET_BYTES
 from memexport.runtime.metadata import ArtifactMetadata
 

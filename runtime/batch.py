@@ -35,8 +35,8 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
-from memexport.atomic import fsync_dir
-from memexport.errors import InputImageError, Interrupted, UsageError
+from memexport.core.atomic import fsync_dir
+from memexport.core.errors import InputImageError, Interrupted, UsageError
 from memexport.runtime.files import Collected, collect_images
 from memexport.runtime.predictor import Item, Predictor, group_batches
 from memexport.runtime.base import RunnerOptions

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from memexport.errors import BudgetError, UsageError
+from memexport.core.errors import BudgetError, UsageError
 
 GIB = 1024**3
 MIB = 1024**2
@@ -315,7 +315,7 @@ def onnx_parameter_count(model: object) -> int:
 
 def free_vram(device: int = 0) -> int | None:
     """Free bytes on ``device`` from ``cudaMemGetInfo``, or ``None`` without CUDA or a GPU."""
-    from memexport.errors import BackendUnavailableError, CudaError
+    from memexport.core.errors import BackendUnavailableError, CudaError
     from memexport.runtime.cuda import load_cuda
 
     try:

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from memexport.errors import BackendUnavailableError, CudaError
-from memexport.optional import optional
+from memexport.core.errors import BackendUnavailableError, CudaError
+from memexport.core.optional import optional
 
 # The loader's names for libcudart, newest CUDA first: the device machines carry CUDA 13.
 SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from packaging.version import InvalidVersion, Version
 
-from memexport.errors import ArtifactError, EngineMismatchError
+from memexport.core.errors import ArtifactError, EngineMismatchError
 from memexport.runtime.integrity import sha256_file
 from memexport.runtime.metadata import ArtifactMetadata
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from memexport.errors import ArtifactError
-from memexport.optional import optional
+from memexport.core.errors import ArtifactError
+from memexport.core.optional import optional
 from memexport.runtime.metadata import METADATA_KEY
 
 def model_not_found(path: Path) -> ArtifactError:
@@ -236,7 +236,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def seal_onnx(path: Path | str, external_locations: Sequence[str] = ()) -> dict[str, Any]:
     """Record the artifact's digest in its own memexport metadata, rewriting ``path`` in place.
 
-    Call it on the temporary file inside :func:`memexport.atomic.atomic_path`, after the last
+    Call it on the temporary file inside :func:`memexport.core.atomic.atomic_path`, after the last
     ``onnx.save``: any later re-serialisation of the model invalidates the seal.
 
     Args:

@@ -27,7 +27,7 @@ from html import unescape
 from pathlib import Path
 from typing import Any, Mapping
 
-from memexport.errors import ArtifactError
+from memexport.core.errors import ArtifactError
 from memexport.runtime.integrity import INTEGRITY_KEY, canonical_metadata, file_identity, remember_verified, sha256_file, verified_before
 from memexport.runtime.integrity import SCHEME as ONNX_SCHEME
 

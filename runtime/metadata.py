@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from memexport.errors import ArtifactError
-from memexport.spec import PreprocessSpec
+from memexport.core.errors import ArtifactError
+from memexport.core.spec import PreprocessSpec
 
 METADATA_KEY = "memexport"
 SCHEMA_VERSION = 1

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from memexport.cachedir import default_cache_dir
-from memexport.errors import ArtifactError, BackendUnavailableError
+from memexport.core.cachedir import default_cache_dir
+from memexport.core.errors import ArtifactError, BackendUnavailableError
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
 from memexport.runtime.metadata import metadata_from_map

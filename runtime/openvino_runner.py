@@ -7,7 +7,7 @@ for explicitly (``OpenVinoOptions(precision="bf16")``) and refused on CPUs witho
 unit, where OpenVINO would emulate it. INT8 artifacts (Q/DQ) run their INT8 layers in INT8
 whatever the precision, and the rest at the precision asked for.
 
-``openvino`` is imported only when a runner activates, through :func:`memexport.optional.require`.
+``openvino`` is imported only when a runner activates, through :func:`memexport.core.optional.require`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
-from memexport.optional import require
+from memexport.core.errors import ArtifactError, BackendUnavailableError, UsageError
+from memexport.core.optional import require
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
 from memexport.runtime.ir_integrity import check_openvino_ir
 from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
-from memexport.spec import MODELS
+from memexport.core.spec import MODELS
 
 PRECISIONS = ("fp32", "bf16")
 HINTS = {"fp32": "f32", "bf16": "bf16"}

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
-from memexport.errors import InputImageError, UsageError
+from memexport.core.errors import InputImageError, UsageError
 from memexport.runtime.preprocess import ImageInput, describe, preprocess, preprocess_bytes
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.registry import runner_for

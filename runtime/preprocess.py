@@ -20,8 +20,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from memexport.errors import InputImageError
-from memexport.spec import PreprocessSpec
+from memexport.core.errors import InputImageError
+from memexport.core.spec import PreprocessSpec
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.runtime.base import Runner, RunnerOptions
 
 

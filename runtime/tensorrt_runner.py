@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from memexport.errors import ArtifactError, BackendUnavailableError, UsageError
-from memexport.optional import require
+from memexport.core.errors import ArtifactError, BackendUnavailableError, UsageError
+from memexport.core.optional import require
 from memexport.runtime import budget
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.engine_sidecar import EngineSidecar, check_engine_compatible, check_plan_matches, read_sidecar

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.spec import PreprocessSpec
+from memexport.core.spec import PreprocessSpec
 
 TINY_PREPROCESS = PreprocessSpec(resize=(36, 36), crop=32)
 TINY_SHAPE = (3, 32, 32)
@@ -105,7 +105,7 @@ SCORER_WEIGHTS = np.array([0.5, 1.0, 1.5], dtype=np.float32).reshape(3, 1, 1)
 
 
 def scorer_metadata(model: str = "tiny-scorer") -> ArtifactMetadata:
-    from memexport.spec import RESMEM
+    from memexport.core.spec import RESMEM
 
     return ArtifactMetadata(
         model=model, precision="fp32", input_name="image", output_name="score",

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from memexport.runtime.preprocess import preprocess
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 from tests.models import scorer_scores
 
 

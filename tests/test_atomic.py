@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from memexport.atomic import atomic_path, stale_temporaries, write_bytes_atomic, write_text_atomic
-from memexport.errors import MemexportError
+from memexport.core.atomic import atomic_path, stale_temporaries, write_bytes_atomic, write_text_atomic
+from memexport.core.errors import MemexportError
 
 SLOW_WRITER = textwrap.dedent(
     """
     import sys, time
-    from memexport.atomic import atomic_path
+    from memexport.core.atomic import atomic_path
     with atomic_path(sys.argv[1]) as tmp:
         with open(tmp, "wb") as handle:
             for i in range(200):
@@ -33,8 +33,8 @@ SLOW_WRITER = textwrap.dedent(
 FSIZE_WRITER = textwrap.dedent(
     """
     import resource, signal, sys
-    from memexport.atomic import write_bytes_atomic
-    from memexport.errors import MemexportError
+    from memexport.core.atomic import write_bytes_atomic
+    from memexport.core.errors import MemexportError
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so writes past the cap fail with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     try:

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from memexport.bench import BenchOptions, bench_artifacts, bench_paths, fastest_keeping_ranking
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.runtime.cpu import cpu_units
-from memexport.spec import DEFAULT_TOLERANCES, MODELS, ModelSpec
+from memexport.core.spec import DEFAULT_TOLERANCES, MODELS, ModelSpec
 from tests.conftest import needs_openvino
 from tests.models import write_tiny_scorer
 

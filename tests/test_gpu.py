@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memexport import gpu
-from memexport.errors import BackendUnavailableError
+from memexport.runtime import gpu
+from memexport.core.errors import BackendUnavailableError
 from memexport.runtime import cuda
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from memexport.errors import ArtifactError
+from memexport.core.errors import ArtifactError
 from memexport.inspect import inspect_artifact
 from memexport.runtime.budget import DEFAULT_BUDGET_BYTES, GIB, estimate_vram
 from tests.models import write_tiny_scorer

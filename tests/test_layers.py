@@ -1,41 +1,32 @@
-"""Imports go one way: no cycles, and no module imports a layer above its own.
+"""Imports go one way: no cycles, and no module imports a floor above its own.
 
 Every import is read from the source with ``ast``, function-local ones included (a lazy import
-is still a dependency). The layers, bottom to top (README, *Layout*):
-
-0. leaves: ``errors``, ``spec``, ``optional``, ``cachedir``, ``atomic``, ``stats``, ``parity``;
-1. ``runtime/`` (torch-free) and ``memexport.gpu`` (GPU facts over ``runtime.cuda``);
-2. ``export/`` and ``calibration/`` (calibration may import export, never the reverse);
-3. pipelines that combine them: ``pipeline``, ``bench``, ``verify``, ``inspect``, ``doctor``,
-   ``distributed`` and any other package the project adds;
-4. the CLI (``cli``, ``__main__``).
+is still a dependency). The floors come from the one layer map, :mod:`memexport.core.layers`,
+which the README's *Layout* section draws too.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+from memexport.core.layers import FACADE as PACKAGE
+from memexport.core.layers import FLOORS, drawing, floor_of
+
 ROOT = Path(__file__).resolve().parents[1]
 
-LEAVES = {"memexport", "memexport.errors", "memexport.spec", "memexport.optional", "memexport.cachedir", "memexport.atomic",
-          "memexport.stats", "memexport.parity"}
-RUNTIME_LEVEL = {"memexport.gpu"}
-CLI = {"memexport.cli", "memexport.__main__"}
 # `memexport.Predictor` is the public facade: the package resolves it lazily on first use.
-FACADE = {("memexport", "memexport.runtime.predictor")}
+FACADE = {(PACKAGE, "memexport.runtime.predictor")}
 
 
 def package_dirs() -> dict[str, Path]:
-    """Package name -> folder, from pyproject.toml's [tool.setuptools.package-dir]."""
-    import tomllib
-
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    dirs = config.get("package-dir", {})
-    return {name: ROOT / dirs.get(name, name.replace(".", "/")) for name in config["packages"]}
+    """Package name -> folder, as the import system finds them (the map's packages and the top one)."""
+    names = [PACKAGE] + [package for floor in FLOORS for package in floor.packages]
+    return {name: Path(importlib.util.find_spec(name).submodule_search_locations[0]) for name in names}
 
 
 def modules() -> dict[str, Path]:
@@ -47,18 +38,9 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> tuple[int, str]:
-    """(rank, name) of a module's layer; export and calibration share rank 2."""
-    if module in LEAVES:
-        return 0, "leaf"
-    if module in RUNTIME_LEVEL or module.startswith("memexport.runtime"):
-        return 1, "runtime"
-    if module.startswith("memexport.export"):
-        return 2, "export"
-    if module.startswith("memexport.calibration"):
-        return 2, "calibration"
-    if module in CLI:
-        return 4, "cli"
-    return 3, "pipeline"
+    """(rank, name) of a module's floor; export and calibration share rank 2."""
+    floor = floor_of(module)
+    return floor.rank, floor.name
 
 
 def resolve(node: ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> list[str]:
@@ -102,7 +84,7 @@ def upward_imports(edges: dict[str, set[str]]) -> list[str]:
     for module, targets in edges.items():
         rank, name = layer(module)
         for target in sorted(targets):
-            if (module, target) in FACADE or target == "memexport":
+            if (module, target) in FACADE or target == PACKAGE:
                 continue  # every module's import runs the package __init__; it is the bottom leaf
             target_rank, target_name = layer(target)
             if target_rank > rank or (name == "export" and target_name == "calibration"):
@@ -191,3 +173,24 @@ def test_the_checker_catches_cycles_through_local_imports(tmp_path):
     assert imports_of("memexport.runtime.a", source, known) == {"memexport.runtime.b", "memexport.runtime.c"}
     edges = {"memexport.runtime.a": {"memexport.runtime.b"}, "memexport.runtime.b": {"memexport.runtime.c"}, "memexport.runtime.c": {"memexport.runtime.a"}}
     assert cycles(edges) == [["memexport.runtime.a", "memexport.runtime.b", "memexport.runtime.c"]]
+
+
+def test_every_source_folder_is_a_floor():
+    """A new top-level package folder must be placed on the map, not fall to the pipeline floor by default."""
+    folders = {path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file() and path.name != "tests"}
+    mapped = {Path(p).name for p in package_dirs().values()}
+    assert folders <= mapped, f"folders missing from memexport.core.layers: {sorted(folders - mapped)}"
+
+
+def test_lower_floors_never_import_the_top_folder():
+    """core/, runtime/, export/, calibration/ and distributed/ import nothing from memexport/'s own modules."""
+    edges = graph()
+    top = {m for m in edges if m.startswith("memexport.") and m.count(".") == 1 and floor_of(m).rank >= 3}
+    bad = [f"{m} -> {t}" for m, ts in edges.items() if floor_of(m).rank < 3 or m.startswith("memexport.distributed")
+           for t in ts if t in top]
+    assert bad == []
+
+
+def test_the_readme_draws_the_one_map():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert drawing() in readme, "README.md's Layout section must contain memexport.core.layers.drawing() verbatim"

@@ -1,4 +1,4 @@
-"""memexport.optional: one message, exit code 2, for every missing optional dependency."""
+"""memexport.core.optional: one message, exit code 2, for every missing optional dependency."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from memexport.errors import BackendUnavailableError
-from memexport.optional import optional, require
+from memexport.core.errors import BackendUnavailableError
+from memexport.core.optional import optional, require
 
 
 def test_require_returns_the_module():

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from memexport.errors import ParityError
-from memexport.parity import compare, require
-from memexport.spec import Tolerance
+from memexport.core.errors import ParityError
+from memexport.core.parity import compare, require
+from memexport.core.spec import Tolerance
 
 REF = np.array([0.70, 0.75, 0.80, 0.85, 0.90])
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from memexport.errors import UsageError
-from memexport.spec import MODELS, RESMEM, PreprocessSpec, get_spec
+from memexport.core.errors import UsageError
+from memexport.core.spec import MODELS, RESMEM, PreprocessSpec, get_spec
 
 TESTS = Path(__file__).parent
 
@@ -44,7 +44,7 @@ def test_every_declared_model_has_export_and_parity_tests():
 
 def test_coverage_scan_sees_a_missing_model(monkeypatch):
     # The scan must be able to fail: a freshly declared model has no tests.
-    from memexport.spec import ModelSpec
+    from memexport.core.spec import ModelSpec
 
     monkeypatch.setitem(MODELS, "ghost", ModelSpec(name="ghost", builder="x:y", tolerances=RESMEM.tolerances))
     assert ("ghost", "export") in required_coverage() - declared_coverage()

@@ -17,7 +17,7 @@ from memexport.calibration.cache import (
     tensorrt_version_number,
     write_calibration_cache,
 )
-from memexport.errors import ArtifactError, UsageError
+from memexport.core.errors import ArtifactError, UsageError
 
 names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=40).filter(lambda s: s.strip() == s)
 ranges = st.dictionaries(names, st.floats(min_value=1e-6, max_value=1e6, allow_nan=False), min_size=1, max_size=30)

@@ -15,7 +15,7 @@ from memexport.calibration.cpu_int8 import CPU_PERCENTILE
 from memexport.calibration.qdq import tensorrt_qdq_violations
 from memexport.calibration.stats import ActivationStats, amax_from_stats
 from memexport.cli import app
-from memexport.errors import CalibrationError, UsageError
+from memexport.core.errors import CalibrationError, UsageError
 from memexport.inspect import inspect_artifact
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
@@ -210,7 +210,7 @@ def test_thin_evidence_ships_unverified_or_refuses_with_strict():
     from memexport.calibration.artifacts import judge
     from memexport.calibration.fidelity import FidelityTarget
     from memexport.calibration.guard import GuardReport
-    from memexport.errors import CalibrationError
+    from memexport.core.errors import CalibrationError
 
     def report(estimate):
         return GuardReport(estimate, estimate, (), {}, FidelityTarget())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from memexport.calibration.fidelity import MIN_IMAGES, FidelityTarget, estimate_fidelity, gaussian_spearman
-from memexport.errors import UsageError
-from memexport.stats import spearman
+from memexport.core.errors import UsageError
+from memexport.core.ranks import spearman
 
 SCORE_SD, ERROR_SD, BIAS = 0.08, 0.006, 0.002
 

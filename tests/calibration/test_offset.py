@@ -7,7 +7,7 @@ import pytest
 
 from memexport.calibration.guard import ort_session, session_scores
 from memexport.calibration.offset import logit, offset_corrected, output_bias, score_offset, with_score_offset
-from memexport.stats import spearman
+from memexport.core.ranks import spearman
 from tests.models import tiny_cnn_proto
 
 

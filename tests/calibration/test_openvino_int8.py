@@ -10,7 +10,7 @@ import pytest
 
 from memexport.calibration import CalibrationOptions, calibrate
 from memexport.calibration.openvino_int8 import OpenVinoInt8Options, ignored_patterns
-from memexport.errors import BackendUnavailableError
+from memexport.core.errors import BackendUnavailableError
 from tests.models import SENSITIVE_LAYER, write_tiny_cnn
 
 # The planted layer needs the guard's fallback, which is off by default for the CPU artifacts.

@@ -16,7 +16,7 @@ from memexport.calibration.qdq import (
     require_tensorrt_qdq,
     tensorrt_qdq_violations,
 )
-from memexport.errors import ArtifactError, UsageError
+from memexport.core.errors import ArtifactError, UsageError
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
 from tests.models import tiny_cnn_proto, tiny_metadata

@@ -21,8 +21,8 @@ def test_resmem_int8_parity(resmem_onnx, data_dir, sample_images, tmp_path):
 
     from memexport.calibration.qdq import tensorrt_qdq_violations
     from memexport.inspect import inspect_artifact
-    from memexport.parity import require
-    from memexport.spec import RESMEM
+    from memexport.core.parity import require
+    from memexport.core.spec import RESMEM
     from memexport.verify import VerifyOptions, verify_artifact
 
     # Defaults, but no fallback search: on 8 images the estimate's interval is wide, and ranking

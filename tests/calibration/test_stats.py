@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memexport.calibration.stats import ActivationStats, activation_stats_from_batches, amax_from_stats, observed_tensors, signed_ranges
-from memexport.errors import ArtifactError, UsageError
+from memexport.core.errors import ArtifactError, UsageError
 
 
 def _stats_of(chunks, bins=512):

@@ -15,7 +15,7 @@ import pytest
 
 from tests.distributed.ray_helpers import ray, scoring_actor_pids
 from memexport.distributed.ray import Pool, RayOptions, ScoringActor, pool_for, scores_dataset, scores_from_images_on_ray
-from memexport.errors import Interrupted, UsageError
+from memexport.core.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, scores_csv_from_images
 from tests.scoring import expected_tiny, rows, write_copies
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8

@@ -8,11 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from memexport.cli import app
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.export.fp16 import fp16_onnx_from_onnx
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner
-from memexport.stats import spearman
+from memexport.core.ranks import spearman
 from tests.models import write_tiny_cnn
 
 
@@ -64,7 +64,7 @@ def test_cli_convert(tmp_path):
 @pytest.mark.covers("resmem", "parity:fp16")
 def test_resmem_fp16_parity(resmem_onnx, sample_images, tmp_path):
     """FP16 ResMem against FP32 ONNX (max abs <= 1e-3, Spearman >= 0.999) and against torch via `verify`."""
-    from memexport.parity import require
+    from memexport.core.parity import require
     from memexport.verify import verify_artifact
 
     out = tmp_path / "resmem.fp16.onnx"
@@ -79,13 +79,13 @@ def test_resmem_fp16_parity(resmem_onnx, sample_images, tmp_path):
 
 def _batch(paths):
     from memexport.runtime.preprocess import preprocess
-    from memexport.spec import RESMEM
+    from memexport.core.spec import RESMEM
 
     return np.stack([preprocess(p, RESMEM.preprocess) for p in paths])
 
 
 def test_converted_artifact_is_sealed_and_tampering_is_caught(tmp_path):
-    from memexport.errors import ArtifactError
+    from memexport.core.errors import ArtifactError
     from memexport.runtime.integrity import check_onnx
 
     out = tmp_path / "tiny.fp16.onnx"

@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from memexport.errors import ArtifactError, CheckpointError, UsageError
+from memexport.core.errors import ArtifactError, CheckpointError, UsageError
 from memexport.export import m3m, onnx_export
 from memexport.export.onnx_export import ExportOptions
 from memexport.export.weights import WeightsSource
 from memexport.runtime.metadata import metadata_from_map
-from memexport.spec import M3M, ModelSpec, PreprocessSpec, get_spec
+from memexport.core.spec import M3M, ModelSpec, PreprocessSpec, get_spec
 
 # Keys of torchvision's deeplabv3_resnet101 state_dict (its own names, checked by hand against
 # torchvision.models.segmentation.deeplabv3): a user's checkpoint must load under them.

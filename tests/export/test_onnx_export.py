@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 
 from memexport import __version__
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.export import export_model
 from memexport.runtime.metadata import METADATA_KEY, metadata_from_map
 from memexport.runtime.preprocess import preprocess
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 
 
 @pytest.mark.covers("resmem", "export")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from memexport.errors import CheckpointError
+from memexport.core.errors import CheckpointError
 from memexport.export.resmem import ResMem, resmem_from_weights
 from memexport.export.weights import WeightsSource, installed_resmem_weights, load_checkpoint, resolve
 from memexport.runtime.preprocess import preprocess
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 
 
 def test_architecture_has_the_published_parameter_count():

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memexport.errors import ArtifactError, BackendUnavailableError, BudgetError, CalibrationError, UsageError
-from memexport import gpu as gpu_facts
+from memexport.core.errors import ArtifactError, BackendUnavailableError, BudgetError, CalibrationError, UsageError
+from memexport.runtime import gpu as gpu_facts
 from memexport import pipeline
 from memexport.export import tensorrt as trt_build
 from memexport.export import trt_version
 from memexport.export.tensorrt import BuildOptions, OnnxInfo, calibration_algorithm, precision_plan
 from memexport.export.trt_version import TRT_API, trt_features
-from memexport.gpu import GpuInfo
+from memexport.runtime.gpu import GpuInfo
 from memexport.runtime.budget import GIB
 from memexport.runtime.engine_sidecar import read_sidecar, sidecar_path
 from tests.fake_tensorrt import Recorder, fake_tensorrt
@@ -402,7 +402,7 @@ def test_tensorrt11_lacks_exactly_the_names_we_gate():
 def _gpu_ready() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed"
-    from memexport.gpu import list_gpus
+    from memexport.runtime.gpu import list_gpus
 
     if not list_gpus():
         return "no CUDA GPU visible"
@@ -417,8 +417,8 @@ def gpu_or_skip():
 
 
 def _parity(engine: Path, sample_images, resmem_weights, precision: str):
-    from memexport.parity import compare
-    from memexport.spec import RESMEM
+    from memexport.core.parity import compare
+    from memexport.core.spec import RESMEM
     from memexport.verify import VerifyOptions, verify_artifact
 
     result = verify_artifact(engine, sample_images, VerifyOptions(weights=resmem_weights, device="cuda"))
@@ -434,7 +434,7 @@ NO_TENSORRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, r
 @pytest.mark.covers("resmem", "parity:fp16")
 def test_resmem_fp16_engine_parity_and_budget(gpu_or_skip, resmem_onnx, sample_images, resmem_weights, tmp_path):
     from memexport.runtime.tensorrt_runner import TensorRTRunner
-    from memexport.stats import spearman
+    from memexport.core.ranks import spearman
 
     result = trt_build.engine_from_onnx(resmem_onnx, tmp_path / "resmem.fp16.plan", BuildOptions("fp16", cache_dir=tmp_path))
     verify, report = _parity(result.engine, sample_images, resmem_weights, "fp16")
@@ -452,7 +452,7 @@ def test_resmem_fp16_engine_parity_and_budget(gpu_or_skip, resmem_onnx, sample_i
 @NO_TENSORRT
 @pytest.mark.covers("resmem", "parity:int8")
 def test_resmem_int8_engine_parity(gpu_or_skip, resmem_onnx, sample_images, resmem_weights, tmp_path, data_dir):
-    from memexport.stats import spearman
+    from memexport.core.ranks import spearman
 
     try:
         cache = pipeline.calibration_cache_for(resmem_onnx, data_dir, tmp_path / "calib")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.export.torch_runner import reference_runner_for
 from memexport.runtime.metadata import ArtifactMetadata
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 
 
 def metadata_with(weights: dict) -> ArtifactMetadata:

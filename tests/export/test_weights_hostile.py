@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from memexport.errors import CheckpointError  # noqa: E402
+from memexport.core.errors import CheckpointError  # noqa: E402
 from memexport.export.weights import load_checkpoint  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memexport.errors import Interrupted, UsageError
+from memexport.core.errors import Interrupted, UsageError
 from memexport.runtime.batch import PredictOptions, errors_path_for, read_scores_file, scores_csv_from_images
 from tests.scoring import expected_tiny, rows, write_copies
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, NON_UTF8_NAME, write_bad_inputs, write_good_modes, write_non_utf8

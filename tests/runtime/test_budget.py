@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from memexport.errors import BudgetError, UsageError
+from memexport.core.errors import BudgetError, UsageError
 from memexport.runtime import budget
 from memexport.runtime.budget import GIB, MIB
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 from tests.models import tiny_cnn_proto
 
 M3M_PARAMETERS = 500_000_000  # published: about 500M parameters, about 2 GB FP32
@@ -90,7 +90,7 @@ def test_measurement_helpers():
 
 
 def test_onnx_runtime_gpu_check_counts_weights_data_file_and_context(tmp_path):
-    from memexport.errors import BudgetError
+    from memexport.core.errors import BudgetError
     from memexport.runtime.budget import CUDA_CONTEXT_BYTES, MIB, check_onnx_fits
 
     model = tmp_path / "m.onnx"

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from memexport.errors import BackendUnavailableError, CudaError
+from memexport.core.errors import BackendUnavailableError, CudaError
 from memexport.runtime import cuda
 
 

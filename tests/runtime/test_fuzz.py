@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from memexport.errors import InputImageError
+from memexport.core.errors import InputImageError
 from memexport.runtime.preprocess import preprocess
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 
 SPEC = RESMEM.preprocess
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

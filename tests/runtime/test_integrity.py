@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memexport.errors import ArtifactError
+from memexport.core.errors import ArtifactError
 from memexport.runtime import integrity
 from memexport.runtime.integrity import check_onnx, find_metadata_entry, metadata_entry_bytes, onnx_digest
 from memexport.runtime.base import RunnerOptions

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memexport.errors import ArtifactError
+from memexport.core.errors import ArtifactError
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.ir_integrity import IR_SCHEME, check_openvino_ir, ir_digest, seal_openvino_ir
 from memexport.runtime.registry import runner_for

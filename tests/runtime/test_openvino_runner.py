@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from memexport.errors import ArtifactError, UsageError
+from memexport.core.errors import ArtifactError, UsageError
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.registry import runner_for
@@ -34,7 +34,7 @@ def bf16_here() -> bool:
 
 def preprocessed(paths) -> np.ndarray:
     from memexport.runtime.preprocess import preprocess
-    from memexport.spec import RESMEM
+    from memexport.core.spec import RESMEM
 
     return np.stack([preprocess(p, RESMEM.preprocess) for p in paths])
 
@@ -76,8 +76,8 @@ def test_fp32_is_forced_where_openvino_would_pick_bf16(tmp_path):
 def test_bf16_fidelity_within_the_spec_on_tests_data(resmem_onnx, sample_images):
     if not bf16_here():
         pytest.skip(NO_BF16)
-    from memexport.parity import compare
-    from memexport.spec import RESMEM
+    from memexport.core.parity import compare
+    from memexport.core.spec import RESMEM
 
     batch = preprocessed(sample_images)
     fp32, _ = scores(resmem_onnx, batch, "onnxruntime")
@@ -209,7 +209,7 @@ def test_missing_openvino_is_one_line(tmp_path):
                 if name.split(".")[0] == "openvino":
                     raise ImportError(name=name)
         sys.meta_path.insert(0, Block())
-        from memexport.errors import BackendUnavailableError
+        from memexport.core.errors import BackendUnavailableError
         from memexport.runtime.registry import runner_for
         try:
             with runner_for({str(model)!r}, backend="openvino"):
@@ -290,7 +290,7 @@ def test_bf16_keeps_the_specs_fp32_part_in_fp32(tmp_path, monkeypatch):
     import openvino as ov
 
     from memexport.runtime import openvino_runner
-    from memexport.spec import ModelSpec
+    from memexport.core.spec import ModelSpec
 
     path = tiny_cnn_sealed(tmp_path)
     monkeypatch.setattr(openvino_runner, "MODELS", {"tiny": ModelSpec("tiny", "tests:none", bf16_fp32_until=("a_relu",))})

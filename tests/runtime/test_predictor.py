@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memexport.errors import InputImageError, UsageError
+from memexport.core.errors import InputImageError, UsageError
 from memexport.runtime.predictor import Predictor
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.registry import runner_for

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from memexport.runtime.preprocess import load_image, preprocess, preprocess_image
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 
 SPEC = RESMEM.preprocess
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memexport.errors import InputImageError
+from memexport.core.errors import InputImageError
 from memexport.runtime import preprocess as preprocess_module
 from memexport.runtime.preprocess import load_image, preprocess, preprocess_image
-from memexport.spec import RESMEM
+from memexport.core.spec import RESMEM
 from tests.runtime.hostile_images import BAD_REASONS, GOOD_MODES, write_bad_inputs, write_good_modes, write_non_utf8
 
 SPEC = RESMEM.preprocess

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 from memexport.runtime import registry
 from memexport.runtime.base import RunnerOptions, parse_device
 from memexport.runtime.onnxruntime_runner import OnnxRuntimeRunner, OrtOptions

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memexport.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, UsageError
+from memexport.core.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, UsageError
 from memexport.runtime import cuda as cuda_mod
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.onnxruntime_runner import OrtOptions
@@ -180,7 +180,7 @@ def test_thread_safety_rule_infer_calls_are_serialised(tmp_path, fakes):
 
 def test_over_budget_engine_names_the_batch_that_fits(tmp_path, fakes):
     plan = write_engine(tmp_path, max_batch=32)
-    from memexport.errors import BudgetError
+    from memexport.core.errors import BudgetError
 
     # 64 MiB device memory at batch 32 -> 2 MiB per image; 600 MiB context + 20 MiB leaves room for 10.
     with pytest.raises(BudgetError, match=r"rebuild with --max-batch (\d+)"):

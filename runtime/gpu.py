@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-from memexport.errors import BackendUnavailableError, CudaError
+from memexport.core.errors import BackendUnavailableError, CudaError
 from memexport.runtime import cuda
 from memexport.runtime.cuda import DeviceProperties
 
@@ -37,7 +37,7 @@ def _gpus_from_cuda() -> list[GpuInfo] | None:
 
 
 def _gpus_from_torch() -> list[GpuInfo]:
-    from memexport.optional import optional
+    from memexport.core.optional import optional
 
     torch = optional("torch")
     if torch is None or not torch.cuda.is_available():

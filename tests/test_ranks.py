@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from memexport.stats import kendall_tau_b, rankdata, spearman
+from memexport.core.ranks import kendall_tau_b, rankdata, spearman
 
 
 @pytest.mark.parametrize("seed", range(5))

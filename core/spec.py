@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
-from memexport.errors import UsageError
+from memexport.core.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

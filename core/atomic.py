@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from memexport.errors import MemexportError
+from memexport.core.errors import MemexportError
 
 
 def fsync_dir(directory: Path) -> None:

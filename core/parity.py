@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from memexport.errors import ParityError
-from memexport.spec import Tolerance
-from memexport.stats import kendall_tau_b, spearman
+from memexport.core.errors import ParityError
+from memexport.core.spec import Tolerance
+from memexport.core.ranks import kendall_tau_b, spearman
 
 _STATISTICS = {"max": np.max, "mean": np.mean, "median": np.median}
 

@@ -11,7 +11,7 @@ import importlib
 import types
 from typing import Callable, Union
 
-from memexport.errors import BackendUnavailableError
+from memexport.core.errors import BackendUnavailableError
 
 
 def _missing(exc: ImportError, module: str) -> bool:

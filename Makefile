@@ -6,14 +6,14 @@ PIP := $(BIN)/python -m pip
 ARTIFACTS ?= artifacts
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e
+.PHONY: install demo test docs test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,docs]'
 	# The published ResMem weights (non-commercial licence): installed, never vendored.
 	# --no-deps: its torchvision dependency is not needed.
 	$(PIP) install -q --no-deps resmem==1.1.6
@@ -21,7 +21,8 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-$(ARTIFACTS)/resmem.onnx: $(STAMP)
+# Order-only on the install: a reinstall (any pyproject change) must not re-export the artifact.
+$(ARTIFACTS)/resmem.onnx: | $(STAMP)
 	$(BIN)/memexport export resmem -o $@
 
 # The INT8 artifacts `make int8` (and calibrate's OpenVINO layout) leave, if any: the demo compares them too.
@@ -35,8 +36,14 @@ demo: $(ARTIFACTS)/resmem.onnx
 	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx $(addprefix -m ,$(DEMO_INT8)) --backend onnxruntime --backend openvino \
 		--precision fp32 --precision bf16 --batch-sizes 16 --iterations 3 --warmup 1 --no-torch --images tests/data --fidelity tests/data
 
-test: $(STAMP) trt-api
+# The docs examples (tests/test_docs_examples.py) run against artifacts/resmem.onnx, so a fresh clone makes it.
+test: $(STAMP) trt-api docs $(ARTIFACTS)/resmem.onnx
 	$(BIN)/python -m pytest -q
+
+# The documentation site, strict: a broken link or anchor, a page outside nav or a missing snippet fails.
+SITE := .site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(SITE)
 
 # TensorRT Python binding wheels (about 1 MB each, never committed) for the API-surface test:
 # every TensorRT name memexport uses must exist in 8.6.1 (Pascal) and in the newest 10.x; 11.x
@@ -112,7 +119,7 @@ int8: $(ARTIFACTS)/resmem.onnx
 	$(BIN)/memexport calibrate --model $(ARTIFACTS)/resmem.onnx --images $(SHARED_IMAGES) -o $(ARTIFACTS)/int8
 
 clean:
-	rm -rf $(ARTIFACTS) .pytest_cache
+	rm -rf $(ARTIFACTS) .pytest_cache $(SITE)
 
 # 2,000 seeded synthetic photo-like JPEGs for the end-to-end benchmark (git-ignored).
 synthetic-images: $(STAMP)

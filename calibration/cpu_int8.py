@@ -82,7 +82,7 @@ def mean_of_fold_ranges(
     instead. Measured on ResMem's default workflow (15 ``../shared/images`` x4 views, 5 folds):
     the estimate's score error fell from 0.182 to 0.148 of the FP32 spread (pooled 99.99 against
     fold mean 99.99; fold mean 99.995 gave 0.158 and 99.999 0.171, pooled 99.95 0.227 and 99.999 0.210),
-    and on the 45 unseen photos Spearman rose from 0.9938 to 0.9950 (README, *FP16 and INT8*).
+    and on the 45 unseen photos Spearman rose from 0.9938 to 0.9950 (docs/measurements/2026-12-04-xeon-amx.md).
 
     Args:
         ranges: UINT8 ``(low, high)`` per tensor, from every image (:func:`cpu_ranges`).

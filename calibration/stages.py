@@ -29,7 +29,7 @@ class CalibrationOptions:
     Attributes:
         method: Ranges of the TensorRT calibration cache: ``entropy`` (default), ``minmax`` or ``percentile``.
         qdq_method: Ranges of the Q/DQ artifact (default ``percentile``: cheap enough to recompute for
-            every cross-validation fold, and rank-safer than entropy on ResMem, README *FP16 and INT8*).
+            every cross-validation fold, and rank-safer than entropy on ResMem, docs/measurements/2026-11-30-xeon-amx.md).
         qdq_percentile: Percentile of |x| for the Q/DQ ranges with ``percentile`` (default 99.99: on the 32
             OpenCV photos, Spearman 0.987 against 0.977 at 99.999 and 0.950 with entropy, before fallback).
         max_images: Use at most this many calibration images (default ``None``: all).
@@ -53,7 +53,7 @@ class CalibrationOptions:
             requantise. On ResMem, 8 blocks kept in FP32 raised the U8S8 estimate's lower end only from
             0.958 to 0.969 and cut its speed from 2.6-3.2x to 1.74x ONNX Runtime FP32; 4 blocks in the
             IR cost it about 10% of its speed; and on 45 unseen photos neither kept the ranking better
-            than without fallback (README *FP16 and INT8*).
+            than without fallback (docs/measurements/2026-11-30-xeon-amx.md).
         strict: Refuse an artifact whose estimate cannot be verified, instead of writing it marked
             ``verified: false`` (default ``False``).
         percentile: Percentile of |x| for ``percentile`` (default 99.99).

@@ -139,7 +139,7 @@ class ModelSpec:
 # FP32 ONNX differs only by kernel order; FP16 by half-precision rounding; BF16 (OpenVINO on
 # AMX/AVX512-BF16: 8 mantissa bits) by about 1e-3 per score; INT8 is judged on ranks first,
 # which is what memorability users consume. BF16's Kendall bound is what OpenVINO 2026.4 BF16
-# measured on the README's photos (0.976-0.988, 1.0 on tests/data; README, *Parity and tolerances*).
+# measured on photos (0.976-0.988, 1.0 on tests/data; docs/measurements/2026-11-30-xeon-amx.md).
 DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, statistic="max", min_spearman=0.9999, min_kendall=0.99),
     "fp16": Tolerance(atol=1e-3, statistic="max", min_spearman=0.999, min_kendall=0.98),
@@ -155,7 +155,7 @@ RESMEM = ModelSpec(
     description="ResMem (Needell & Bainbridge): ResNet-152 + AlexNet-style branch, sigmoid head",
     # The ResNet stem and first stage: about 8% of the FLOPs but, requantised layer by layer in
     # UINT8, as much rank error as the 36 blocks of layer3. Quantising layer1 alone costs
-    # Spearman 0.994 / mean abs 0.005 on 47 held-out photos (README, *FP16 and INT8*). Pinned in
+    # Spearman 0.994 / mean abs 0.005 on 47 held-out photos (docs/measurements/2026-11-22-epyc-vnni.md). Pinned in
     # the Q/DQ artifact too: with the same ranges (15 ../shared/images, p99.99), its score error
     # on the 32 OpenCV photos fell from 0.115 to 0.090 of the FP32 score spread (mean abs 0.0096
     # to 0.0068), and TensorRT runs the two stages in FP16/FP32 at little cost.
@@ -163,12 +163,12 @@ RESMEM = ModelSpec(
     # The ResNet stem (conv1 7x7 on the normalised pixels, BN, ReLU, max pool) in FP32 under BF16:
     # BF16's 8-bit mantissa rounds the input about as coarsely as the pixels' own steps. In FP32 it
     # cut BF16's mean score error on 45 unseen photos from 0.0011 to 0.0009 (Spearman 0.9986 to
-    # 0.9999) and on 400 synthetic JPEGs from 0.0010 to 0.0007, for about 2% of BF16's time (README,
-    # *OpenVINO*). The AlexNet branch or the head in FP32 changed nothing; layer1 costs 10% more.
+    # 0.9999) and on 400 synthetic JPEGs from 0.0010 to 0.0007, for about 2% of BF16's time
+    # (docs/measurements/2026-11-30-xeon-amx.md). The AlexNet branch or the head in FP32 changed nothing; layer1 costs 10% more.
     bf16_fp32_until=("/features/maxpool/MaxPool_output_0",),
 )
 
-# A reconstruction (no M3M code or weights are public); see the README section *M3M* for the layer table.
+# A reconstruction (no M3M code or weights are public); see docs/models.md for the layer table.
 # Only FP32 is declared: it is the precision whose parity CI checks for M3M.
 M3M = ModelSpec(
     name="m3m",

@@ -16,7 +16,7 @@ code nor weights are public, so this module is a **reconstruction** from the pap
   features, so ``fc6`` reads 88,192 values. That puts the model at 509,742,158 parameters,
   in the published "about 500M".
 
-The layer table lives in the README (section *M3M*).
+The layer table lives in docs/models.md.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class OpenVinoOptions:
         static_batch: Compile one static-shape model per batch size seen (at most
             :data:`STATIC_SHAPES_KEPT` at once) instead of running the dynamic-batch graph: OpenVINO
             picks faster CPU kernels for static shapes (ResMem BF16 at batch 16 on an AMX Xeon: about
-            1.1-1.3x the dynamic graph's throughput; README *OpenVINO*) (default ``True``).
+            1.1-1.3x the dynamic graph's throughput; docs/openvino.md) (default ``True``).
     """
 
     precision: str | None = None

@@ -245,3 +245,11 @@ def test_the_tolerance_table_is_the_specs() -> None:
         tol = spec.tolerance(precision)
         row = f"| {precision} | {tol.statistic} | {tol.atol:g} | {tol.rtol:g} | {tol.min_spearman:g} | {tol.min_kendall:g} |"
         assert row in text, f"docs/precision.md's tolerance table must hold the spec's row: {row}"
+
+
+def test_a_missing_artifact_fails_with_the_command_that_makes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    block = Block(tmp_path / "README.md", 3, "python", f'Predictor("{ARTIFACT}")\n')
+    with pytest.raises(pytest.fail.Exception, match=r"make artifacts/resmem\.onnx"):
+        need_artifact(block)
+    need_artifact(Block(tmp_path / "README.md", 9, "python", "print(1)\n"))  # needs nothing: no failure

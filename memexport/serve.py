@@ -40,6 +40,8 @@ TOKEN_ENV = "MEMEXPORT_SERVE_TOKEN"
 # Paths anyone may read without the token: probes, and the page (it holds no data; it asks for the token).
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready", "/")
 RETRY_AFTER_S = 1
+# A refused body is read and dropped up to this many times the body cap, then the connection is cut.
+DRAIN_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,7 @@ class Gate:
         try:
             refusal = self.refusal(service, scope)
             if refusal is not None:
+                await drain(receive, DRAIN_FACTOR * service.options.max_body_bytes)
                 await error_response(refusal)(scope, receive, counted)
             else:
                 await self.app(scope, capped(receive, service.options.max_body_bytes), counted)
@@ -340,8 +343,19 @@ class Gate:
         return None
 
 
+async def drain(receive: Callable, limit: int) -> None:
+    """Read and drop the rest of a refused body (at most ``limit`` bytes), so the client, which
+    sends its whole body before reading, gets the error answer instead of a broken pipe."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
 def capped(receive: Callable, limit: int) -> Callable:
-    """``receive`` that raises 413 once more than ``limit`` body bytes have arrived."""
+    """``receive`` that raises 413 once more than ``limit`` body bytes have arrived (the rest is drained)."""
     total = 0
 
     async def wrapped() -> dict:
@@ -349,6 +363,8 @@ def capped(receive: Callable, limit: int) -> Callable:
         message = await receive()
         total += len(message.get("body", b""))
         if total > limit:
+            if message.get("more_body", False):
+                await drain(receive, DRAIN_FACTOR * limit)
             raise RequestError(413, f"request body is over the limit of {limit:,} bytes; send fewer or smaller images")
         return message
 

@@ -24,7 +24,7 @@ class Batcher:
 
     Args:
         infer: Scores for a preprocessed batch (``Predictor.infer``); runs on the worker thread.
-        max_batch: Images per inference call; a single larger request runs alone, whole.
+        max_batch: Images per inference call at most; larger requests are split into parts.
         max_delay_s: How long the first request of a batch waits for company.
         on_batch: Called on the event loop with each batch's size (for metrics).
     """
@@ -55,7 +55,15 @@ class Batcher:
         return self._queue.qsize()
 
     async def submit(self, batch: np.ndarray) -> np.ndarray:
-        """Queue a batch; its scores once its turn has run. The caller's cancellation never loses it."""
+        """Queue a batch (split into ``max_batch`` parts if larger); its scores once they have run."""
+        if len(batch) > self._max_batch:
+            step = self._max_batch
+            parts = await asyncio.gather(*(self._submit(batch[i : i + step]) for i in range(0, len(batch), step)))
+            return np.concatenate(parts)
+        return await self._submit(batch)
+
+    async def _submit(self, batch: np.ndarray) -> np.ndarray:
+        """Queue one part; the caller's cancellation never loses it (the future is shielded)."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((batch, future))
         return await asyncio.shield(future)

@@ -71,16 +71,16 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP request: (status, headers, body), errors included (no exception for 4xx/5xx)."""
+        """One HTTP request: (status, lower-cased headers, body), errors included (no exception for 4xx/5xx)."""
         headers = dict(headers or {})
         if self.token is not None and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, dict(response.headers), response.read()
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
         except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
 
     def get(self, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
         return self.request("GET", path, **kwargs)

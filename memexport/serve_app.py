@@ -32,6 +32,8 @@ def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = Non
     app.add_middleware(Gate, service=service)
     app.add_exception_handler(RequestError, lambda request, exc: error_response(exc))
     app.add_exception_handler(HTTPException, lambda request, exc: error_response(RequestError(exc.status_code, str(exc.detail))))
+    # Anything else is the server's fault, still answered in the protocol's shape, on one line.
+    app.add_exception_handler(Exception, lambda request, exc: error_response(RequestError(500, f"internal error: {type(exc).__name__}: {exc}")))
 
     @app.get("/v2")
     async def server() -> Response:

@@ -10,6 +10,7 @@ request is one call to a ``@serve.batch`` method, so batches form across request
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ import numpy as np
 
 from memexport.core.errors import UsageError
 from memexport.core.optional import require
-from memexport.serve import ServeOptions, Service, check_host
+from memexport.serve import ServeOptions, Service, check_host, resolve_token
 
 _SERVICE: Optional[Service] = None  # the replica's service: one per replica process
 
@@ -125,3 +126,35 @@ def serve_on_ray(model: Path, options: ServeOptions, host: str, port: int, insec
             signal.signal(sig, handler)
         serve.shutdown()
         ray.shutdown()
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder, for ``serve run`` and KubeRay's ``RayService``.
+
+    ``import_path: memexport.serve_ray:app_builder`` with ``args``: ``model`` (the artifact's path on
+    the nodes), optional ``replicas`` or ``autoscale`` (``MIN:MAX``), and any :class:`ServeOptions`
+    field by name (``max_batch_size: 16``...). The token comes from ``MEMEXPORT_SERVE_TOKEN``.
+
+    Raises:
+        UsageError: No ``model``, or an argument that is not an option.
+    """
+    args = dict(args)
+    if "model" not in args:
+        raise UsageError("app_builder needs args.model: the artifact's path on the Ray nodes")
+    model = Path(str(args.pop("model")))
+    ray_options = RayServeOptions.parse(None, int(args.pop("replicas", 0)), args.pop("autoscale", None))
+    fields = {field.name: field for field in dataclasses.fields(ServeOptions) if field.name != "token"}
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise UsageError(f"unknown serve option(s) {', '.join(unknown)}; choose from model, replicas, autoscale, {', '.join(fields)}")
+    values = {name: _cast(fields[name].default, value) for name, value in args.items()}
+    return deployment(model, ServeOptions(**values, token=resolve_token(None)), ray_options)
+
+
+def _cast(default: Any, value: Any) -> Any:
+    """A YAML or ``key=value`` argument as the option's type (read from its default)."""
+    if isinstance(default, bool):
+        return str(value).strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, (int, float)):
+        return type(default)(value)
+    return None if value is None else str(value)

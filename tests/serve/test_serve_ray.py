@@ -16,7 +16,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
-from memexport.serve_ray import RayServeOptions  # noqa: E402
+from memexport.serve_ray import RayServeOptions, app_builder  # noqa: E402
 from memexport.core.errors import UsageError  # noqa: E402
 from tests.serve.server import Server, multipart  # noqa: E402
 
@@ -64,3 +64,15 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
     finally:
         server.stop(timeout=120)
     assert server.process.returncode is not None
+
+
+def test_app_builder_for_kuberay(tiny):
+    from ray import serve
+
+    app = app_builder(
+        {"model": str(tiny), "max_batch_size": "8", "max_delay_ms": "2.5", "check_integrity": "true", "autoscale": "1:3"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(UsageError, match="unknown serve option"):
+        app_builder({"model": str(tiny), "max_batchsize": "8"})
+    with pytest.raises(UsageError, match="args.model"):
+        app_builder({})

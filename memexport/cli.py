@@ -497,8 +497,9 @@ def serve_cmd(
     """
     from memexport.serve import ServeOptions, resolve_token
 
-    options = ServeOptions(backend, precision, device, max_batch_size, max_delay_ms, max_queue, int(max_body_mb * 1024 * 1024),
-                           timeout, workers, resolve_token(token), integrity_check)
+    options = ServeOptions(backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
+                           token=resolve_token(token), check_integrity=integrity_check)
     if engine == "ray":
         from memexport.serve_ray import RayServeOptions, serve_on_ray
 

@@ -21,20 +21,15 @@ import ipaddress
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 
 from memexport.core.errors import InputImageError, UsageError
 from memexport.core.optional import require
-from memexport.core.version import __version__
-from memexport.serve_v2 import (
-    HEADER_LENGTH, IMAGE, InferRequest, RequestError, check_version, infer_response, model_metadata,
-    parse_infer, server_metadata,
-)
+from memexport.serve_v2 import IMAGE, InferRequest, RequestError, check_version, model_metadata
 
 TOKEN_ENV = "MEMEXPORT_SERVE_TOKEN"
 # Paths anyone may read without the token: probes, and the page (it holds no data; it asks for the token).
@@ -103,7 +98,11 @@ def check_host(host: str, token: Optional[str], insecure: bool) -> None:
 
 
 def load_predictor(model: Path, options: ServeOptions) -> Any:
-    """The one place serve builds its :class:`Predictor` (new predictor options are passed here)."""
+    """The one place serve builds its :class:`Predictor` (new predictor options are passed here).
+
+    The runner is entered here, so ``--no-integrity-check`` can reach it; the caller exits it
+    (``predictor.runner.__exit__``) after ``predictor.close()``.
+    """
     from memexport.runtime.base import RunnerOptions
     from memexport.runtime.predictor import Predictor
     from memexport.runtime.registry import runner_for
@@ -200,6 +199,7 @@ class Service:
         self._pool.shutdown(wait=True)
         if self.predictor is not None:
             self.predictor.close()
+            self.predictor.runner.__exit__(None, None, None)  # entered by load_predictor, not by the Predictor
 
     # -- what routes call -----------------------------------------------------------------------
 

@@ -111,3 +111,21 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny, sample_images):
     assert status == 200 and json.loads(body[: len(body)])  # answered in full before the exit
     with pytest.raises(OSError):  # closed for new work
         server.get("/v2/health/live", timeout=5)
+
+
+def test_killed_server_restarts_on_the_same_port(tiny, sample_images):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    first = Server(tiny, "--port", port)
+    first.process.kill()  # no drain: SIGKILL
+    first.process.wait(30)
+    second = Server(tiny, "--port", port)
+    try:
+        results: list = []
+        post_image(second, sample_images[0], results)
+        assert results[0][0] == 200 and second.url.endswith(":" + port)
+    finally:
+        assert second.stop() in CLEAN_EXIT

@@ -140,7 +140,6 @@ def test_protocol_errors(server):
     ]
     for body, length, status, words in cases:
         headers = {"Inference-Header-Content-Length": length} if length else {}
-        code, answer = server.json("POST", f"/v2/models/{MODEL}/infer", None, headers=headers) if False else (None, None)
         code, _, data = server.request("POST", f"/v2/models/{MODEL}/infer", body, headers=headers)
         message = json.loads(data)["error"]
         assert code == status and words in message and "\n" not in message

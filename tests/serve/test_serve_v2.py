@@ -202,3 +202,16 @@ def test_example_client(server, predictor, sample_images, tmp_path):
     run = subprocess.run([sys.executable, str(script), "--url", server.url, "--model", MODEL, str(sample_images[0]), str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and run.stdout == "" and len(run.stderr.splitlines()) == 1 and "row 1" in run.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_backend_serves_predictors_scores(tiny, sample_images, precision):
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'memexport[openvino]')")
+    with Predictor(tiny, backend="openvino", precision=precision) as predictor:
+        expected = predictor.score(sample_images)
+    for server in running(tiny, "--backend", "openvino", "--precision", precision):
+        triton = httpclient.InferenceServerClient(server.url)
+        assert triton.get_model_metadata(MODEL)["platform"] == "memexport_openvino"
+        result = triton.infer(MODEL, [image_input([p.read_bytes() for p in sample_images])])
+        triton.close()
+    np.testing.assert_allclose(scores_of(result), expected, rtol=0, atol=1e-6)

@@ -129,3 +129,12 @@ def test_killed_server_restarts_on_the_same_port(tiny, sample_images):
         assert results[0][0] == 200 and second.url.endswith(":" + port)
     finally:
         assert second.stop() in CLEAN_EXIT
+
+
+def test_unloadable_artifact_exits_with_one_error_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    run = subprocess.run([sys.executable, "-m", "memexport", "serve", "-m", str(bad), "--port", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 1 and len(errors) == 1 and "bad.onnx" in errors[0] and "Traceback" not in run.stderr

@@ -469,6 +469,51 @@ def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
             typer.echo(f"{key:24} {value if value is not None else 'not installed'}")
 
 
+@command("serve")
+def serve_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, an OpenVINO .xml or a TensorRT engine."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond loopback needs --token or --insecure."),
+    port: int = typer.Option(8000, "--port", help="Port (0: any free port, printed at start)."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", help="Images per inference call the batcher forms."),
+    max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", help="How long a request waits for others to batch with."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests accepted at once; past it, 503 with Retry-After."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body in MiB; past it, 413."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds from acceptance to answer; past it, 504."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, at most 8)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' (default: $MEMEXPORT_SERVE_TOKEN)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
+    integrity_check: bool = typer.Option(True, "--integrity-check/--no-integrity-check", help="Verify the artifact's recorded sha256 first."),
+    engine: str = typer.Option("local", "--engine", help="local (uvicorn in this process) or ray (Ray Serve; pip install 'memexport[serve]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: cluster address (default: a local Ray instance)."),
+    replicas: int = typer.Option(0, "--replicas", help="--engine ray: fixed number of replicas (default 1)."),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", help="--engine ray: MIN:MAX replicas, scaled on queued requests."),
+) -> None:
+    """Serve an artifact over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics.
+
+    SIGTERM or Ctrl-C stops accepting (503), answers every accepted request, then exits.
+    """
+    from memexport.serve import ServeOptions, resolve_token
+
+    options = ServeOptions(backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
+                           token=resolve_token(token), check_integrity=integrity_check)
+    if engine == "ray":
+        from memexport.serve_ray import RayServeOptions, serve_on_ray
+
+        serve_on_ray(model, options, host, port, insecure, RayServeOptions.parse(ray_address, replicas, autoscale), err)
+        return
+    if engine != "local" or ray_address or replicas or autoscale:
+        from memexport.core.errors import UsageError
+
+        raise UsageError("--ray-address, --replicas and --autoscale need --engine ray" if engine == "local" else f"--engine must be local or ray, got {engine!r}")
+    from memexport.serve_app import serve
+
+    serve(model, options, host, port, insecure, err)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,160 @@
+"""``memexport serve --engine ray``: the same app under Ray Serve, batched by ``@serve.batch``.
+
+Each replica loads the artifact once (integrity first) and serves :func:`memexport.serve_app.build_app`
+through ``@serve.ingress``, so answers are byte for byte those of the plain server. Every image of a
+request is one call to a ``@serve.batch`` method, so batches form across requests, in images, up to
+``--max-batch-size`` or ``--max-delay-ms``. Ray Serve's own queue is bounded too
+(``max_queued_requests``): past it, Ray answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from memexport.core.errors import UsageError
+from memexport.core.optional import require
+from memexport.serve import ServeOptions, Service, check_host, resolve_token
+
+_SERVICE: Optional[Service] = None  # the replica's service: one per replica process
+
+
+def current_service() -> Service:
+    """The service of this replica (the app's routes and middleware ask for it per request)."""
+    assert _SERVICE is not None, "the replica has not started"
+    return _SERVICE
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    """Where and how many replicas run.
+
+    Attributes:
+        address: Ray cluster address (default ``None``: a local instance sized to this machine).
+        replicas: Fixed replica count (default 1), unless ``autoscale`` is set.
+        autoscale: ``(min, max)`` replicas, scaled on ongoing requests (default ``None``).
+        cpus_per_replica: Ray CPUs each replica reserves (default 1).
+    """
+
+    address: Optional[str] = None
+    replicas: int = 1
+    autoscale: Optional[tuple[int, int]] = None
+    cpus_per_replica: float = 1.0
+
+    @classmethod
+    def parse(cls, address: Optional[str], replicas: int, autoscale: Optional[str]) -> "RayServeOptions":
+        """From the CLI's ``--ray-address``, ``--replicas`` (0: default) and ``--autoscale MIN:MAX``."""
+        if replicas and autoscale:
+            raise UsageError("give --replicas N or --autoscale MIN:MAX, not both")
+        if replicas < 0:
+            raise UsageError(f"--replicas must be >= 1, got {replicas}")
+        if autoscale is None:
+            return cls(address, replicas or 1)
+        try:
+            low, high = (int(part) for part in autoscale.split(":"))
+        except ValueError:
+            raise UsageError(f"--autoscale expects MIN:MAX such as 1:4, got {autoscale!r}") from None
+        if not 0 <= low <= high or high < 1:
+            raise UsageError(f"--autoscale expects 0 <= MIN <= MAX and MAX >= 1, got {autoscale!r}")
+        return cls(address, 1, (low, high))
+
+    def deployment_options(self, options: ServeOptions) -> dict[str, Any]:
+        scale: dict[str, Any] = (
+            {"autoscaling_config": {"min_replicas": self.autoscale[0], "max_replicas": self.autoscale[1],
+                                    "target_ongoing_requests": max(1, options.max_batch_size // 2)}}
+            if self.autoscale else {"num_replicas": self.replicas}
+        )
+        return {**scale, "max_ongoing_requests": options.max_queue, "max_queued_requests": options.max_queue,
+                "ray_actor_options": {"num_cpus": self.cpus_per_replica}}
+
+
+def deployment(model: Path, options: ServeOptions, ray_options: RayServeOptions) -> Any:
+    """The bound Ray Serve application: one ``MemexportServer`` deployment per ``ray_options``."""
+    serve = require("ray.serve", "ray", "memexport serve --engine ray")
+    from memexport.serve_app import build_app
+
+    @serve.deployment(name="memexport", **ray_options.deployment_options(options))
+    @serve.ingress(build_app(current_service))
+    class MemexportServer:
+        def __init__(self, model: Path, options: ServeOptions) -> None:
+            import memexport.serve_ray as here
+
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="memexport-infer")
+            service = Service(model, options)
+            service.load()
+            service.activate(self.infer)
+            here._SERVICE = self.service = service
+
+        async def infer(self, batch: np.ndarray) -> np.ndarray:
+            return np.asarray(await asyncio.gather(*(self.score_one(row) for row in batch)), dtype=np.float32)
+
+        @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.max_delay_ms / 1000)
+        async def score_one(self, rows: list[np.ndarray]) -> list[float]:
+            self.service.metrics.batch_size.observe(len(rows))
+            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self.service.predictor.infer, np.stack(rows))
+            return scores.tolist()
+
+    return MemexportServer.bind(Path(model).resolve(), options)
+
+
+def serve_on_ray(model: Path, options: ServeOptions, host: str, port: int, insecure: bool, ray_options: RayServeOptions,
+                 on_listen: Callable[[str], None] = print) -> None:
+    """Run the app on Ray Serve until SIGTERM or Ctrl-C, then shut Serve down (replicas drain first)."""
+    check_host(host, options.token, insecure)
+    ray = require("ray", "ray", "memexport serve --engine ray")
+    serve = require("ray.serve", "ray", "memexport serve --engine ray")
+    init: dict[str, Any] = {"address": ray_options.address} if ray_options.address else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    ray.init(log_to_driver=False, **init)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(model, options, ray_options), name="memexport", route_prefix="/")
+        on_listen(f"memexport serve: Ray Serve listening on http://{host}:{port} (ready)")
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder, for ``serve run`` and KubeRay's ``RayService``.
+
+    ``import_path: memexport.serve_ray:app_builder`` with ``args``: ``model`` (the artifact's path on
+    the nodes), optional ``replicas`` or ``autoscale`` (``MIN:MAX``), and any :class:`ServeOptions`
+    field by name (``max_batch_size: 16``...). The token comes from ``MEMEXPORT_SERVE_TOKEN``.
+
+    Raises:
+        UsageError: No ``model``, or an argument that is not an option.
+    """
+    args = dict(args)
+    if "model" not in args:
+        raise UsageError("app_builder needs args.model: the artifact's path on the Ray nodes")
+    model = Path(str(args.pop("model")))
+    ray_options = RayServeOptions.parse(None, int(args.pop("replicas", 0)), args.pop("autoscale", None))
+    fields = {field.name: field for field in dataclasses.fields(ServeOptions) if field.name != "token"}
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise UsageError(f"unknown serve option(s) {', '.join(unknown)}; choose from model, replicas, autoscale, {', '.join(fields)}")
+    values = {name: _cast(fields[name].default, value) for name, value in args.items()}
+    return deployment(model, ServeOptions(**values, token=resolve_token(None)), ray_options)
+
+
+def _cast(default: Any, value: Any) -> Any:
+    """A YAML or ``key=value`` argument as the option's type (read from its default)."""
+    if isinstance(default, bool):
+        return str(value).strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, (int, float)):
+        return type(default)(value)
+    return None if value is None else str(value)

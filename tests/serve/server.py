@@ -1,0 +1,121 @@
+"""Start ``memexport serve`` in a subprocess on 127.0.0.1 (a free port), wait until ready, stop it by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+
+
+class Server:
+    """A running server process; ``url`` is ``host:port`` (tritonclient's form), ``base`` the http URL."""
+
+    def __init__(self, artifact: Path, *args: str, token: Optional[str] = None, ready_timeout: float = 120.0) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("MEMEXPORT_SERVE_TOKEN", None)
+        if token is not None:
+            env["MEMEXPORT_SERVE_TOKEN"] = token
+        port_args = () if "--port" in args else ("--port", "0")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "memexport", "serve", "-m", str(artifact), *port_args, *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = self._wait_listening(args, ready_timeout)
+        self.base = f"http://{self.url}"
+        self.token = token
+        self.wait_ready(ready_timeout)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if LISTENING.search(line):
+                self._listening.set()
+
+    def _wait_listening(self, args: tuple[str, ...], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not start:\n" + "\n".join(self.lines[-20:]))
+        match = next(LISTENING.search(line) for line in self.lines if LISTENING.search(line))
+        return f"{match.group(1)}:{match.group(2)}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("server exited:\n" + "\n".join(self.lines[-20:]))
+            try:
+                if self.get("/v2/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server never became ready:\n" + "\n".join(self.lines[-20:]))
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request: (status, lower-cased headers, body), errors included (no exception for 4xx/5xx)."""
+        headers = dict(headers or {})
+        if self.token is not None and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+    def get(self, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+        return self.request("GET", path, **kwargs)
+
+    def json(self, method: str, path: str, payload: Any = None, **kwargs: Any) -> tuple[int, Any]:
+        body = None if payload is None else json.dumps(payload).encode()
+        status, _, data = self.request(method, path, body, **kwargs)
+        return status, json.loads(data)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, wait, and SIGKILL only if it hangs; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def multipart(files: list[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:
+    """A multipart/form-data body with one part per file, and its Content-Type."""
+    boundary = "memexport-test-boundary-7d1f"
+    parts = []
+    for name, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def running(artifact: Path, *args: str, **kwargs: Any) -> Iterator[Server]:
+    """A server for a ``with``-less fixture: yields it, then stops it by PID."""
+    server = Server(artifact, *args, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,78 @@
+"""``memexport serve --engine ray``: the same app under Ray Serve 2.60 on a local Ray instance,
+answering as the plain server does (tritonclient scores equal ``Predictor``'s, one line per bad row,
+``/score``), batched by ``@serve.batch``; SIGTERM shuts Serve and Ray down."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="memexport[serve] is not installed")
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (memexport[ray])")
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (test extra)")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from memexport.runtime.predictor import Predictor  # noqa: E402
+from memexport.serve_ray import RayServeOptions, app_builder  # noqa: E402
+from memexport.core.errors import UsageError  # noqa: E402
+from tests.serve.server import Server, multipart  # noqa: E402
+
+MODEL = "tiny-scorer"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_replica_options_parse():
+    assert RayServeOptions.parse(None, 0, None).replicas == 1
+    assert RayServeOptions.parse("auto", 3, None) == RayServeOptions("auto", 3)
+    assert RayServeOptions.parse(None, 0, "1:4").autoscale == (1, 4)
+    for replicas, autoscale in ((2, "1:3"), (0, "4:1"), (0, "x")):
+        with pytest.raises(UsageError):
+            RayServeOptions.parse(None, replicas, autoscale)
+
+
+@pytest.mark.slow
+def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
+    server = Server(tiny, "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4", ready_timeout=240)
+    try:
+        client = httpclient.InferenceServerClient(server.url)
+        data = np.array([p.read_bytes() for p in sample_images], dtype=object).reshape(-1, 1)
+        tensor = httpclient.InferInput("image", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data, binary_data=True)
+        result = client.infer(MODEL, [tensor], outputs=[httpclient.InferRequestedOutput("score", binary_data=True)])
+        with Predictor(tiny) as predictor:
+            np.testing.assert_allclose(result.as_numpy("score").reshape(-1), predictor.score(sample_images), rtol=0, atol=1e-6)
+        assert client.get_model_metadata(MODEL)["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1, 1]}
+        bad = httpclient.InferInput("image", [1, 1], "BYTES")
+        bad.set_data_from_numpy(np.array([[b"not an image"]], dtype=object), binary_data=True)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(MODEL, [bad])
+        assert caught.value.status() == "400" and caught.value.message().startswith("row 0: not a recognised image")
+        body, content_type = multipart([(p.name, p.read_bytes()) for p in sample_images[:2]])
+        status, _, answer = server.request("POST", "/score", body, headers={"Content-Type": content_type})
+        assert status == 200 and [row["file"] for row in json.loads(answer)] == [p.name for p in sample_images[:2]]
+        metrics = server.get("/metrics")[2].decode()
+        assert 'memexport_batch_size_bucket{le="4.0"}' in metrics
+        client.close()
+    finally:
+        server.stop(timeout=120)
+    assert server.process.returncode is not None
+
+
+def test_app_builder_for_kuberay(tiny):
+    from ray import serve
+
+    app = app_builder(
+        {"model": str(tiny), "max_batch_size": "8", "max_delay_ms": "2.5", "check_integrity": "true", "autoscale": "1:3"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(UsageError, match="unknown serve option"):
+        app_builder({"model": str(tiny), "max_batchsize": "8"})
+    with pytest.raises(UsageError, match="args.model"):
+        app_builder({})

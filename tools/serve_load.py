@@ -1,0 +1,230 @@
+"""A bounded load test of ``memexport serve`` on loopback: correctness under concurrency, then latency.
+
+Starts the server itself (``memexport serve -m ARTIFACT --port 0``, stopped by PID at the end), then:
+
+1. For each client count in ``--clients`` (default 1,8,32): that many threads, each sending
+   ``--requests`` V2 ``infer`` requests of 1-4 images (seeded choice of ``--images``), as ``image``
+   (the server decodes) or ``pixels`` (``--input pixels``). Every request carries a unique ``id``;
+   the run fails unless every request gets exactly one answer, with its own ``id``, and every score
+   equals ``Predictor``'s on the same artifact (to ``--atol``). Reports p50/p99 latency, images/s
+   and the batch sizes the batcher formed (the ``/metrics`` histogram's change over the run).
+2. Overload (``--overload-clients``, default 32): a second server with ``--max-queue 2``; the run
+   fails unless every answer is a 200 or a 503; reports the counts and the server's peak RSS.
+
+    python tools/serve_load.py -m artifacts/resmem.onnx --images tests/data [--input pixels] [--json out.json]
+
+Prints one line per client count. Timing, not a test: quote it with the CPU's flags, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+BUCKET = re.compile(r'^memexport_batch_size_bucket\{le="([^"]+)"\} (\S+)$', re.M)
+
+
+def start_server(artifact: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """``memexport serve`` on a free loopback port; returns the process and ``host:port`` once ready."""
+    process = subprocess.Popen([sys.executable, "-m", "memexport", "serve", "-m", str(artifact), "--port", "0", *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = LISTENING.search(line)
+        if match:
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+            url = f"{match.group(1)}:{match.group(2)}"
+            for _ in range(1200):
+                if get(url, "/v2/health/ready")[0] == 200:
+                    return process, url
+                time.sleep(0.1)
+            break
+    process.terminate()
+    raise SystemExit(f"error: the server did not become ready: {line.strip()}")
+
+
+def get(url: str, path: str) -> tuple[int, bytes]:
+    try:
+        connection = http.client.HTTPConnection(url, timeout=30)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except OSError:
+        return 0, b""
+
+
+def stop(process: subprocess.Popen) -> int:
+    """SIGTERM (the server finishes what it accepted), then wait for the exit."""
+    process.terminate()
+    return process.wait(60)
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def infer_body(request_id: str, rows: list[Any], kind: str) -> tuple[bytes, dict[str, str]]:
+    """A binary V2 request for ``rows`` (encoded images, or preprocessed arrays)."""
+    if kind == "image":
+        raw = b"".join(len(blob).to_bytes(4, "little") + blob for blob in rows)
+        spec = {"name": "image", "shape": [len(rows), 1], "datatype": "BYTES"}
+    else:
+        batch = np.stack(rows).astype("<f4")
+        raw = batch.tobytes()
+        spec = {"name": "pixels", "shape": list(batch.shape), "datatype": "FP32"}
+    spec["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps({"id": request_id, "inputs": [spec], "outputs": [{"name": "score", "parameters": {"binary_data": True}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def client(url: str, model: str, plan: list[tuple[str, list[int]]], rows: list[Any], kind: str, out: list) -> None:
+    """Send each planned request on one keep-alive connection; record (id, status, answer id, scores, seconds)."""
+    connection = http.client.HTTPConnection(url, timeout=120)
+    for request_id, picks in plan:
+        body, headers = infer_body(request_id, [rows[i] for i in picks], kind)
+        start = time.perf_counter()
+        try:
+            connection.request("POST", f"/v2/models/{model}/infer", body, headers)
+            response = connection.getresponse()
+            data = response.read()
+        except OSError as error:
+            out.append((request_id, 0, None, str(error), time.perf_counter() - start))
+            connection = http.client.HTTPConnection(url, timeout=120)
+            continue
+        seconds = time.perf_counter() - start
+        answer_id, scores = None, None
+        if response.status == 200:
+            size = int(response.getheader("Inference-Header-Content-Length"))
+            answer_id = json.loads(data[:size]).get("id")
+            scores = np.frombuffer(data[size:], dtype="<f4")
+        out.append((request_id, response.status, answer_id, scores, seconds))
+
+
+def batch_histogram(url: str) -> dict[str, float]:
+    """Batches formed so far by size bucket (``le`` -> count in that bucket alone, not cumulative)."""
+    cumulative = sorted(((float(le), le, float(count)) for le, count in BUCKET.findall(get(url, "/metrics")[1].decode())))
+    counts, previous = {}, 0.0
+    for _, le, count in cumulative:
+        counts[le], previous = count - previous, count
+    return counts
+
+
+def run_level(url: str, model: str, clients: int, requests: int, rows: list[Any], expected: np.ndarray, kind: str,
+              atol: float, seed: int) -> dict[str, Any]:
+    """One concurrency level; raises SystemExit on any lost, duplicated or wrong answer."""
+    rng = random.Random(seed)
+    plans = [[(f"c{c}-r{r}", [rng.randrange(len(rows)) for _ in range(rng.randint(1, 4))]) for r in range(requests)] for c in range(clients)]
+    outs: list[list] = [[] for _ in range(clients)]
+    before = batch_histogram(url)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(url, model, plans[c], rows, kind, outs[c])) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    sent = {rid: picks for plan in plans for rid, picks in plan}
+    answers = [record for out in outs for record in out]
+    seen = Counter(record[0] for record in answers)
+    problems = [f"{rid}: answered {seen[rid]} times" for rid in sent if seen[rid] != 1]
+    for rid, status, answer_id, scores, _ in answers:
+        if status != 200 or answer_id != rid:
+            problems.append(f"{rid}: status {status}, answer id {answer_id!r}")
+        elif len(scores) != len(sent[rid]) or np.abs(scores - expected[sent[rid]]).max() > atol:
+            problems.append(f"{rid}: scores {scores.tolist()} differ from Predictor's {expected[sent[rid]].tolist()}")
+    if problems:
+        raise SystemExit(f"error: {len(problems)} bad answers at {clients} clients, e.g. {problems[0]}")
+    after = batch_histogram(url)
+    latency = np.array([record[4] for record in answers]) * 1000
+    images = sum(len(picks) for picks in sent.values())
+    return {"clients": clients, "requests": len(answers), "images": images, "p50_ms": float(np.percentile(latency, 50)),
+            "p99_ms": float(np.percentile(latency, 99)), "images_per_s": images / wall,
+            "batches_by_bucket": {le: after[le] - before.get(le, 0.0) for le in after}}
+
+
+def overload(artifact: Path, model: str, clients: int, rows: list[Any], kind: str, extra: list[str]) -> dict[str, Any]:
+    """Many clients against ``--max-queue 2``: only 200s and 503s may come back."""
+    process, url = start_server(artifact, [*extra, "--max-queue", "2"])
+    try:
+        outs: list[list] = [[] for _ in range(clients)]
+        plan = [[(f"o{c}-r{r}", [r % len(rows)]) for r in range(10)] for c in range(clients)]
+        threads = [threading.Thread(target=client, args=(url, model, plan[c], rows, kind, outs[c])) for c in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        statuses = Counter(record[1] for out in outs for record in out)
+        alive = get(url, "/v2/health/ready")[0] == 200
+        rss = peak_rss_mb(process.pid)
+    finally:
+        stop(process)
+    if set(statuses) - {200, 503} or not alive:
+        raise SystemExit(f"error: overload answered {dict(statuses)} (only 200 and 503 allowed), server alive: {alive}")
+    return {"clients": clients, "statuses": {str(k): v for k, v in sorted(statuses.items())}, "peak_rss_mb": rss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-m", "--model", type=Path, default=Path("artifacts/resmem.onnx"), help="artifact to serve")
+    parser.add_argument("--images", type=Path, default=Path("tests/data"), help="folder of photos to send")
+    parser.add_argument("--input", choices=("image", "pixels"), default="image", help="send encoded images or preprocessed pixels")
+    parser.add_argument("--clients", default="1,8,32", help="concurrent client counts, comma-separated")
+    parser.add_argument("--requests", type=int, default=50, help="requests per client at each level")
+    parser.add_argument("--overload-clients", type=int, default=32, help="clients in the overload run (0: skip it)")
+    parser.add_argument("--atol", type=float, default=1e-6, help="largest score difference from Predictor allowed")
+    parser.add_argument("--server-args", default="--device cpu", help="extra `memexport serve` options, e.g. '--max-batch-size 16'")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+
+    from memexport.runtime.cpu import cpu_units
+    from memexport.runtime.predictor import Predictor
+
+    photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    extra = args.server_args.split()
+    with Predictor(args.model, device="cpu") as predictor:
+        expected = predictor.score(photos)
+        model = predictor.metadata.model
+        rows = [p.read_bytes() for p in photos] if args.input == "image" else [predictor.preprocess(p) for p in photos]
+    units = cpu_units()
+    report: dict[str, Any] = {"artifact": str(args.model), "input": args.input, "server_args": extra,
+                              "cpu": {"model": units.model, "flags": list(units.flags)}, "levels": []}
+    print(f"cpu: {units.model} ({' '.join(units.flags) or 'no AMX/BF16/VNNI'}); timings on a shared machine are noisy")
+    process, url = start_server(args.model, extra)
+    try:
+        for level, clients in enumerate(int(c) for c in args.clients.split(",")):
+            result = run_level(url, model, clients, args.requests, rows, expected, args.input, args.atol, seed=level)
+            report["levels"].append(result)
+            formed = {le: int(n) for le, n in result["batches_by_bucket"].items() if n}
+            print(f"{clients:>3} clients: {result['requests']} requests, {result['images']} images, p50 {result['p50_ms']:.1f} ms, "
+                  f"p99 {result['p99_ms']:.1f} ms, {result['images_per_s']:.1f} images/s; batches by size bucket (size <= le, above the previous le): {formed}")
+        report["peak_rss_mb"] = peak_rss_mb(process.pid)
+    finally:
+        stop(process)
+    if args.overload_clients:
+        report["overload"] = overload(args.model, model, args.overload_clients, rows, args.input, extra)
+        print(f"overload ({args.overload_clients} clients, --max-queue 2): {report['overload']['statuses']}, peak RSS {report['overload']['peak_rss_mb']} MB")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,triton]'
 	# The published ResMem weights (non-commercial licence): installed, never vendored.
 	# --no-deps: its torchvision dependency is not needed.
 	$(PIP) install -q --no-deps resmem==1.1.6

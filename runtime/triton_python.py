@@ -104,7 +104,8 @@ class ScorerModel:
         self.output_name = config["output"][0]["name"]
         output = config["output"][0]
         # A reshape in the config is the shape the model itself produces per image ([] for one value).
-        self.output_dims = [int(d) for d in output.get("reshape", {}).get("shape", output["dims"])]
+        dims = output["reshape"].get("shape", []) if "reshape" in output else output["dims"]  # an empty shape may be left out
+        self.output_dims = [int(d) for d in dims]
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         """Score every request's rows in one runner call, then split the scores back per request."""

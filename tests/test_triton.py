@@ -4,6 +4,7 @@ and ``--check`` failing with one line naming the file and the field for each mis
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -203,3 +204,56 @@ def test_repositories_for_the_real_artifacts_pass_the_checks(tmp_path):
         triton_repo_from_artifacts([artifact], repo)
         assert sorted(check_triton_repo(repo))[0] == "resmem"
         assert tensors(config(repo, "resmem"), "output") == {"score": ("TYPE_FP32", (1,))}
+
+
+class FakePbUtils:
+    """The slice of Triton's ``triton_python_backend_utils`` the generated models use, for runs without a server."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class TritonError:
+        def __init__(self, message):
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.get(name)
+
+
+def model_args(repo: Path, name: str) -> dict[str, str]:
+    """The ``args`` Triton passes to ``initialize``: the config as JSON, as Triton renders it."""
+    from google.protobuf import json_format
+
+    rendered = json_format.MessageToDict(config(repo, name), preserving_proto_field_name=True)
+    return {"model_config": json.dumps(rendered), "model_repository": str(repo / name), "model_version": "1"}
+
+
+def test_the_python_models_score_request_batches_as_predict_does(tmp_path, tiny, sample_images):
+    from memexport import Predictor
+    from memexport.runtime.triton_python import PreprocessModel, ScorerModel
+
+    repo = tmp_path / "repo"
+    triton_repo_from_artifacts([tiny], repo, TritonOptions(python_scorer=True))
+    pre = PreprocessModel(FakePbUtils, model_args(repo, "tiny-scorer_preprocess"))
+    scorer = ScorerModel(FakePbUtils, model_args(repo, "tiny-scorer_python"))
+    try:
+        rows = [np.array([[p.read_bytes()] for p in group], dtype=object) for group in (sample_images[:3], sample_images[3:5])]
+        bad = np.array([[sample_images[0].read_bytes()], [b"junk"]], dtype=object)
+        answers = pre.execute([{"image": FakePbUtils.Tensor("image", r)} for r in (rows[0], bad, rows[1])])
+        assert answers[1].output_tensors == [] and answers[1].error.message.startswith("row 1: ")
+        pixels = [{"image": FakePbUtils.Tensor("image", a.output_tensors[0].array)} for a in (answers[0], answers[2])]
+        scores = [r.output_tensors[0].array for r in scorer.execute(pixels)]  # two requests, one inference
+        assert [s.shape for s in scores] == [(3,), (2,)]  # the config reshapes [] to [1] for clients
+        with Predictor(tiny) as predictor:
+            np.testing.assert_array_equal(np.concatenate(scores), predictor.score(sample_images[:5]))
+    finally:
+        scorer.finalize()

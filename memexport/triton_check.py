@@ -18,6 +18,7 @@ from memexport.core.errors import MemexportError
 from memexport.core.optional import require
 
 # The file each back end loads from a version folder when ``default_model_filename`` is not set.
+FP32 = 11  # DataType.TYPE_FP32 in Triton's model_config.proto
 DEFAULT_FILES = {"onnxruntime": "model.onnx", "openvino": "model.xml", "tensorrt": "model.plan", "python": "model.py"}
 
 
@@ -207,6 +208,8 @@ def artifact_problems(path: Path, config: Any, artifact: Path) -> list[str]:
         found = {t.name: t for t in getattr(config, kind)}
         if name not in found:
             problems.append(f"{path}: {kind}: no tensor named {name!r}, the {kind} of {artifact.name} (config has {', '.join(found) or 'none'}); rename it")
+        elif found[name].data_type != FP32:
+            problems.append(f"{path}: {kind} {name!r} data_type: memexport artifacts take and give FP32 (FP16 and INT8 ones too); use TYPE_FP32")
         elif served_dims(found[name]) != want:
             problems.append(f"{path}: {kind} {name!r} dims: {list(served_dims(found[name]))} but {artifact.name} has {list(want)} "
                             "(without the batch dimension); use the artifact's dims")

@@ -143,6 +143,7 @@ MISTAKES = {
     "wrong ensemble key": ("tiny-scorer", 'input_map { key: "image" value: "pixels" }', 'input_map { key: "input" value: "pixels" }', "input_map: key 'input'"),
     "preferred batch over the max": ("tiny-scorer_preprocess", "preferred_batch_size: [ 4, 8, 16 ]", "preferred_batch_size: [ 4, 8, 32 ]", "preferred_batch_size"),
     "folder and name differ": ("tiny-scorer_preprocess", 'name: "tiny-scorer_preprocess"', 'name: "preprocess"', "name: 'preprocess'"),
+    "wrong data type": ("tiny-scorer_onnx", "data_type: TYPE_FP32 dims: [ 3, 227, 227 ]", "data_type: TYPE_FP16 dims: [ 3, 227, 227 ]", "data_type"),
     "bad enum": ("tiny-scorer_onnx", "kind: KIND_CPU", "kind: KIND_TPU", "KIND_TPU"),
 }
 

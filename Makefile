@@ -6,14 +6,14 @@ PIP := $(BIN)/python -m pip
 ARTIFACTS ?= artifacts
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test docs test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e
+.PHONY: install demo test docs triton-env test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,docs,serve]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,docs,serve,triton]'
 	# The published ResMem weights (non-commercial licence): installed, never vendored.
 	# --no-deps: its torchvision dependency is not needed.
 	$(PIP) install -q --no-deps resmem==1.1.6
@@ -37,7 +37,7 @@ demo: $(ARTIFACTS)/resmem.onnx
 		--precision fp32 --precision bf16 --batch-sizes 16 --iterations 3 --warmup 1 --no-torch --images tests/data --fidelity tests/data
 
 # The docs examples (tests/test_docs_examples.py) run against artifacts/resmem.onnx, so a fresh clone makes it.
-test: $(STAMP) trt-api docs $(ARTIFACTS)/resmem.onnx
+test: $(STAMP) trt-api docs triton-env $(ARTIFACTS)/resmem.onnx
 	$(BIN)/python -m pytest -q
 
 # The documentation site, strict: a broken link or anchor, a page outside nav or a missing snippet fails.
@@ -128,3 +128,20 @@ synthetic-images: $(STAMP)
 # predict-pipeline images/s (decode+preprocess+infer) next to the model's own, in one run.
 bench-e2e: $(ARTIFACTS)/resmem.onnx synthetic-images
 	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx --end-to-end $(ARTIFACTS)/synthetic_jpegs --batch-sizes 16 --json $(ARTIFACTS)/bench_e2e.json
+
+# Its own environment for the real `tritonserver` (2.51, Python back end only) bundled in the nvidia-pytriton
+# wheel (~55 MB, x86_64, glibc >= 2.35): tests/test_triton_server.py serves a `memexport triton-repo` repository
+# with it. numpy < 2 there (with numpy 2 the Python back end's stub returned empty outputs) and memexport itself
+# (editable, no deps), so the stub imports memexport's preprocessing. Where the wheel does not install, the
+# environment is made without it and that test skips, saying why (the reason is kept in pytriton-missing.txt).
+TRITON_ENV ?= .triton-env
+PYTRITON_VERSION ?= 0.7.0
+triton-env: $(TRITON_ENV)/.stamp
+$(TRITON_ENV)/.stamp: $(STAMP)
+	rm -rf $(TRITON_ENV)
+	$(PYTHON) -m venv $(TRITON_ENV)
+	$(TRITON_ENV)/bin/python -m pip install -q -c constraints.txt 'numpy<2' pillow onnxruntime packaging
+	$(TRITON_ENV)/bin/python -m pip install -q --no-deps -e .
+	$(TRITON_ENV)/bin/python -m pip install -q --no-deps nvidia-pytriton==$(PYTRITON_VERSION) || \
+		echo "nvidia-pytriton $(PYTRITON_VERSION) did not install here (it needs x86_64 and glibc >= 2.35; see make triton-env)" > $(TRITON_ENV)/pytriton-missing.txt
+	touch $@

@@ -429,6 +429,45 @@ def convert_cmd(
     typer.echo(f"wrote {output} ({metadata.model}, {metadata.precision}, FP32 input and output)")
 
 
+@command("triton-repo")
+def triton_repo_cmd(
+    models: Optional[List[Path]] = typer.Option(None, "-m", "--model", help="Artifact (.onnx, OpenVINO .xml, TensorRT .plan); repeat for several models."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Repository folder to write."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Check this repository offline instead of writing one."),
+    instances: int = typer.Option(1, "--instances", help="Instances per scoring and preprocessing model."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", help="Largest batch Triton forms."),
+    max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="Dynamic batcher's wait to fill a batch."),
+    device: str = typer.Option("cpu", "--device", help="ONNX Runtime instances: cpu or gpu."),
+    tensorrt: Optional[str] = typer.Option(None, "--tensorrt", help="GPU ONNX Runtime with the TensorRT accelerator: fp32, fp16 or int8."),
+    trt_cache: str = typer.Option("/tmp/memexport-trt-cache", "--trt-cache", help="TensorRT engine cache folder on the server."),
+    python_scorer: bool = typer.Option(False, "--python-scorer", help="Score in Triton's Python back end with memexport's runtime (for servers without the onnxruntime back end)."),
+    sys_path: Optional[List[str]] = typer.Option(None, "--sys-path", help="Folder the Python models put on sys.path (memexport, numpy<2, pillow); default: this Python's site-packages."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+) -> None:
+    """Write a Triton model repository (ensemble + preprocessing + scoring model) per artifact, or --check one."""
+    from memexport.core.errors import UsageError
+
+    if check is not None:
+        from memexport.triton_check import ModelRepositoryError, check_triton_repo
+
+        try:
+            names = check_triton_repo(check)
+        except ModelRepositoryError as error:
+            for problem in error.problems:
+                err(f"error: {problem}")
+            raise typer.Exit(error.exit_code) from None
+        typer.echo(f"{check}: {len(names)} model(s) OK: {', '.join(names)}")
+        return
+    if not models or output is None:
+        raise UsageError("pass -m ARTIFACT and -o REPO to write a repository, or --check REPO to check one")
+    from memexport.triton import TritonOptions, triton_repo_from_artifacts
+
+    options = TritonOptions(max_batch_size=max_batch_size, instances=instances, max_queue_delay_us=max_queue_delay_us, device=device,
+                            tensorrt=tensorrt, trt_cache=trt_cache, python_scorer=python_scorer, sys_path=tuple(sys_path or ()))
+    names = triton_repo_from_artifacts(models, output, options, overwrite=overwrite)
+    typer.echo(f"wrote {output}: {', '.join(names)}; check it with `memexport triton-repo --check {output}`")
+
+
 @command("inspect")
 def inspect_cmd(
     artifact: Path = typer.Argument(..., help=".onnx or engine file."),

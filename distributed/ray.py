@@ -249,11 +249,12 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
 
 class ParquetScores:
     """Scores as a folder of Parquet parts (``path``, ``score``, ``model``, ``backend``,
-    ``precision``), for collections too big for one CSV. Each part is written to a temporary
-    name, fsynced and renamed, so a crash never leaves a torn part.
+    ``precision``, ``path_bytes``), for collections too big for one CSV. Each part is written to a
+    temporary name, fsynced and renamed, so a crash never leaves a torn part.
 
-    Paths are stored as strings; a name that is not valid UTF-8 is stored with its odd bytes as
-    ``\\xNN`` escapes (Parquet strings are UTF-8).
+    ``path`` is a string for people and tools (Parquet strings are UTF-8, so a name that is not
+    valid UTF-8 shows its odd bytes as ``\\xNN`` escapes); ``path_bytes`` holds the name's exact
+    bytes, which ``resume`` matches, so every name round-trips.
 
     Args:
         folder: The folder of parts.
@@ -278,6 +279,7 @@ class ParquetScores:
             "model": [row[2] for row in rows],
             "backend": [self.run[0]] * len(rows),
             "precision": [self.run[1]] * len(rows),
+            "path_bytes": pa.array([os.fsencode(row[0]) for row in rows], pa.binary()),
         })
         with atomic_path(self.folder / f"part-{self.next:06d}.parquet", suffix=".parquet") as temporary:
             pq.write_table(table, temporary)
@@ -314,9 +316,17 @@ def prepare_parquet(output: Path, options: PredictOptions, summary: PredictSumma
         raise UsageError(
             f"{output} already holds scores; pass --resume to continue it (already scored images are skipped) or --overwrite to start again"
         )
+    return frozenset(path_key(name) for part in parts for name in parquet_names(part))
+
+
+def parquet_names(part: Path) -> list[str]:
+    """The file names a Parquet part scores, exactly: from ``path_bytes``, or from ``path`` in parts
+    written before it existed (where a name that is not valid UTF-8 cannot match again)."""
     import pyarrow.parquet as pq
 
-    return frozenset(path_key(path) for part in parts for path in pq.read_table(part, columns=["path"]).column("path").to_pylist())
+    if "path_bytes" in pq.read_schema(part).names:
+        return [os.fsdecode(raw) for raw in pq.read_table(part, columns=["path_bytes"]).column("path_bytes").to_pylist()]
+    return pq.read_table(part, columns=["path"]).column("path").to_pylist()
 
 
 def parquet_runs(folder: Path) -> frozenset[tuple[str, ...]]:

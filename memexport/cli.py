@@ -127,8 +127,8 @@ def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_a
 @command("predict")
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and folders (folders recursively, sorted)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx or a TensorRT engine."),
-    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,score."),
+    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, .xml (OpenVINO IR, with its .bin) or .plan/.engine (TensorRT)."),
+    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,score,backend,precision (--format parquet: a folder of Parquet parts)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose/--no-exif-transpose", help="Honour EXIF orientation (the original code does not)."),
@@ -431,7 +431,7 @@ def convert_cmd(
 
 @command("inspect")
 def inspect_cmd(
-    artifact: Path = typer.Argument(..., help=".onnx or engine file."),
+    artifact: Path = typer.Argument(..., help=".onnx, .xml (OpenVINO IR) or .plan/.engine file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show what an artifact is: model, precision, inputs, weights, versions, calibration."""

@@ -13,8 +13,11 @@ Guarantees, whatever happens to the process:
 * Every row names the back end and precision that computed its score (``path,score,backend,precision``),
   and ``resume`` refuses to continue a file with another back end or precision, so one ranking
   never mixes, say, FP32 and BF16 scores. Files with the older ``path,score`` header stay readable.
-* Paths are written as the file system gives them; a name that is not valid UTF-8 is written
-  back as its original bytes (Python's ``surrogateescape``), so the CSV names the real file.
+* Paths are written absolute (``os.path.abspath``: the inputs' own names, symlinks kept), so
+  ``resume`` matches the same files from any working directory; a name that is not valid UTF-8
+  is written back as its original bytes (Python's ``surrogateescape``), so the CSV names the
+  real file and reads back as the same name. Rows written relative by older versions are still
+  read against the current directory.
 
 Decoding runs in a pool of threads (Pillow and numpy release the GIL while decoding and
 resizing); at most ``2 * batch_size + 4 * workers`` decoded images wait in memory.
@@ -135,6 +138,11 @@ def errors_path_for(output: Path) -> Path:
 def path_key(path: str | os.PathLike) -> str:
     """How ``resume`` matches a CSV row to an input: the real absolute path."""
     return os.path.realpath(path)
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """``path`` as every output names it: absolute, without resolving symlinks (the name the user gave)."""
+    return Path(os.path.abspath(path))
 
 
 # --------------------------------------------------------------------------- reading back
@@ -486,7 +494,8 @@ def plan_job(
     done_keys = prepare(output, options, summary)
     collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
     summary.duplicates = list(collected.duplicates)
-    todo = [p for p in collected.paths if path_key(p) not in done_keys] if done_keys else list(collected.paths)
+    # Absolute from here on: rows must name the same files whatever the directory a resume runs from.
+    todo = [absolute(p) for p in collected.paths if not done_keys or path_key(p) not in done_keys]
     summary.skipped = len(collected.paths) - len(todo)
     summary.total = len(todo)
     return done_keys, collected, todo
@@ -494,8 +503,8 @@ def plan_job(
 
 def upfront_failures(collected: Collected) -> list[tuple[str, str, str]]:
     """``(path, reason, detail)`` for inputs refused before decoding (missing, symlinks outside, ...)."""
-    failed = [(str(p), reason, _MISSING_DETAIL.get(reason, "cannot be read")) for p, reason in collected.missing]
-    return failed + [(str(p), reason, detail) for p, reason, detail in collected.rejected]
+    failed = [(str(absolute(p)), reason, _MISSING_DETAIL.get(reason, "cannot be read")) for p, reason in collected.missing]
+    return failed + [(str(absolute(p)), reason, detail) for p, reason, detail in collected.rejected]
 
 
 def interrupted(summary: PredictSummary, output: Path, started: float) -> Interrupted:
@@ -516,7 +525,7 @@ def scores_csv_from_images(
     """Score files and folders into ``output`` (``path,score,backend,precision``) and ``<stem>.errors.csv`` (``path,error``).
 
     Args:
-        model: Artifact to score with (``.onnx`` or a TensorRT engine).
+        model: Artifact to score with (``.onnx``, ``.xml`` OpenVINO IR, or a ``.plan``/``.engine`` TensorRT engine).
         inputs: Files and folders (folders recursively, sorted).
         output: CSV destination.
         options: See :class:`PredictOptions`.

@@ -187,7 +187,7 @@ def predict_cmd(
             bar["bar"].__exit__(None, None, None)
             bar.pop("bar")
         if stop.summary is not None:
-            for line in _summary_lines(stop.summary, output):
+            for line in [*stop.summary.warnings, *_summary_lines(stop.summary, output)]:
                 err(line)
         err(f"error: {stop}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -195,6 +195,8 @@ def predict_cmd(
         signal.signal(signal.SIGTERM, previous)
         if "bar" in bar:
             bar["bar"].__exit__(None, None, None)
+    for line in summary.warnings:
+        err(line)
     for line in _summary_lines(summary, output):
         typer.echo(line)
     if summary.failed:

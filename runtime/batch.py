@@ -105,7 +105,9 @@ class PredictSummary:
         elapsed_s: Wall time of the scoring loop.
         interrupted: Whether Ctrl-C or SIGTERM stopped the run early.
         backend: The back end that computed the scores (``onnxruntime``, ``openvino``, ``tensorrt``).
-        precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...).
+        precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...; ``int8-unverified``
+            when outside the precision the artifact's calibration verified).
+        warnings: One-line warnings about the run (such as why it is unverified), for the caller to show.
     """
 
     scored: int = 0
@@ -119,6 +121,7 @@ class PredictSummary:
     interrupted: bool = False
     backend: str = ""
     precision: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -549,7 +552,8 @@ def scores_csv_from_images(
 
     runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity), options.backend, precision=options.precision)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
-        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.precision))
+        summary.warnings.extend([runner.unverified] if runner.unverified else [])
+        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.recorded_precision))
         started = time.perf_counter()
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:

@@ -351,8 +351,7 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
     pool = pool or cluster_pool(model, options)
     if options.max_worker_deaths < 0:
         raise UsageError(f"max_worker_deaths must be >= 0 (0: retry for ever), got {options.max_worker_deaths}")
-    # Lives as long as the Dataset holds its handle; takes no CPU from the scoring actors.
-    ledger = ray.remote(num_cpus=0)(DeathLedger).remote() if options.max_worker_deaths else None
+    ledger = _death_ledger(ray) if options.max_worker_deaths else None
     return dataset.map_batches(
         ScoringActor,
         fn_constructor_kwargs={"model": model, "options": options, "threads": pool.threads, "ledger": ledger},
@@ -362,6 +361,16 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
         num_cpus=pool.cpus,
         num_gpus=pool.gpus or None,
     )
+
+
+def _death_ledger(ray: Any) -> Any:
+    """The job's :class:`DeathLedger` actor: on the driver's node (a lost worker node must not take it
+    along), no CPU taken from the scoring actors, restarted if it dies (its counts then start again).
+    It lives as long as the Dataset holds its handle."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)(DeathLedger).remote()
 
 
 # --------------------------------------------------------------------------- the predict job

@@ -98,7 +98,7 @@ def unverified_warning(path: Path | str) -> str | None:
     import mmap
 
     from memexport.core.errors import MemexportError
-    from memexport.runtime.integrity import find_metadata_entry
+    from memexport.runtime.integrity import MissingMetadataEntry, find_metadata_entry
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -111,6 +111,8 @@ def unverified_warning(path: Path | str) -> str | None:
             with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 value = find_metadata_entry(data, path).value
         fidelity = json.loads(value).get("extra", {}).get("fidelity") if value else None
+    except MissingMetadataEntry:
+        return None  # not a memexport artifact at all: the runner refuses it in its own line
     except (OSError, ValueError, MemexportError, AttributeError, SyntaxError) as exc:
         # Unreadable metadata cannot show the artifact verified: say so rather than stay silent.
         why = " ".join(str(exc).split())[:160] or type(exc).__name__

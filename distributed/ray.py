@@ -20,6 +20,12 @@ drops any row whose index it has already written. Ray Data restarts a dead actor
 unfinished blocks (``max_restarts=-1``, ``max_task_retries=-1``), so a lost worker costs a retry,
 never a row. An interrupted driver keeps every row written; ``--resume`` skips them before the
 read, so each image is scored exactly once over the runs.
+
+Bounded retries: a file that kills its actor every time (a decoder that segfaults, an image that
+runs the node out of memory) would be retried forever. A :class:`DeathLedger` counts, per file,
+the attempts still open when their actor died. A retried file is scored alone, with no other work
+in flight in its actor, so only the culprit is charged again; after ``max_worker_deaths`` deaths it
+gets an error row (reason ``worker-died``) instead of another try, and the job finishes.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from memexport.core.errors import ArtifactError, MemexportError, UsageError
+from memexport.core.errors import ArtifactError, InputImageError, MemexportError, UsageError
 from memexport.runtime.batch import (
     PredictOptions,
     PredictSummary,
@@ -50,8 +57,8 @@ from memexport.runtime.batch import (
 )
 from memexport.core.optional import require
 from memexport.runtime.integrity import model_not_found
-from memexport.runtime.base import Runner, RunnerOptions
-from memexport.runtime.predictor import Predictor
+from memexport.runtime.base import UNVERIFIED_SUFFIX, Runner, RunnerOptions
+from memexport.runtime.predictor import Predictor, ScoreResult
 from memexport.runtime.registry import backend_for, runner_for
 
 RESULT_COLUMNS = ("path", "score", "error", "model", "backend", "precision", "node")
@@ -88,6 +95,8 @@ class RayOptions:
         device: ``cpu``, ``cuda`` or ``auto``, as for ``predict`` (default ``auto``).
         exif_transpose: Honour EXIF orientation (default ``False``, as the original code).
         check_integrity: Verify the artifact's recorded sha256 once per actor (default ``True``).
+        max_worker_deaths: Deaths of its actor a file may cause before it gets an error row
+            (``worker-died``) instead of another try; 0 retries for ever, as Ray Data alone (default 3).
     """
 
     actors: int = 0
@@ -100,6 +109,7 @@ class RayOptions:
     device: str = "auto"
     exif_transpose: bool = False
     check_integrity: bool = True
+    max_worker_deaths: int = 3
 
 
 @dataclass(frozen=True)
@@ -158,45 +168,151 @@ def _name(path: Any) -> str:
     return os.fsdecode(bytes(path)) if isinstance(path, (bytes, np.bytes_)) else str(path)
 
 
+class DeathLedger:
+    """Per file, the attempts that were in flight when their actor died (one ledger per job, as a
+    Ray actor; the scoring actors report to it around each piece of work).
+
+    A file is *open* from :meth:`start` or :meth:`begin` until :meth:`end`; an actor that dies
+    leaves its files open, so a file's open count is the deaths it was present at.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def start(self, keys: Sequence[str]) -> list[int]:
+        """Each key's deaths so far; keys with none are opened at once (they run in a batch)."""
+        counts = [self.open.get(key, 0) for key in keys]
+        for key, count in zip(keys, counts):
+            if not count:
+                self.open[key] = 1
+        return counts
+
+    def begin(self, key: str) -> None:
+        """Open one more attempt of ``key`` (a retried file, run alone)."""
+        self.open[key] = self.open.get(key, 0) + 1
+
+    def end(self, keys: Sequence[str]) -> None:
+        """``keys`` finished (scored or refused): they owe no death."""
+        for key in keys:
+            self.open.pop(key, None)
+
+
+class _Gate:
+    """Shared or exclusive entry: a retried file runs while no other call of its actor is in flight,
+    so a death then charges the culprit and no bystander."""
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.shared_holders = 0
+        self.exclusive_held = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self.condition:
+            self.condition.wait_for(lambda: not self.exclusive_held)
+            self.shared_holders += 1
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.shared_holders -= 1
+                self.condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self.condition:
+            self.condition.wait_for(lambda: not self.exclusive_held and not self.shared_holders)
+            self.exclusive_held = True
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.exclusive_held = False
+                self.condition.notify_all()
+
+
+def worker_died(name: str, deaths: int) -> InputImageError:
+    """The error row of a file whose actor died ``deaths`` times while scoring it."""
+    return InputImageError(name, "worker-died", f"worker died {deaths} times on this file (a crash in its decoder, or out of memory); not tried again")
+
+
 class ScoringActor:
     """Ray Data callable class: one runner per actor, scoring one batch of rows per call.
 
     Calls may run on two threads at once (``max_concurrent_calls_per_actor=2``): one decodes
     its rows while the other runs inference; inference itself is serialised by a lock, so
-    the back end has the actor's CPUs to itself.
+    the back end has the actor's CPUs to itself. With a ``ledger``, files present at an earlier
+    death of an actor are scored one at a time, alone in the actor, and refused after
+    ``options.max_worker_deaths`` deaths (see :class:`DeathLedger`).
 
     Args:
         model: Artifact path, as every node sees it.
         options: See :class:`RayOptions`.
         threads: Back-end and decoding threads (the actor's ``num_cpus``).
+        ledger: The job's :class:`DeathLedger` actor handle (default ``None``: no bound).
     """
 
-    def __init__(self, model: str, options: RayOptions, threads: int) -> None:
+    def __init__(self, model: str, options: RayOptions, threads: int, ledger: Any = None) -> None:
         import ray
 
         self.runner = _runner(model, options, threads).__enter__()
         self.predictor = Predictor(self.runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose)
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memexport-decode")
         self.lock = threading.Lock()
+        self.gate = _Gate()
+        self.ledger, self.max_deaths = ledger, options.max_worker_deaths
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [_name(path) for path in batch["path"]]
         data = batch.get("bytes")
+        raws = [None] * len(names) if data is None else [bytes(raw) for raw in data]
+        results: list[Any] = [None] * len(names)
+        with self.gate.shared():
+            deaths = self._ledger("start", names) if self.ledger is not None else [0] * len(names)
+            fresh = [i for i, count in enumerate(deaths) if not count]
+            for i, count in enumerate(deaths):
+                if count and count >= self.max_deaths > 0:
+                    results[i] = ScoreResult(names[i], None, worker_died(names[i], count))
+            self._score(names, raws, fresh, results)
+        for i, count in enumerate(deaths):
+            if count and not count >= self.max_deaths > 0:
+                with self.gate.exclusive():  # alone in this actor: a death now is this file's own
+                    self._ledger("begin", names[i])
+                    self._score(names, raws, [i], results)
+        # A refused file stays open in the ledger: a retry of this block refuses it again.
+        return self._columns(batch, results)
+
+    def _ledger(self, method: str, argument: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.ledger, method).remote(argument))
+
+    def _score(self, names: Sequence[str], raws: Sequence[bytes | None], indices: Sequence[int], results: list[Any]) -> None:
+        """Decode and score the rows ``indices`` as one batch into ``results``, then close them in the ledger."""
+        if not indices:
+            return
         predictor = self.predictor
-        if data is None:
-            items = list(self.decoders.map(lambda name: safe_item(name, lambda: predictor.preprocess(name)), names))
-        else:
-            items = list(self.decoders.map(lambda name, raw: safe_item(name, lambda: predictor.preprocess_bytes(bytes(raw), name)), names, data))
+
+        def decode(i: int) -> Any:
+            raw = raws[i]
+            return safe_item(names[i], lambda: predictor.preprocess(names[i]) if raw is None else predictor.preprocess_bytes(raw, names[i]))
+
+        items = list(self.decoders.map(decode, indices))
         with self.lock:
-            results = predictor.score_batch(list(zip(names, items)))
+            for i, result in zip(indices, predictor.score_batch([(names[i], item) for i, item in zip(indices, items)])):
+                results[i] = result
+        if self.ledger is not None:
+            self._ledger("end", [names[i] for i in indices])
+
+    def _columns(self, batch: dict[str, np.ndarray], results: Sequence[Any]) -> dict[str, np.ndarray]:
         count = len(results)
         out = {key: value for key, value in batch.items() if key != "bytes"}
         out["score"] = np.array([np.nan if r.score is None else r.score for r in results], dtype=np.float64)
         out["error"] = np.array([None if r.error is None else f"{r.error.reason}: {r.error.detail}" for r in results], dtype=object)
-        out["model"] = np.full(count, predictor.metadata.model, dtype=object)
+        out["model"] = np.full(count, self.predictor.metadata.model, dtype=object)
         out["backend"] = np.full(count, self.runner.backend, dtype=object)
-        out["precision"] = np.full(count, self.runner.precision, dtype=object)
+        out["precision"] = np.full(count, self.runner.recorded_precision, dtype=object)
         out["node"] = np.full(count, self.node, dtype=object)
         return out
 
@@ -233,9 +349,12 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
     ray = ray_module()
     model = os.path.abspath(model) if "://" not in str(model) else str(model)
     pool = pool or cluster_pool(model, options)
+    if options.max_worker_deaths < 0:
+        raise UsageError(f"max_worker_deaths must be >= 0 (0: retry for ever), got {options.max_worker_deaths}")
+    ledger = _death_ledger(ray) if options.max_worker_deaths else None
     return dataset.map_batches(
         ScoringActor,
-        fn_constructor_kwargs={"model": model, "options": options, "threads": pool.threads},
+        fn_constructor_kwargs={"model": model, "options": options, "threads": pool.threads, "ledger": ledger},
         batch_size=options.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
@@ -244,16 +363,27 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
     )
 
 
+def _death_ledger(ray: Any) -> Any:
+    """The job's :class:`DeathLedger` actor: on the driver's node (a lost worker node must not take it
+    along), no CPU taken from the scoring actors, restarted if it dies (its counts then start again).
+    It lives as long as the Dataset holds its handle."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)(DeathLedger).remote()
+
+
 # --------------------------------------------------------------------------- the predict job
 
 
 class ParquetScores:
     """Scores as a folder of Parquet parts (``path``, ``score``, ``model``, ``backend``,
-    ``precision``), for collections too big for one CSV. Each part is written to a temporary
-    name, fsynced and renamed, so a crash never leaves a torn part.
+    ``precision``, ``path_bytes``), for collections too big for one CSV. Each part is written to a
+    temporary name, fsynced and renamed, so a crash never leaves a torn part.
 
-    Paths are stored as strings; a name that is not valid UTF-8 is stored with its odd bytes as
-    ``\\xNN`` escapes (Parquet strings are UTF-8).
+    ``path`` is a string for people and tools (Parquet strings are UTF-8, so a name that is not
+    valid UTF-8 shows its odd bytes as ``\\xNN`` escapes); ``path_bytes`` holds the name's exact
+    bytes, which ``resume`` matches, so every name round-trips.
 
     Args:
         folder: The folder of parts.
@@ -278,6 +408,7 @@ class ParquetScores:
             "model": [row[2] for row in rows],
             "backend": [self.run[0]] * len(rows),
             "precision": [self.run[1]] * len(rows),
+            "path_bytes": pa.array([os.fsencode(row[0]) for row in rows], pa.binary()),
         })
         with atomic_path(self.folder / f"part-{self.next:06d}.parquet", suffix=".parquet") as temporary:
             pq.write_table(table, temporary)
@@ -314,9 +445,17 @@ def prepare_parquet(output: Path, options: PredictOptions, summary: PredictSumma
         raise UsageError(
             f"{output} already holds scores; pass --resume to continue it (already scored images are skipped) or --overwrite to start again"
         )
+    return frozenset(path_key(name) for part in parts for name in parquet_names(part))
+
+
+def parquet_names(part: Path) -> list[str]:
+    """The file names a Parquet part scores, exactly: from ``path_bytes``, or from ``path`` in parts
+    written before it existed (where a name that is not valid UTF-8 cannot match again)."""
     import pyarrow.parquet as pq
 
-    return frozenset(path_key(path) for part in parts for path in pq.read_table(part, columns=["path"]).column("path").to_pylist())
+    if "path_bytes" in pq.read_schema(part).names:
+        return [os.fsdecode(raw) for raw in pq.read_table(part, columns=["path_bytes"]).column("path_bytes").to_pylist()]
+    return pq.read_table(part, columns=["path"]).column("path").to_pylist()
 
 
 def parquet_runs(folder: Path) -> frozenset[tuple[str, ...]]:
@@ -455,6 +594,11 @@ def scores_from_images_on_ray(
         # a refused resume leaves the scores and errors files as they were.
         writers.append(writer_for_run(output, options, summary, done_keys, run, parquet))
         writers[0].write([], upfront_failures(collected))
+        if run[1].endswith(UNVERIFIED_SUFFIX):  # the actors' runners said why; their lines stay on the nodes
+            summary.warnings.append(
+                f"warning: {model.name}: the Ray actors computed {run[1]}: outside the precision its calibration verified "
+                "(for an INT8 IR verified with BF16: nodes without a BF16 unit); these scores were never measured against FP32"
+            )
         return writers[0]
 
     try:

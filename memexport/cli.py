@@ -127,8 +127,8 @@ def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_a
 @command("predict")
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and folders (folders recursively, sorted)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx or a TensorRT engine."),
-    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,score."),
+    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, .xml (OpenVINO IR, with its .bin) or .plan/.engine (TensorRT)."),
+    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,score,backend,precision (--format parquet: a folder of Parquet parts)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose/--no-exif-transpose", help="Honour EXIF orientation (the original code does not)."),
@@ -187,7 +187,7 @@ def predict_cmd(
             bar["bar"].__exit__(None, None, None)
             bar.pop("bar")
         if stop.summary is not None:
-            for line in _summary_lines(stop.summary, output):
+            for line in [*stop.summary.warnings, *_summary_lines(stop.summary, output)]:
                 err(line)
         err(f"error: {stop}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -195,6 +195,8 @@ def predict_cmd(
         signal.signal(signal.SIGTERM, previous)
         if "bar" in bar:
             bar["bar"].__exit__(None, None, None)
+    for line in summary.warnings:
+        err(line)
     for line in _summary_lines(summary, output):
         typer.echo(line)
     if summary.failed:
@@ -470,7 +472,7 @@ def triton_repo_cmd(
 
 @command("inspect")
 def inspect_cmd(
-    artifact: Path = typer.Argument(..., help=".onnx or engine file."),
+    artifact: Path = typer.Argument(..., help=".onnx, .xml (OpenVINO IR) or .plan/.engine file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show what an artifact is: model, precision, inputs, weights, versions, calibration."""

@@ -126,7 +126,7 @@ def inspect_artifact(
     """Describe an artifact: metadata, files, parameters, weight bytes and VRAM estimates.
 
     Args:
-        path: ``.onnx`` artifact, or a TensorRT engine (described by its runner).
+        path: ``.onnx`` artifact, ``.xml`` OpenVINO IR, or a TensorRT engine (described by its runner).
         batch_sizes: Batch sizes for the VRAM table (default 1, 8, 16, 32).
         budget_bytes: VRAM budget (default ``None``: 11 GiB, a GTX 1080 Ti).
 

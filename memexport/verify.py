@@ -87,7 +87,8 @@ def verify_artifact(artifact: Path | str, images: Sequence[Path], options: Verif
 
 
 def unverified_warning(path: Path | str) -> str | None:
-    """One line when ``path`` is an INT8 artifact whose fidelity calibration could not verify, else ``None``.
+    """One line when ``path`` is an INT8 artifact whose fidelity calibration could not verify, or when its
+    metadata cannot be parsed (so nothing shows it verified), else ``None``.
 
     Reads only the artifact's memexport metadata entry (no model load; for an OpenVINO IR ``.xml``,
     its ``rt_info``, without openvino). Calibration writes such
@@ -97,12 +98,12 @@ def unverified_warning(path: Path | str) -> str | None:
     import mmap
 
     from memexport.core.errors import MemexportError
-    from memexport.runtime.integrity import find_metadata_entry
+    from memexport.runtime.integrity import MissingMetadataEntry, find_metadata_entry
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".onnx", ".xml") or not path.is_file():
-        return None
+    if suffix not in (".onnx", ".xml") or not path.is_file() or path.stat().st_size == 0:
+        return None  # the runner refuses a missing or empty file in its own line
     try:
         if suffix == ".xml":
             value = _ir_metadata(path)
@@ -110,8 +111,12 @@ def unverified_warning(path: Path | str) -> str | None:
             with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 value = find_metadata_entry(data, path).value
         fidelity = json.loads(value).get("extra", {}).get("fidelity") if value else None
-    except (OSError, ValueError, MemexportError, AttributeError, SyntaxError):
-        return None
+    except MissingMetadataEntry:
+        return None  # not a memexport artifact at all: the runner refuses it in its own line
+    except (OSError, ValueError, MemexportError, AttributeError, SyntaxError) as exc:
+        # Unreadable metadata cannot show the artifact verified: say so rather than stay silent.
+        why = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return f"warning: {path.name}: cannot read its memexport metadata ({why}), so whether its fidelity was verified is unknown; re-export or recalibrate it"
     if not isinstance(fidelity, dict) or fidelity.get("verified") is not False:
         return None
     target = fidelity.get("target", {})

@@ -73,6 +73,10 @@ class RunnerOptions:
         return parse_device(self.device)[1]
 
 
+# Marks a recorded precision whose run calibration never measured (see Runner.recorded_precision).
+UNVERIFIED_SUFFIX = "-unverified"
+
+
 class Runner(abc.ABC):
     """Base class: subclasses implement :meth:`activate`, :meth:`_infer`, ``device`` and :meth:`memory_bytes`.
 
@@ -85,6 +89,9 @@ class Runner(abc.ABC):
         backend: Short back-end name used by ``bench`` records and the registry
             (``onnxruntime``, ``tensorrt``, ``openvino``, ``torch``).
         metadata: The artifact's metadata, available once active.
+        unverified: Once active, one line saying why this run computes outside what the artifact's
+            calibration verified (an INT8 artifact whose floating-point layers run in another
+            precision than its guard checked), or ``None``.
     """
 
     backend: ClassVar[str] = "runner"
@@ -101,6 +108,7 @@ class Runner(abc.ABC):
         self.options = options
         self.backend_options = backend_options if backend_options is not None else (cls() if cls is not None else None)
         self.metadata: ArtifactMetadata | None = None
+        self.unverified: str | None = None
         self._active = False
 
     @classmethod
@@ -128,6 +136,12 @@ class Runner(abc.ABC):
         return self.metadata.precision if self.metadata else "unknown"
 
     @property
+    def recorded_precision(self) -> str:
+        """The precision scores files and summaries record: :attr:`precision`, followed by
+        ``-unverified`` when the run computes outside what calibration verified (:attr:`unverified`)."""
+        return f"{self.precision}{UNVERIFIED_SUFFIX}" if self.unverified else self.precision
+
+    @property
     def max_batch(self) -> int | None:
         """Largest batch one ``infer`` call accepts, or ``None`` when unbounded."""
         return None
@@ -145,7 +159,7 @@ class Runner(abc.ABC):
             "precision": self.precision,
             "max_batch": self.max_batch,
             "memory_bytes": self.memory_bytes(),
-        }
+        } | ({"unverified": self.unverified} if self.unverified else {})
 
     def __enter__(self) -> "Runner":
         self.activate()

@@ -13,8 +13,11 @@ Guarantees, whatever happens to the process:
 * Every row names the back end and precision that computed its score (``path,score,backend,precision``),
   and ``resume`` refuses to continue a file with another back end or precision, so one ranking
   never mixes, say, FP32 and BF16 scores. Files with the older ``path,score`` header stay readable.
-* Paths are written as the file system gives them; a name that is not valid UTF-8 is written
-  back as its original bytes (Python's ``surrogateescape``), so the CSV names the real file.
+* Paths are written absolute (``os.path.abspath``: the inputs' own names, symlinks kept), so
+  ``resume`` matches the same files from any working directory; a name that is not valid UTF-8
+  is written back as its original bytes (Python's ``surrogateescape``), so the CSV names the
+  real file and reads back as the same name. Rows written relative by older versions are still
+  read against the current directory.
 
 Decoding runs in a pool of threads (Pillow and numpy release the GIL while decoding and
 resizing); at most ``2 * batch_size + 4 * workers`` decoded images wait in memory.
@@ -102,7 +105,9 @@ class PredictSummary:
         elapsed_s: Wall time of the scoring loop.
         interrupted: Whether Ctrl-C or SIGTERM stopped the run early.
         backend: The back end that computed the scores (``onnxruntime``, ``openvino``, ``tensorrt``).
-        precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...).
+        precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...; ``int8-unverified``
+            when outside the precision the artifact's calibration verified).
+        warnings: One-line warnings about the run (such as why it is unverified), for the caller to show.
     """
 
     scored: int = 0
@@ -116,6 +121,7 @@ class PredictSummary:
     interrupted: bool = False
     backend: str = ""
     precision: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -135,6 +141,11 @@ def errors_path_for(output: Path) -> Path:
 def path_key(path: str | os.PathLike) -> str:
     """How ``resume`` matches a CSV row to an input: the real absolute path."""
     return os.path.realpath(path)
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """``path`` as every output names it: absolute, without resolving symlinks (the name the user gave)."""
+    return Path(os.path.abspath(path))
 
 
 # --------------------------------------------------------------------------- reading back
@@ -486,7 +497,8 @@ def plan_job(
     done_keys = prepare(output, options, summary)
     collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
     summary.duplicates = list(collected.duplicates)
-    todo = [p for p in collected.paths if path_key(p) not in done_keys] if done_keys else list(collected.paths)
+    # Absolute from here on: rows must name the same files whatever the directory a resume runs from.
+    todo = [absolute(p) for p in collected.paths if not done_keys or path_key(p) not in done_keys]
     summary.skipped = len(collected.paths) - len(todo)
     summary.total = len(todo)
     return done_keys, collected, todo
@@ -494,8 +506,8 @@ def plan_job(
 
 def upfront_failures(collected: Collected) -> list[tuple[str, str, str]]:
     """``(path, reason, detail)`` for inputs refused before decoding (missing, symlinks outside, ...)."""
-    failed = [(str(p), reason, _MISSING_DETAIL.get(reason, "cannot be read")) for p, reason in collected.missing]
-    return failed + [(str(p), reason, detail) for p, reason, detail in collected.rejected]
+    failed = [(str(absolute(p)), reason, _MISSING_DETAIL.get(reason, "cannot be read")) for p, reason in collected.missing]
+    return failed + [(str(absolute(p)), reason, detail) for p, reason, detail in collected.rejected]
 
 
 def interrupted(summary: PredictSummary, output: Path, started: float) -> Interrupted:
@@ -516,7 +528,7 @@ def scores_csv_from_images(
     """Score files and folders into ``output`` (``path,score,backend,precision``) and ``<stem>.errors.csv`` (``path,error``).
 
     Args:
-        model: Artifact to score with (``.onnx`` or a TensorRT engine).
+        model: Artifact to score with (``.onnx``, ``.xml`` OpenVINO IR, or a ``.plan``/``.engine`` TensorRT engine).
         inputs: Files and folders (folders recursively, sorted).
         output: CSV destination.
         options: See :class:`PredictOptions`.
@@ -540,7 +552,8 @@ def scores_csv_from_images(
 
     runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity), options.backend, precision=options.precision)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
-        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.precision))
+        summary.warnings.extend([runner.unverified] if runner.unverified else [])
+        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.recorded_precision))
         started = time.perf_counter()
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:

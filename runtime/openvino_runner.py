@@ -5,7 +5,9 @@ silently changes scores. This runner always states the precision: FP32 forces
 ``INFERENCE_PRECISION_HINT=f32`` and checks that the compiled model kept it; BF16 is asked
 for explicitly (``OpenVinoOptions(precision="bf16")``) and refused on CPUs without a BF16
 unit, where OpenVINO would emulate it. INT8 artifacts (Q/DQ) run their INT8 layers in INT8
-whatever the precision, and the rest at the precision asked for.
+whatever the precision, and the rest at the precision asked for; when that is not the precision
+their calibration guard verified (an IR verified with BF16, on a CPU without a BF16 unit), the
+runner says so in one line (``unverified``) and its scores are recorded as ``int8-unverified``.
 
 ``openvino`` is imported only when a runner activates, through :func:`memexport.core.optional.require`.
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 from memexport.core.errors import ArtifactError, BackendUnavailableError, UsageError
 from memexport.core.optional import require
-from memexport.runtime.base import Runner, RunnerOptions
+from memexport.runtime.base import UNVERIFIED_SUFFIX, Runner, RunnerOptions
 from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.integrity import check_external_data_location, check_model_present, check_onnx, external_data_locations
 from memexport.runtime.ir_integrity import check_openvino_ir
@@ -33,6 +35,8 @@ from memexport.core.spec import MODELS
 PRECISIONS = ("fp32", "bf16")
 HINTS = {"fp32": "f32", "bf16": "bf16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+# ``extra.inference_precision`` as calibration records it (OpenVINO's names) -> the runner's names.
+VERIFIED_PRECISIONS = {"bf16": "bf16", "f32": "fp32", "fp32": "fp32"}
 # Static-shape models kept compiled at once: a folder job needs two (its batch size and the last,
 # shorter batch); an app that alternates more sizes recompiles (about 1.5 s for ResMem) instead of
 # holding another copy of the weights.
@@ -48,7 +52,8 @@ class OpenVinoOptions:
             AVX512-BF16 only) for the layers the artifact keeps in floating point (default ``None``:
             ``fp32``, except for an INT8 artifact whose calibration guard passed with its
             floating-point layers in BF16 (``extra.inference_precision``): that artifact runs as it
-            was verified, in BF16 where the CPU has a BF16 unit and in FP32 otherwise).
+            was verified, in BF16 where the CPU has a BF16 unit and in FP32 otherwise; a run outside the
+            verified precision is marked: :attr:`Runner.unverified`, precision ``int8-unverified``).
         performance_hint: ``"LATENCY"`` (one stream: all threads on each call) or ``"THROUGHPUT"``
             (several streams, for many concurrent callers) (default ``"LATENCY"``).
         num_streams: Parallel inference streams; 0 leaves the hint's choice (default 0).
@@ -189,6 +194,8 @@ class OpenVinoRunner(Runner):
         self._core: Any = None
         self._static: OrderedDict[int, Any] = OrderedDict()  # batch size -> compiled static-shape model, most recent last
         self._requests: dict[int, tuple[Any, list[Any]]] = {}  # batch size (0: dynamic) -> (compiled model, idle requests)
+        # id -> [compiled model, calls running it]: a model evicted mid-call lives (and counts) until its last call returns.
+        self._in_use: dict[int, list[Any]] = {}
         self._lock = threading.Lock()
         self._weight_bytes: int | None = None
         self._version = ""
@@ -209,6 +216,7 @@ class OpenVinoRunner(Runner):
         model = self._read(core)
         why = bf16_refusal(cpu_units(), core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         self._precision = self._float_precision(why is None)
+        self.unverified = self._outside_verified(why)
         if self.backend_options.precision == "bf16" and why is not None:
             raise UsageError(
                 f"{self.path}: --precision bf16 refused: {why}, so OpenVINO would emulate BF16, slower than FP32; "
@@ -222,7 +230,7 @@ class OpenVinoRunner(Runner):
             # batch; with static shapes that is the batch-1 model (single images use it), not the
             # dynamic graph, which would only hold one more copy of the weights.
             if self.backend_options.static_batch:
-                self._compiled_for(1)
+                self._compiled_for(1, hold=False)
             else:
                 self._dynamic = self._compile(ov, core, model)
         except Exception:
@@ -294,6 +302,23 @@ class OpenVinoRunner(Runner):
         guarded = self.metadata.precision == "int8" and self.metadata.extra.get("inference_precision") == "bf16"
         return "bf16" if guarded and bf16_fast else "fp32"
 
+    def _outside_verified(self, why_no_bf16: str | None) -> str | None:
+        """One line when an INT8 artifact's floating-point layers run in another precision than the one
+        its calibration guard verified (``extra.inference_precision``), else ``None``: a path nobody measured."""
+        assert self.metadata is not None
+        verified = VERIFIED_PRECISIONS.get(str(self.metadata.extra.get("inference_precision")))
+        if self.metadata.precision != "int8" or verified is None or verified == self._precision:
+            return None
+        if self.backend_options.precision is not None:
+            cause = f"--precision {self._precision} was asked for"
+        else:
+            cause = why_no_bf16 or "this CPU cannot run BF16"
+        return (
+            f"warning: {self.path.name}: its calibration verified INT8 with {verified.upper()} outside the INT8 layers, "
+            f"but they run in {self._precision.upper()} here because {cause}; these scores were never measured against "
+            f"FP32 (marked int8{UNVERIFIED_SUFFIX}): check them with `memexport verify`, or score on a CPU with a BF16 unit"
+        )
+
     def _fp32_until(self) -> tuple[str, ...]:
         """Where the FP32 part of a BF16 run ends: the model spec's ``bf16_fp32_until`` for a
         floating-point artifact computed in BF16 (an INT8 artifact runs as its guard verified it)."""
@@ -335,15 +360,20 @@ class OpenVinoRunner(Runner):
             )
         return compiled
 
-    def _compiled_for(self, batch_size: int) -> Any:
-        """The model that runs a batch of ``batch_size``: its static-shape compilation, or the dynamic one."""
+    def _compiled_for(self, batch_size: int, hold: bool = True) -> Any:
+        """The model that runs a batch of ``batch_size``: its static-shape compilation, or the dynamic one.
+
+        With ``hold``, the model is counted as in use (under the same lock that found it, so an eviction
+        in between cannot hide it from :meth:`memory_bytes`) until :meth:`_release`.
+        """
         if not self.backend_options.static_batch:
-            return self._dynamic
+            with self._lock:
+                return self._hold(self._dynamic) if hold else self._dynamic
         with self._lock:
             compiled = self._static.get(batch_size)
             if compiled is not None:
                 self._static.move_to_end(batch_size)
-                return compiled
+                return self._hold(compiled) if hold else compiled
         model = self._model.clone()
         model.reshape({model.input(self.metadata.input_name): [batch_size, *self.metadata.input_shape]})
         compiled = self._compile(self._ov, self._core, model)
@@ -353,13 +383,38 @@ class OpenVinoRunner(Runner):
             self._static.move_to_end(batch_size)
             while len(self._static) > STATIC_SHAPES_KEPT:
                 evicted, _ = self._static.popitem(last=False)
-                self._requests.pop(evicted, None)
+                self._requests.pop(evicted, None)  # final: only a kept model's requests are ever pooled again
+            return self._hold(compiled) if hold else compiled
+
+    def _hold(self, compiled: Any) -> Any:
+        """Count one more call running ``compiled`` (caller holds the lock)."""
+        self._in_use.setdefault(id(compiled), [compiled, 0])[1] += 1
         return compiled
+
+    def _release(self, compiled: Any) -> None:
+        """One call is done with ``compiled`` (caller holds the lock); an evicted model is freed after its last."""
+        entry = self._in_use.get(id(compiled))
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._in_use[id(compiled)]
+
+    def _idle_requests(self, key: int, compiled: Any) -> list[Any] | None:
+        """The pool of idle requests of ``compiled`` for ``key``, or ``None`` when ``compiled`` is no longer
+        the model kept for it (evicted): its requests are then used once and dropped (caller holds the lock)."""
+        current = self._static.get(key) if self.backend_options.static_batch else self._dynamic
+        if current is not compiled:
+            return None
+        owner, idle = self._requests.get(key, (None, []))
+        if owner is not compiled:
+            owner, idle = self._requests[key] = (compiled, [])
+        return idle
 
     def deactivate(self) -> None:
         with self._lock:
             self._requests.clear()
             self._static.clear()
+            self._in_use.clear()
         self._dynamic = self._model = self._core = self._ov = None
 
     @property
@@ -377,12 +432,15 @@ class OpenVinoRunner(Runner):
 
     def memory_bytes(self) -> int | None:
         """Weights the compiled models hold: the graph's constants (halved when computing in BF16) times
-        the models compiled now, the dynamic one or each static shape kept (an estimate)."""
+        the models compiled now: the dynamic one or each static shape kept, plus any evicted model a
+        call is still running (an estimate)."""
         if self._model is None or self._weight_bytes is None:
             return None
         one = self._weight_bytes // 2 if self._precision == "bf16" else self._weight_bytes
         with self._lock:
-            return one * (len(self._static) + (self._dynamic is not None))
+            held = {id(compiled) for compiled in self._static.values()} | set(self._in_use)
+            held |= {id(self._dynamic)} if self._dynamic is not None else set()
+            return one * len(held)
 
     def describe(self) -> dict[str, Any]:
         facts = super().describe() | {"openvino": self._version, "cpu": cpu_units().label()}
@@ -397,17 +455,18 @@ class OpenVinoRunner(Runner):
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         assert self.metadata is not None and self._model is not None
-        compiled = self._compiled_for(len(batch))
+        compiled = self._compiled_for(len(batch))  # held until released below
         key = len(batch) if self.backend_options.static_batch else 0
-        with self._lock:
-            owner, idle = self._requests.get(key, (None, []))
-            if owner is not compiled:
-                owner, idle = self._requests[key] = (compiled, [])
-            request = idle.pop() if idle else compiled.create_infer_request()
+        request = None
         try:
+            with self._lock:
+                idle = self._idle_requests(key, compiled)
+                request = idle.pop() if idle else compiled.create_infer_request()
             result = request.infer({self.metadata.input_name: batch})
             return np.array(result[compiled.output(self.metadata.output_name)], dtype=np.float32, copy=True)
         finally:
             with self._lock:
-                if self._requests.get(key, (None,))[0] is compiled:  # not evicted meanwhile
-                    self._requests[key][1].append(request)
+                idle = self._idle_requests(key, compiled)
+                if idle is not None and request is not None:  # kept: pool the request; evicted: drop it with the model
+                    idle.append(request)
+                self._release(compiled)

@@ -88,7 +88,7 @@ def backend_for(path: Path | str, backend: str | None = None) -> str:
     for name, entry in BACKENDS.items():
         if suffix in (entry.default_for if entry.default_for is not None else entry.suffixes):
             return name
-    raise UsageError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; expected .onnx, .plan or .engine")
+    raise UsageError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; expected .onnx, .xml (OpenVINO IR), .plan or .engine")
 
 
 def runner_for(path: Path | str, options: RunnerOptions = RunnerOptions(), backend: str | None = None,
@@ -99,7 +99,7 @@ def runner_for(path: Path | str, options: RunnerOptions = RunnerOptions(), backe
         path: Artifact path.
         options: Shared runner options (default :class:`RunnerOptions`).
         backend: Back-end name (default ``None``: chosen by suffix, ``.onnx`` -> ``onnxruntime``,
-            ``.plan``/``.engine``/``.trt`` -> ``tensorrt``).
+            ``.xml`` (OpenVINO IR) -> ``openvino``, ``.plan``/``.engine``/``.trt`` -> ``tensorrt``).
         backend_options: The back end's own options (default ``None``: its defaults).
         precision: Compute precision (``--precision``), turned into the back end's own options by
             :meth:`Runner.options_for_precision` (default ``None``: the back end's exact default).

@@ -28,7 +28,7 @@ def test_options_reach_the_runner():
 
 
 def test_unknown_suffix_and_backends_are_one_line_usage_errors():
-    with pytest.raises(UsageError, match=r"m\.bin: unknown artifact type '\.bin'; expected \.onnx, \.plan or \.engine"):
+    with pytest.raises(UsageError, match=r"m\.bin: unknown artifact type '\.bin'; expected \.onnx, \.xml \(OpenVINO IR\), \.plan or \.engine"):
         registry.runner_for("m.bin")
     with pytest.raises(UsageError, match=r"unknown back end 'nope'; choose one of onnxruntime, tensorrt"):
         registry.runner_for("m.onnx", backend="nope")

@@ -254,10 +254,13 @@ def bench_cmd(
 ) -> None:
     """Latency (p50/p90/p99), images/s and peak RSS per artifact, back end, precision and batch size, with the CPU's matrix units."""
     from memexport.bench import BenchOptions, bench_artifacts, bench_end_to_end, end_to_end_ratios, ratio_table
+    from memexport.core.errors import UsageError
 
     if plot is not None:
         from memexport.plot import require_matplotlib
 
+        if end_to_end is not None:
+            raise UsageError("--plot compares paths and does not draw --end-to-end stages; drop one (--csv works with both)")
         require_matplotlib()  # before the run, not after minutes of timing
     if end_to_end is not None:
         # model = inference alone, decode = the decoding pool alone, e2e = both overlapped, as predict runs.
@@ -272,6 +275,7 @@ def bench_cmd(
             from memexport.core.atomic import write_text_atomic
 
             write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
+        _write_plot_and_csv(records, None, csv_out)
         return
     options = BenchOptions(
         parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images,
@@ -498,10 +502,10 @@ def _print_cpu(cpu: dict) -> None:
     if "openvino_capabilities" in cpu:
         typer.echo(f"{'openvino_capabilities':24} {cpu['openvino_capabilities']}")
     for path in cpu["paths"]:
-        typer.echo(f"{'  ' + path['backend'] + ' ' + path['precision']:24} {'' if path['offered'] else 'not offered: '}{path['uses']}; {path['artifact']}")
+        typer.echo(f"{'  ' + path['backend'] + ' ' + path['precision']:24} {'' if path['offered'] else 'not offered: '}{path['uses']}; reads {path['reads']}")
         for m in path["measured"]:
-            typer.echo(f"{'':26}{m['ratio_to_onnxruntime_fp32']} ONNX Runtime FP32 on {m['date']}, {m['cpu']} ({' '.join(m['flags'])}); {m['page']}"
-                       + (f" ({m['note']})" if m["note"] else ""))
+            typer.echo(f"{'':26}measured {m['ratio_to_onnxruntime_fp32']} ONNX Runtime FP32 on {m['date']}, {m['cpu']} ({' '.join(m['flags'])})"
+                       + (f", {m['note']}" if m["note"] else "") + f"; see {m['page']}")
     if "measurements" in cpu:
         typer.echo(f"{'  measured':24} {cpu['measurements']}")
 

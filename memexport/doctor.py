@@ -66,6 +66,8 @@ def environment_report() -> dict[str, Any]:
 
 
 NO_MEASUREMENT = "no measurement on a CPU like this one; run `memexport doctor --measure`"
+# The files each CPU path reads (`memexport export` and `memexport calibrate` name them so).
+ARTIFACT_FILES = {"fp32 onnx": "the FP32 .onnx", "int8-cpu": "*.int8-cpu.onnx", "int8-openvino": "*.int8-openvino.xml"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def cpu_paths(units: CpuUnits) -> list[CpuPath]:
         CpuPath("onnxruntime", "fp32", "fp32 onnx", True, "FP32: the exact reference and the default"),
         CpuPath("openvino", "fp32", "fp32 onnx", True, "FP32: exact, the same scores as ONNX Runtime FP32"),
         CpuPath("openvino", "bf16", "fp32 onnx", units.bf16,
-                bf16_unit if units.bf16 else "refused: no BF16 unit (AMX-BF16 or AVX512-BF16); OpenVINO would emulate it"),
+                bf16_unit if units.bf16 else "no BF16 unit (AMX-BF16 or AVX512-BF16), so OpenVINO refuses BF16"),
         CpuPath("openvino", "int8", "int8-openvino", units.amx or units.vnni,
                 int8_unit if units.amx or units.vnni else "no INT8 unit (AMX-INT8 or VNNI): INT8 would run on plain SIMD"),
         CpuPath("onnxruntime", "int8", "int8-cpu", units.vnni,
@@ -110,8 +112,8 @@ def path_report(path: CpuPath, units: CpuUnits) -> dict[str, Any]:
     rows = [m for m in measured_like(units) if (m.backend, m.precision, m.artifact) == (path.backend, path.precision, path.artifact)]
     measured = [{"ratio_to_onnxruntime_fp32": m.ratio(), "date": m.date, "cpu": m.cpu, "flags": list(m.flags), "page": m.page, "note": m.note}
                 for m in rows]
-    return {"backend": path.backend, "precision": path.precision, "artifact": path.artifact, "offered": path.offered,
-            "uses": path.uses, "measured": measured}
+    return {"backend": path.backend, "precision": path.precision, "artifact": path.artifact, "reads": ARTIFACT_FILES[path.artifact],
+            "offered": path.offered, "uses": path.uses, "measured": measured}
 
 
 def cpu_report(units: CpuUnits) -> dict[str, Any]:
@@ -144,11 +146,14 @@ class MeasureOptions:
         batch_size: Images per call (default 16, the batch the quoted figures use).
         iterations: Timed calls per path (default 3).
         warmup: Untimed calls first (default 1).
+        rounds: The paths of one artifact group are loaded at once and timed in turn, one call each
+            per round (default 3), so a busy machine's drift hits them alike (see ``BenchOptions.rounds``).
     """
 
     batch_size: int = 16
     iterations: int = 3
     warmup: int = 1
+    rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,6 @@ def measure_this_cpu(artifacts: Sequence[Path] = (), options: MeasureOptions = M
     records = []
     for group in measure_plan(artifacts, units, optional("openvino") is not None, progress):
         bench = BenchOptions(batch_sizes=(options.batch_size,), iterations=options.iterations, warmup=options.warmup,
-                             torch_baseline=False, backends=group.backends, precisions=group.precisions)
+                             torch_baseline=False, backends=group.backends, precisions=group.precisions, rounds=options.rounds)
         records += bench_artifacts(group.artifacts, bench, progress)
     return MeasureResult(units, records, time.perf_counter() - started, options)

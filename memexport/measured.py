@@ -55,34 +55,31 @@ class Measurement:
         return f"{self.low:.2f}x" if self.low == self.high else f"{self.low:.2f}-{self.high:.2f}x"
 
 
-def _page(date: str, cpu: str) -> str:
-    return f"docs/measurements/{date}-{cpu}.md"
-
-
-# From the README's dated tables (2026-11-22, 2026-11-30, 2026-12-04) and, for the EPYC with
-# AVX512-BF16, a peer's bench run quoted in issue 19. Ratios to ONNX Runtime FP32 at batch 16.
-MEASUREMENTS: tuple[Measurement, ...] = (
-    Measurement("2026-11-22", "AMD EPYC", EPYC_VNNI, "onnxruntime", "int8", "int8-cpu", 2.99, 2.99, _page("2026-11-22", "epyc-vnni"),
-                "one quiet bench run"),
-    Measurement("2026-11-30", "Intel Xeon", XEON_AMX, "openvino", "fp32", "fp32 onnx", 0.97, 0.97, _page("2026-11-30", "xeon-amx")),
-    Measurement("2026-11-30", "Intel Xeon", XEON_AMX, "openvino", "bf16", "fp32 onnx", 2.70, 3.21, _page("2026-11-30", "xeon-amx"),
-                "five runs; 2.70-2.88x with the stem in FP32"),
-    Measurement("2026-11-30", "Intel Xeon", XEON_AMX, "openvino", "int8", "int8-openvino", 4.62, 5.49, _page("2026-11-30", "xeon-amx"),
-                "three runs; BF16 outside INT8"),
-    Measurement("2026-11-30", "Intel Xeon", XEON_AMX, "onnxruntime", "int8", "int8-cpu", 2.44, 2.84, _page("2026-11-30", "xeon-amx"),
-                "four runs; ONNX Runtime's INT8 kernels use VNNI, not AMX"),
-    Measurement("2026-12-04", "Intel Xeon", XEON_AMX, "openvino", "fp32", "fp32 onnx", 0.98, 1.03, _page("2026-12-04", "xeon-amx"),
-                "three runs"),
-    Measurement("2026-12-04", "Intel Xeon", XEON_AMX, "openvino", "bf16", "fp32 onnx", 5.76, 5.93, _page("2026-12-04", "xeon-amx"),
-                "three runs; stem in FP32"),
-    Measurement("2026-12-04", "Intel Xeon", XEON_AMX, "openvino", "int8", "int8-openvino", 8.75, 9.14, _page("2026-12-04", "xeon-amx"),
-                "three runs; BF16 outside INT8"),
-    Measurement("2026-12-04", "Intel Xeon", XEON_AMX, "onnxruntime", "int8", "int8-cpu", 2.84, 2.89, _page("2026-12-04", "xeon-amx"),
-                "three runs"),
-    Measurement("2026-12-04", "AMD EPYC", EPYC_BF16, "openvino", "bf16", "fp32 onnx", 2.05, 2.05, _page("2026-12-04", "epyc-bf16"),
-                "peer measurement (issue 19), one run"),
-    Measurement("2026-12-04", "AMD EPYC", EPYC_BF16, "openvino", "int8", "int8-openvino", 3.59, 3.59, _page("2026-12-04", "epyc-bf16"),
-                "peer measurement (issue 19), one run"),
+# The hosts, by their page's name: docs/measurements/<name>.md holds the command and the full table.
+HOSTS = {
+    "2026-11-22-epyc-vnni": ("2026-11-22", "AMD EPYC", EPYC_VNNI),
+    "2026-11-30-xeon-amx": ("2026-11-30", "Intel Xeon", XEON_AMX),
+    "2026-12-04-xeon-amx": ("2026-12-04", "Intel Xeon", XEON_AMX),
+    "2026-12-04-epyc-bf16": ("2026-12-04", "AMD EPYC", EPYC_BF16),
+}
+# From the README's dated tables and, for the EPYC with AVX512-BF16, a peer's bench run quoted in
+# issue 19. Ratios to ONNX Runtime FP32 at batch 16: host, back end, precision, artifact, low, high, note.
+ROWS = (
+    ("2026-11-22-epyc-vnni", "onnxruntime", "int8", "int8-cpu", 2.99, 2.99, "one quiet bench run"),
+    ("2026-11-30-xeon-amx", "openvino", "fp32", "fp32 onnx", 0.97, 0.97, "one run"),
+    ("2026-11-30-xeon-amx", "openvino", "bf16", "fp32 onnx", 2.70, 3.21, "five runs; 2.70-2.88x with the stem in FP32"),
+    ("2026-11-30-xeon-amx", "openvino", "int8", "int8-openvino", 4.62, 5.49, "three runs; BF16 outside INT8"),
+    ("2026-11-30-xeon-amx", "onnxruntime", "int8", "int8-cpu", 2.44, 2.84, "four runs; ONNX Runtime's INT8 kernels use VNNI, not AMX"),
+    ("2026-12-04-xeon-amx", "openvino", "fp32", "fp32 onnx", 0.98, 1.03, "three runs"),
+    ("2026-12-04-xeon-amx", "openvino", "bf16", "fp32 onnx", 5.76, 5.93, "three runs; stem in FP32"),
+    ("2026-12-04-xeon-amx", "openvino", "int8", "int8-openvino", 8.75, 9.14, "three runs; BF16 outside INT8"),
+    ("2026-12-04-xeon-amx", "onnxruntime", "int8", "int8-cpu", 2.84, 2.89, "three runs"),
+    ("2026-12-04-epyc-bf16", "openvino", "bf16", "fp32 onnx", 2.05, 2.05, "peer measurement (issue 19), one run"),
+    ("2026-12-04-epyc-bf16", "openvino", "int8", "int8-openvino", 3.59, 3.59, "peer measurement (issue 19), one run"),
+)
+MEASUREMENTS: tuple[Measurement, ...] = tuple(
+    Measurement(*HOSTS[host], backend, precision, artifact, low, high, f"docs/measurements/{host}.md", note)
+    for host, backend, precision, artifact, low, high, note in ROWS
 )
 
 

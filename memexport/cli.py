@@ -470,7 +470,7 @@ def inspect_cmd(
 @command("doctor")
 def doctor_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    measure: bool = typer.Option(False, "--measure", help="Time the paths this CPU has (~30 s with ResMem): images/s and the ratio to ONNX Runtime FP32."),
+    measure: bool = typer.Option(False, "--measure", help="Time the paths this CPU has (ResMem: about 30 s on a quiet 2-core CPU, longer on a busy one): images/s and the ratio to ONNX Runtime FP32."),
     model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="--measure: artifact(s) to time (default artifacts/resmem.onnx); add INT8 artifacts to time them too."),
 ) -> None:
     """Python, torch, onnx, ONNX Runtime, OpenVINO, TensorRT, CUDA GPUs, the CPU's matrix units, the paths they offer, and measured speed."""

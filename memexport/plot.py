@@ -43,7 +43,8 @@ def artifact_kind(artifact: str) -> str:
 
 
 def is_reference(record: BenchRecord) -> bool:
-    """ONNX Runtime FP32: the exact default every ratio and every Spearman is measured against."""
+    """ONNX Runtime FP32: the exact default every ratio and every Spearman is measured against
+    (the first such record of a model and batch size, as bench compares)."""
     return record.backend == "onnxruntime" and record.precision == "fp32"
 
 
@@ -85,7 +86,7 @@ def plot_points(records: Sequence[BenchRecord]) -> list[PlotPoint]:
         points.append(PlotPoint(
             label=path_label(record, len(models) > 1), images_per_s=record.images_per_s, spearman=record.spearman,
             keeps_ranking=record.keeps_ranking, p50_ms=record.p50_ms, p99_ms=record.p99_ms, batch_size=record.batch_size,
-            reference=is_reference(record), ratio=record.images_per_s / reference.images_per_s if reference else None,
+            reference=record is reference, ratio=record.images_per_s / reference.images_per_s if reference else None,
             fidelity_images=record.fidelity_images, mean_abs=record.mean_abs,
         ))
     return points

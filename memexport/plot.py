@@ -49,8 +49,12 @@ def is_reference(record: BenchRecord) -> bool:
 
 
 def path_label(record: BenchRecord, with_model: bool = False) -> str:
-    """``OpenVINO INT8/BF16 · INT8 IR``: back end, precision computed (and asked for) and artifact kind."""
-    label = f"{BACKEND_NAMES.get(record.backend, record.backend)} {record.precision_label.upper()} · {artifact_kind(record.artifact)}"
+    """``OpenVINO INT8, rest BF16 · INT8 IR``: back end, precision computed (and asked for) and artifact kind."""
+    precision = record.precision_label.upper()
+    if record.backend == "openvino" and record.precision == "int8" and record.precision_option:
+        # OpenVINO computes an INT8 artifact's other layers in the precision asked for: say which.
+        precision = f"INT8, rest {record.precision_option.upper()}"
+    label = f"{BACKEND_NAMES.get(record.backend, record.backend)} {precision} · {artifact_kind(record.artifact)}"
     return f"{record.model}: {label}" if with_model else label
 
 
@@ -221,7 +225,7 @@ def _draw_latency(ax: Any, points: Sequence[PlotPoint], colors: Sequence[Any]) -
     ax.barh(rows, p50, xerr=whisker, color=colors, capsize=4, error_kw={"elinewidth": 1.2})
     ax.set_yticks(rows, [f"{i + 1}  {p.label}" for i, p in enumerate(points)], fontsize=9)
     ax.set_xlabel("latency per batch call, ms (bar p50, whisker p99)")
-    ax.set_xlim(0, max(p.p99_ms for p in points) * 2.0)
+    ax.set_xlim(0, max(p.p99_ms for p in points) * 2.3)
     for row, point in zip(rows, points):
         ratio = "" if point.ratio is None else (", reference" if point.reference else f", {point.ratio:.2f}×")
         ax.text(point.p99_ms, row, f"  p50 {point.p50_ms:.0f} / p99 {point.p99_ms:.0f} ms{ratio}", va="center", fontsize=9)

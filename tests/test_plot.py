@@ -83,7 +83,7 @@ def test_the_figure_is_drawn_from_the_records(tmp_path):
     assert CPU in text and " ".join(FLAGS) in text
     for r in records:
         assert path_label(r) in text
-    assert "OpenVINO INT8/BF16 · INT8 IR" in text and "ONNX Runtime FP32 · ONNX (reference)" in text
+    assert "OpenVINO INT8, rest BF16 · INT8 IR" in text and "ONNX Runtime FP32 · ONNX (reference)" in text
     assert NO_FIDELITY not in text
 
 

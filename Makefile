@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,docs,serve,triton]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,docs,serve,triton,plot]'
 	# The published ResMem weights (non-commercial licence): installed, never vendored.
 	# --no-deps: its torchvision dependency is not needed.
 	$(PIP) install -q --no-deps resmem==1.1.6
@@ -34,7 +34,9 @@ demo: $(ARTIFACTS)/resmem.onnx
 	$(BIN)/memexport predict tests/data -m $(ARTIFACTS)/resmem.onnx -o $(ARTIFACTS)/demo_scores.csv --device cpu --overwrite
 	$(BIN)/python tools/demo_table.py $(ARTIFACTS)/demo_scores.csv tests/data/reference_scores.json
 	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx $(addprefix -m ,$(DEMO_INT8)) --backend onnxruntime --backend openvino \
-		--precision fp32 --precision bf16 --batch-sizes 16 --iterations 3 --warmup 1 --no-torch --images tests/data --fidelity tests/data
+		--precision fp32 --precision bf16 --batch-sizes 16 --iterations 3 --warmup 1 --no-torch --images tests/data --fidelity tests/data \
+		--plot $(ARTIFACTS)/bench.png
+	@echo "speed against rank fidelity, per path: $(ARTIFACTS)/bench.png"
 
 # The docs examples (tests/test_docs_examples.py) run against artifacts/resmem.onnx, so a fresh clone makes it.
 test: $(STAMP) trt-api docs triton-env $(ARTIFACTS)/resmem.onnx

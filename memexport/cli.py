@@ -251,10 +251,19 @@ def bench_cmd(
     precision: Optional[List[str]] = typer.Option(None, "--precision", help="Precision(s) to ask for where a back end offers them (ONNX Runtime and TensorRT run once, at the artifact's own); repeat to compare. " + PRECISION_HELP),
     fidelity: Optional[Path] = typer.Option(None, "--fidelity", help="Score these images with every path and compare with ONNX Runtime FP32 (Spearman, mean abs); name the fastest path that keeps the ranking."),
     rounds: int = typer.Option(1, "--rounds", help="Time all paths in turn, this many rounds of iterations/rounds calls each (all loaded at once), so a noisy machine's drift hits every path alike."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw images/s against Spearman (with --fidelity) and p50/p99 latency per path into this PNG (pip install 'memexport[plot]')."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the records as CSV, one row per record, every field."),
 ) -> None:
     """Latency (p50/p90/p99), images/s and peak RSS per artifact, back end, precision and batch size, with the CPU's matrix units."""
     from memexport.bench import BenchOptions, bench_artifacts, bench_end_to_end, end_to_end_ratios, ratio_table
+    from memexport.core.errors import UsageError
 
+    if plot is not None:
+        from memexport.plot import require_matplotlib
+
+        if end_to_end is not None:
+            raise UsageError("--plot compares paths and does not draw --end-to-end stages; drop one (--csv works with both)")
+        require_matplotlib()  # before the run, not after minutes of timing
     if end_to_end is not None:
         # model = inference alone, decode = the decoding pool alone, e2e = both overlapped, as predict runs.
         records = [r for m in model for b in parse_batch_sizes(batch_sizes) for r in bench_end_to_end(m, end_to_end, b, workers, device, iterations, warmup, err)]
@@ -268,6 +277,7 @@ def bench_cmd(
             from memexport.core.atomic import write_text_atomic
 
             write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
+        _write_plot_and_csv(records, None, csv_out)
         return
     options = BenchOptions(
         parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images,
@@ -279,6 +289,18 @@ def bench_cmd(
         from memexport.core.atomic import write_text_atomic
 
         write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
+    _write_plot_and_csv(records, plot, csv_out)
+
+
+def _write_plot_and_csv(records: list, plot: Optional[Path], csv_out: Optional[Path]) -> None:
+    from memexport.plot import csv_from_records, plot_from_records
+
+    if csv_out is not None:
+        csv_from_records(records, csv_out)
+        typer.echo(f"wrote {csv_out}")
+    if plot is not None:
+        plot_from_records(records, plot)
+        typer.echo(f"wrote {plot}" + ("" if any(r.spearman is not None for r in records) else " (no --fidelity: speed and latency only)"))
 
 
 def _print_bench_table(records: list) -> None:
@@ -487,8 +509,18 @@ def inspect_cmd(
 
 
 @command("doctor")
-def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Python, torch, onnx, ONNX Runtime, OpenVINO, TensorRT, CUDA GPUs, the CPU's matrix units, and FP16/BF16/INT8 advice."""
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    measure: bool = typer.Option(False, "--measure", help="Time the paths this CPU has (ResMem: about 30 s on a quiet 2-core CPU, longer on a busy one): images/s and the ratio to ONNX Runtime FP32."),
+    model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="--measure: artifact(s) to time (default artifacts/resmem.onnx); add INT8 artifacts to time them too."),
+) -> None:
+    """Python, torch, onnx, ONNX Runtime, OpenVINO, TensorRT, CUDA GPUs, the CPU's matrix units, the paths they offer, and measured speed."""
+    if measure:
+        return _doctor_measure(model or [], as_json)
+    if model:
+        from memexport.core.errors import UsageError
+
+        raise UsageError("-m only applies to --measure; add --measure or drop -m")
     from memexport.doctor import environment_report
 
     report = environment_report()
@@ -501,11 +533,7 @@ def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
                 typer.echo(f"gpu {gpu['index']:<20} {gpu['name']} (sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB)")
                 typer.echo(f"{'':24} {gpu['advice']}")
         elif key == "cpu":
-            typer.echo(f"{'cpu':24} {value['model']} ({value['kind']}: {' '.join(value['matrix_units']) or 'no AMX/BF16/VNNI'})")
-            if "openvino_capabilities" in value:
-                typer.echo(f"{'openvino_capabilities':24} {value['openvino_capabilities']}")
-            for line in value["advice"]:
-                typer.echo(f"{'  ' + line['backend'] + ' ' + line['precision']:24} {line['expect']}")
+            _print_cpu(value)
         else:
             typer.echo(f"{key:24} {value if value is not None else 'not installed'}")
 
@@ -553,6 +581,38 @@ def serve_cmd(
     from memexport.serve_app import serve
 
     serve(model, options, host, port, insecure, err)
+
+
+def _print_cpu(cpu: dict) -> None:
+    typer.echo(f"{'cpu':24} {cpu['model']} ({cpu['kind']}: {' '.join(cpu['matrix_units']) or 'no AMX/BF16/VNNI'})")
+    if "openvino_capabilities" in cpu:
+        typer.echo(f"{'openvino_capabilities':24} {cpu['openvino_capabilities']}")
+    for path in cpu["paths"]:
+        typer.echo(f"{'  ' + path['backend'] + ' ' + path['precision']:24} {'' if path['offered'] else 'not offered: '}{path['uses']}; reads {path['reads']}")
+        for m in path["measured"]:
+            typer.echo(f"{'':26}measured {m['ratio_to_onnxruntime_fp32']} ONNX Runtime FP32 on {m['date']}, {m['cpu']} ({' '.join(m['flags'])})"
+                       + (f", {m['note']}" if m["note"] else "") + f"; see {m['page']}")
+    if "measurements" in cpu:
+        typer.echo(f"{'  measured':24} {cpu['measurements']}")
+
+
+def _doctor_measure(model: List[Path], as_json: bool) -> None:
+    from memexport.doctor import measure_this_cpu
+
+    result = measure_this_cpu(model, progress=err)
+    rows = result.rows()
+    if as_json:
+        typer.echo(json.dumps({"cpu": result.units.model, "matrix_units": list(result.units.flags), "seconds": round(result.seconds, 1),
+                               "batch_size": result.options.batch_size, "iterations": result.options.iterations, "paths": rows}, indent=2))
+        return
+    options = result.options
+    typer.echo(f"cpu: {result.units.label()}")
+    typer.echo(f"measured in {result.seconds:.0f} s: batch {options.batch_size}, {options.warmup} warm-up + {options.iterations} timed calls per path")
+    for row in rows:
+        ratio = row["ratio_to_onnxruntime_fp32"]
+        typer.echo(f"  {row['path']:40} {row['images_per_s']:8.2f} images/s  "
+                   + (f"{ratio:.2f}x ONNX Runtime FP32" + (" (reference)" if row["reference"] else "") if ratio is not None else "no ONNX Runtime FP32 path to compare"))
+    typer.echo("a short run: on a busy machine re-run it, or time more calls with `memexport bench --rounds N`")
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ FLOORS: tuple[Floor, ...] = (
     Floor(2, "calibration", "calibration/", packages=("memexport.calibration",),
           role="INT8 calibration and the rank-fidelity guard"),
     Floor(3, "pipeline", "memexport/ + distributed/", packages=("memexport.distributed",),
-          role="command pipelines (bench, verify, inspect, doctor, pipeline) and Ray"),
+          role="command pipelines (bench, verify, inspect, doctor, serve, triton-repo) and Ray"),
     Floor(4, "cli", "memexport/cli.py", modules=("memexport.cli", "memexport.__main__"),
           role="the typer CLI: thin wrappers over library calls"),
 )

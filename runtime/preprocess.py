@@ -11,7 +11,8 @@ Two decode modes (``decode=``): ``exact`` (the default) is the path above, bit f
 ``fast`` shrinks an image to the smallest size that keeps
 :meth:`~memexport.core.spec.PreprocessSpec.fast_decode_size` (twice the model's resize on each
 side) before the same bilinear resize: JPEGs are decoded at a DCT scale of 1/2, 1/4 or 1/8
-(``Image.draft``: a 12 MP photo costs about a sixth of a full decode), other formats are box-reduced
+(``Image.draft``: a 12 MP photo costs about a third of the CPU time of the exact path; the
+entropy decoding of the whole stream remains), other formats are box-reduced
 (``reducing_gap``). Its fidelity against ``exact`` is the model spec's ``decode_tolerance``.
 """
 

@@ -21,8 +21,8 @@ Guarantees, whatever happens to the process:
 Decoding runs in a pool of threads (Pillow and numpy release the GIL while decoding and
 resizing) that overlaps inference; each worker decodes and preprocesses one image at a time
 down to the model's input (227x227: 0.6 MB), so at most ``2 * batch_size + 4 * workers`` model
-inputs wait in memory plus one full-size decode per worker (36 MB for a 12 MP photo decoded
-exactly, 2.3 MB with ``decode="fast"``), whatever the folder's size. Cores are shared between
+inputs wait in memory plus one full-size decode per worker (49 MB for a 12 MP photo decoded
+exactly: Pillow keeps RGB in 4 bytes a pixel; 3 MB with ``decode="fast"``), whatever the folder's size. Cores are shared between
 decoding and the back end by :func:`split_cpus`.
 """
 
@@ -60,8 +60,8 @@ _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 
 
 def default_workers() -> int:
-    """Decoding threads: one per core, at most 8 (default for ``--workers``)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoding threads: one per core, at most 8 (default for ``--workers``; see :func:`split_cpus`)."""
+    return split_cpus()[0]
 
 
 def split_cpus(cpus: int | None = None) -> tuple[int, int]:
@@ -74,7 +74,7 @@ def split_cpus(cpus: int | None = None) -> tuple[int, int]:
     cores, 1 + 1 gives ``min(model, decode) / 2`` (INT8 IR 29.1 and fast decoding ~100 images/s
     alone: 14.6, against a bound of 22.5). Shared, each stage runs whenever the other waits: when
     the queue is full the decoders block and the back end has the cores; when it is empty the back
-    end blocks. Decoding threads stop at 8 (one image each in flight, up to 36 MB at full size).
+    end blocks. Decoding threads stop at 8 (one image each in flight, up to 49 MB at full size).
     The back-end threads are 0: ONNX Runtime's and OpenVINO's own default, every (physical) core.
     """
     cores = max(1, cpus if cpus is not None else (os.cpu_count() or 1))
@@ -90,7 +90,7 @@ class PredictOptions:
         device: ``cpu``, ``cuda`` or ``auto`` (default ``auto``).
         exif_transpose: Honour EXIF orientation (default ``False``, as the original code).
         workers: Decoding threads; 0 decodes in the calling thread (default
-            :func:`default_workers`, resolved when ``None``).
+            :func:`split_cpus`, resolved when ``None``).
         resume: Keep an existing ``output`` and skip the images it already scores (default ``False``).
         overwrite: Replace an existing ``output`` (default ``False``: an existing non-empty
             output without ``resume`` is refused, so a re-run cannot wipe finished work).

@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 ARTIFACTS ?= artifacts
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test docs triton-env test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e
+.PHONY: install demo test docs triton-env test-gpu test-cuda test-fast bench trt-api clean photos heldout-photos unseen-photos int8 synthetic-images bench-e2e camera-photos bench-camera
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(ARTIFACTS)/resmem.onnx: | $(STAMP)
 # The INT8 artifacts `make int8` (and calibrate's OpenVINO layout) leave, if any: the demo compares them too.
 DEMO_INT8 = $(wildcard $(ARTIFACTS)/int8/*.int8-cpu.onnx $(ARTIFACTS)/int8/*.int8-openvino.onnx $(ARTIFACTS)/int8/*.int8-openvino.xml)
 
+# `predict --fast` on the camera photos when `make camera-photos` wrote them, else on tests/data.
+DEMO_FAST_IMAGES = $(if $(wildcard $(ARTIFACTS)/camera-photos/*.jpg),$(ARTIFACTS)/camera-photos,tests/data)
+DEMO_FAST = $(BIN)/memexport predict $(DEMO_FAST_IMAGES) -m $(ARTIFACTS)/resmem.onnx -o $(ARTIFACTS)/demo_fast_scores.csv --fast --overwrite
+
 # Ends with the fastest path that keeps the ranking on this CPU, measured: ONNX Runtime FP32 against
 # OpenVINO FP32 and BF16 (and the INT8 artifacts), batch 16, 3 timed calls, fidelity on tests/data (~1 min).
 demo: $(ARTIFACTS)/resmem.onnx
@@ -37,6 +41,9 @@ demo: $(ARTIFACTS)/resmem.onnx
 		--precision fp32 --precision bf16 --batch-sizes 16 --iterations 3 --warmup 1 --no-torch --images tests/data --fidelity tests/data \
 		--plot $(ARTIFACTS)/bench.png
 	@echo "speed against rank fidelity, per path: $(ARTIFACTS)/bench.png"
+	@echo "The fastest faithful path on this CPU, no calibration needed (docs/throughput.md), measured on $(DEMO_FAST_IMAGES):"
+	@echo "  $(DEMO_FAST)"
+	@$(DEMO_FAST)
 
 # The docs examples (tests/test_docs_examples.py) run against artifacts/resmem.onnx, so a fresh clone makes it.
 test: $(STAMP) trt-api docs triton-env $(ARTIFACTS)/resmem.onnx
@@ -147,3 +154,15 @@ $(TRITON_ENV)/.stamp: $(STAMP)
 	$(TRITON_ENV)/bin/python -m pip install -q --no-deps nvidia-pytriton==$(PYTRITON_VERSION) || \
 		echo "nvidia-pytriton $(PYTRITON_VERSION) did not install here (it needs x86_64 and glibc >= 2.35; see make triton-env)" > $(TRITON_ENV)/pytriton-missing.txt
 	touch $@
+
+# N seeded 12 MP camera photos (4032x3024, every 4th a portrait with EXIF orientation 6; quality 90,
+# 4:2:0), upscaled with sensor-like noise from the photos memexport may use; git-ignored, never committed.
+CAMERA_COUNT ?= 64
+CAMERA_SOURCES ?= $(SHARED_IMAGES) $(ARTIFACTS)/photos $(ARTIFACTS)/heldout-photos
+camera-photos: $(ARTIFACTS)/photos/.done $(ARTIFACTS)/heldout-photos/.done
+	$(BIN)/python tools/camera_photos.py $(ARTIFACTS)/camera-photos --count $(CAMERA_COUNT) $(addprefix --source ,$(CAMERA_SOURCES))
+
+# Model, decode and end-to-end images/s on the camera photos, exact and fast decoding, with the bound.
+bench-camera: $(ARTIFACTS)/resmem.onnx camera-photos
+	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx --end-to-end $(ARTIFACTS)/camera-photos --batch-sizes 16 \
+		--decode exact --decode fast --json $(ARTIFACTS)/bench_camera.json

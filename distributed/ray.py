@@ -4,7 +4,7 @@ Two entry points:
 
 * :func:`scores_dataset` maps a Ray Dataset of image paths (column ``path``) or files read by
   ``ray.data.read_binary_files(..., include_paths=True)`` (columns ``path`` and ``bytes``) to a
-  Dataset with ``path``, ``score``, ``error``, ``model``, ``backend``, ``precision`` and ``node``, plus any other
+  Dataset with ``path``, ``score``, ``error``, ``model``, ``backend``, ``precision``, ``decode`` and ``node``, plus any other
   input column (``bytes`` is dropped). Decoding and preprocessing are the runtime's own, per row,
   so a corrupt image becomes an ``error`` row and never fails a block.
 * :func:`scores_from_images_on_ray` is ``memexport predict --engine ray``: the same
@@ -44,6 +44,7 @@ import numpy as np
 
 from memexport.core.errors import ArtifactError, InputImageError, MemexportError, UsageError
 from memexport.runtime.batch import (
+    OLD_DECODE,
     PredictOptions,
     PredictSummary,
     ResultWriter,
@@ -52,6 +53,7 @@ from memexport.runtime.batch import (
     interrupted,
     plan_job,
     read_scores_file,
+    run_label,
     safe_item,
     upfront_failures,
 )
@@ -61,7 +63,7 @@ from memexport.runtime.base import UNVERIFIED_SUFFIX, Runner, RunnerOptions
 from memexport.runtime.predictor import Predictor, ScoreResult
 from memexport.runtime.registry import backend_for, runner_for
 
-RESULT_COLUMNS = ("path", "score", "error", "model", "backend", "precision", "node")
+RESULT_COLUMNS = ("path", "score", "error", "model", "backend", "precision", "decode", "node")
 GPU_BACKENDS = ("tensorrt",)  # back ends that only run on a GPU
 
 
@@ -94,6 +96,7 @@ class RayOptions:
         batch_size: Images per inference call (default 16).
         device: ``cpu``, ``cuda`` or ``auto``, as for ``predict`` (default ``auto``).
         exif_transpose: Honour EXIF orientation (default ``False``, as the original code).
+        decode: ``exact`` or ``fast``, as ``predict --decode`` (default ``exact``).
         check_integrity: Verify the artifact's recorded sha256 once per actor (default ``True``).
         max_worker_deaths: Deaths of its actor a file may cause before it gets an error row
             (``worker-died``) instead of another try; 0 retries for ever, as Ray Data alone (default 3).
@@ -108,6 +111,7 @@ class RayOptions:
     batch_size: int = 16
     device: str = "auto"
     exif_transpose: bool = False
+    decode: str = "exact"
     check_integrity: bool = True
     max_worker_deaths: int = 3
 
@@ -256,7 +260,7 @@ class ScoringActor:
         import ray
 
         self.runner = _runner(model, options, threads).__enter__()
-        self.predictor = Predictor(self.runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose)
+        self.predictor = Predictor(self.runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose, decode=options.decode)
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memexport-decode")
         self.lock = threading.Lock()
         self.gate = _Gate()
@@ -313,6 +317,7 @@ class ScoringActor:
         out["model"] = np.full(count, self.predictor.metadata.model, dtype=object)
         out["backend"] = np.full(count, self.runner.backend, dtype=object)
         out["precision"] = np.full(count, self.runner.recorded_precision, dtype=object)
+        out["decode"] = np.full(count, predictor.decode, dtype=object)
         out["node"] = np.full(count, self.node, dtype=object)
         return out
 
@@ -339,7 +344,7 @@ def scores_dataset(dataset: Any, model: str | os.PathLike, options: RayOptions =
 
     Returns:
         A lazy Dataset with the input columns (less ``bytes``) plus ``score`` (NaN on failure),
-        ``error`` (``"reason: detail"``, or null), ``model``, ``backend``, ``precision`` and ``node`` (the
+        ``error`` (``"reason: detail"``, or null), ``model``, ``backend``, ``precision``, ``decode`` and ``node`` (the
         Ray node id that scored the row).
 
     Example:
@@ -378,7 +383,7 @@ def _death_ledger(ray: Any) -> Any:
 
 class ParquetScores:
     """Scores as a folder of Parquet parts (``path``, ``score``, ``model``, ``backend``,
-    ``precision``, ``path_bytes``), for collections too big for one CSV. Each part is written to a
+    ``precision``, ``decode``, ``path_bytes``), for collections too big for one CSV. Each part is written to a
     temporary name, fsynced and renamed, so a crash never leaves a torn part.
 
     ``path`` is a string for people and tools (Parquet strings are UTF-8, so a name that is not
@@ -387,10 +392,10 @@ class ParquetScores:
 
     Args:
         folder: The folder of parts.
-        run: ``(backend, precision)`` written on every row.
+        run: ``(backend, precision, decode)`` written on every row.
     """
 
-    def __init__(self, folder: Path, run: tuple[str, str]) -> None:
+    def __init__(self, folder: Path, run: tuple[str, str, str]) -> None:
         self.folder = folder
         self.run = run
         folder.mkdir(parents=True, exist_ok=True)
@@ -408,6 +413,7 @@ class ParquetScores:
             "model": [row[2] for row in rows],
             "backend": [self.run[0]] * len(rows),
             "precision": [self.run[1]] * len(rows),
+            "decode": [self.run[2]] * len(rows),
             "path_bytes": pa.array([os.fsencode(row[0]) for row in rows], pa.binary()),
         })
         with atomic_path(self.folder / f"part-{self.next:06d}.parquet", suffix=".parquet") as temporary:
@@ -459,26 +465,28 @@ def parquet_names(part: Path) -> list[str]:
 
 
 def parquet_runs(folder: Path) -> frozenset[tuple[str, ...]]:
-    """The ``(backend, precision)`` pairs a Parquet scores folder holds (parts without a
-    ``backend`` column, written before it existed, name none)."""
+    """The ``(backend, precision, decode)`` runs a Parquet scores folder holds (parts without a
+    ``backend`` column, written before it existed, name none; parts without ``decode`` were exact)."""
     import pyarrow.parquet as pq
 
     runs: set[tuple[str, ...]] = set()
     for part in parquet_parts(folder) if folder.is_dir() else []:
-        if "backend" in pq.read_schema(part).names:
-            table = pq.read_table(part, columns=["backend", "precision"])
-            runs.update(zip(table.column("backend").to_pylist(), table.column("precision").to_pylist()))
+        names = pq.read_schema(part).names
+        if "backend" in names:
+            table = pq.read_table(part, columns=[c for c in ("backend", "precision", "decode") if c in names])
+            decode = table.column("decode").to_pylist() if "decode" in names else [OLD_DECODE] * table.num_rows
+            runs.update(zip(table.column("backend").to_pylist(), table.column("precision").to_pylist(), decode))
     return frozenset(runs)
 
 
 def writer_for_run(output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str],
-                   run: tuple[str, str], parquet: bool) -> ResultWriter:
+                   run: tuple[str, str, str], parquet: bool) -> ResultWriter:
     """The local engine's writer (:func:`~memexport.runtime.batch.csv_writer_for_run`) for a CSV;
-    for Parquet, the same refusal of another back end's or precision's scores, then its parts."""
+    for Parquet, the same refusal of another back end's, precision's or decode mode's scores, then its parts."""
     if not parquet:
         return csv_writer_for_run(output, options, summary, done_keys, run)
     check_same_run(output, parquet_runs(output) if options.resume else (), run)
-    summary.backend, summary.precision = run
+    summary.backend, summary.precision, summary.decode = run
     return ResultWriter(output, summary, append=bool(done_keys) or options.resume, scores=ParquetScores(output, run))
 
 
@@ -578,7 +586,7 @@ def scores_from_images_on_ray(
     if output_format not in ("csv", "parquet"):
         raise UsageError(f"--format must be csv or parquet, got {output_format!r}")
     ray_module()  # before touching the output: one clear line when Ray is missing
-    ray_options = replace(ray_options, batch_size=options.batch_size, device=options.device, exif_transpose=options.exif_transpose,
+    ray_options = replace(ray_options, batch_size=options.batch_size, device=options.device, exif_transpose=options.exif_transpose, decode=options.decode,
                           check_integrity=options.check_integrity, backend=options.backend or ray_options.backend,
                           precision=options.precision or ray_options.precision)
     model, output, summary = Path(model), Path(output), PredictSummary()
@@ -589,7 +597,7 @@ def scores_from_images_on_ray(
     started = time.perf_counter()
     writers: list[ResultWriter] = []
 
-    def open_writer(run: tuple[str, str]) -> ResultWriter:
+    def open_writer(run: tuple[str, str, str]) -> ResultWriter:
         # Opened once the run is known (the first block names it) and checked against the output's:
         # a refused resume leaves the scores and errors files as they were.
         writers.append(writer_for_run(output, options, summary, done_keys, run, parquet))
@@ -628,7 +636,7 @@ def scores_from_images_on_ray(
     return summary
 
 
-def _idle_run(output: Path, model: Path, options: PredictOptions, parquet: bool) -> tuple[str, str]:
+def _idle_run(output: Path, model: Path, options: PredictOptions, parquet: bool) -> tuple[str, str, str]:
     """The run a job with nothing to score names: the resumed output's own when it holds one
     (nothing new is written, so nothing can mix), else the back end with precision ``unknown``."""
     runs: frozenset[tuple[str, ...]] = frozenset()
@@ -637,25 +645,25 @@ def _idle_run(output: Path, model: Path, options: PredictOptions, parquet: bool)
     elif options.resume and output.is_file() and output.stat().st_size:
         runs = read_scores_file(output).runs
     only = next(iter(runs)) if len(runs) == 1 else None
-    return (only[0], only[1]) if only else (backend_for(model, options.backend), "unknown")
+    return (only[0], only[1], only[2]) if only else (backend_for(model, options.backend), "unknown", options.decode)
 
 
-def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path], open_writer: Callable[[tuple[str, str]], ResultWriter],
+def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path], open_writer: Callable[[tuple[str, str, str]], ResultWriter],
                   progress: Callable[[int, int], None]) -> None:
     """Write each block as it arrives; a row whose index is already written is dropped (exactly once).
 
-    The first block names the run (``backend``, ``precision``) and opens the writer with
+    The first block names the run (``backend``, ``precision``, ``decode``) and opens the writer with
     ``open_writer``; a block computed by another run (a node with another back end) is refused.
     """
     written = np.zeros(len(todo), dtype=bool)
     done, writer, run = 0, None, None
     for block in blocks:
-        runs = set(zip(block["backend"].tolist(), block["precision"].tolist()))
+        runs = set(zip(block["backend"].tolist(), block["precision"].tolist(), block["decode"].tolist()))
         if writer is None and runs:
             run = next(iter(runs))
             writer = open_writer(run)
         if runs - {run}:
-            seen = ", ".join(" ".join(r) for r in sorted(runs | {run}))
+            seen = "; ".join(run_label(r) for r in sorted(runs | {run}))
             raise ArtifactError(f"the Ray actors computed scores with {seen}; one ranking must not mix them; give every node the same back end and artifact")
         scored, failed = [], []
         for index, score, error, model in zip(block["index"], block["score"], block["error"], block["model"]):

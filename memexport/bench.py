@@ -78,6 +78,8 @@ class BenchRecord:
     ``precision`` is what the runner computed; ``precision_option`` what ``--precision`` asked
     for (an INT8 artifact asked for ``bf16`` computes its other layers in BF16). The fidelity
     fields compare this path's scores on the fidelity folder with ONNX Runtime FP32's.
+    ``stage`` is ``None`` for inference timings and ``model``, ``decode`` or ``e2e`` for the records of
+    :func:`bench_end_to_end`, whose ``decode`` names the decode mode (``exact``, ``fast``).
     """
 
     model: str
@@ -105,6 +107,8 @@ class BenchRecord:
     mean_abs: float | None = None
     max_abs: float | None = None
     keeps_ranking: bool | None = None
+    stage: str | None = None
+    decode: str | None = None
 
     @property
     def precision_label(self) -> str:
@@ -144,14 +148,20 @@ def input_batch(runner: Runner, batch_size: int, images: Path | None) -> np.ndar
         from memexport.runtime.preprocess import preprocess
 
         arrays = []
-        for path in collect_images([images]).paths[: max(batch_size, 1)]:
+        paths = collect_images([images]).paths
+        for path in paths:
+            if len(arrays) >= batch_size:
+                break
             try:
                 arrays.append(preprocess(path, runner.metadata.preprocess))
             except Exception:  # noqa: BLE001 - a bad file only means one image fewer to tile
                 continue
-        if arrays:
-            reps = -(-batch_size // len(arrays))
-            return np.ascontiguousarray(np.stack((arrays * reps)[:batch_size]))
+        if not arrays:
+            # Timing noise instead, silently, would report figures for inputs nobody asked for.
+            found = f"none of its {len(paths)} images could be read" if paths else "no images found"
+            raise UsageError(f"--images {images}: {found}; pass a folder of readable JPEG/PNG photos, or drop --images to time seeded noise")
+        reps = -(-batch_size // len(arrays))
+        return np.ascontiguousarray(np.stack((arrays * reps)[:batch_size]))
     return np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
 
 
@@ -461,10 +471,12 @@ def ratio_table(records: Sequence[BenchRecord]) -> list[str]:
 def bench_end_to_end(
     artifact: Path, folder: Path, batch_size: int = 16, workers: int | None = None, device: str = "cpu",
     iterations: int = 20, warmup: int = 3, progress: Callable[[str], None] = lambda _: None,
+    backend: str | None = None, precision: str | None = None, decode: str = "exact",
 ) -> list[BenchRecord]:
     """The ``predict`` pipeline's throughput next to the model's own, in one run.
 
-    Three records for one artifact at one batch size, timed one after the other in this order:
+    Three records for one artifact, back end and precision at one batch size, timed one after the
+    other in this order (``stage``):
 
     * ``model``: inference only, on an already preprocessed batch of real images (as :func:`bench_runner`);
     * ``decode``: the decoding pool alone (read, decode, resize, crop) over every image in ``folder``;
@@ -472,73 +484,92 @@ def bench_end_to_end(
       the previous batch), as ``memexport predict`` runs it minus the CSV writes.
 
     For the ``decode`` and ``e2e`` records the percentiles are of the wall time between
-    consecutive batches; ``images_per_s`` is images over total wall time. Decoding is not the
-    bottleneck when ``decode`` images/s exceeds ``model`` images/s and ``e2e`` comes close to ``model``.
+    consecutive batches; ``images_per_s`` is images over total wall time. When both stages
+    share the cores, the best the pipeline can do is :func:`pipeline_bound` of the first two.
 
     Args:
-        artifact: ``.onnx`` or engine file.
-        folder: Folder of images (e.g. ``make synthetic-images``).
+        artifact: ``.onnx``, ``.xml`` or engine file.
+        folder: Folder of images (e.g. ``make camera-photos``).
         batch_size: Images per inference call (default 16).
-        workers: Decoding threads (default: as ``predict``).
+        workers: Decoding threads (default: as ``predict``, :func:`~memexport.runtime.batch.split_cpus`).
         device: ``cpu``, ``cuda`` or ``auto`` (default ``cpu``).
         iterations: Timed calls for the ``model`` record (default 20).
         warmup: Untimed calls first (default 3).
         progress: Called with a short line before each stage (default: silent).
+        backend: Back end (default ``None``: by suffix).
+        precision: Precision to ask it for (default ``None``: its exact default).
+        decode: ``exact`` (default) or ``fast``.
     """
-    from memexport.core.errors import UsageError
-    from memexport.runtime.batch import decoded_batches, default_workers
+    from memexport.runtime.batch import split_cpus
     from memexport.runtime.files import collect_images
     from memexport.runtime.predictor import Predictor
     from memexport.runtime.registry import runner_for
 
     paths = collect_images([folder]).paths
     if not paths:
-        raise UsageError(f"{folder}: no images to benchmark; create some with `make synthetic-images`")
-    workers = default_workers() if workers is None else workers
-    records: list[BenchRecord] = []
-    with runner_for(artifact, RunnerOptions(device=device)) as runner, Predictor(runner, batch_size=batch_size) as predictor:
+        raise UsageError(f"{folder}: no images to benchmark; create some with `make camera-photos`")
+    workers = split_cpus()[0] if workers is None else workers
+    with runner_for(artifact, RunnerOptions(device=device), backend, precision=precision) as runner, \
+            Predictor(runner, batch_size=batch_size, decode=decode) as predictor:
         assert runner.metadata is not None
         run_device = runner_device(runner)
-        progress(f"timing {artifact} inference at batch {batch_size}")
+        progress(f"timing {artifact} on {runner.backend} {runner.precision}: inference at batch {batch_size}")
         model_options = BenchOptions(batch_sizes=(batch_size,), iterations=iterations, warmup=warmup, images=folder)
         model_record = bench_runner(runner, str(artifact), model_options, run_device)[0]
-        records.append(BenchRecord(**{**model_record.as_dict(), "backend": "model"}))
-
-        def timed(stage: str, infer: bool) -> BenchRecord:
-            progress(f"timing {stage} over {len(paths)} images with {workers} decoding threads")
-            intervals, count = [], 0
-            started = last = time.perf_counter()
-            for batch in decoded_batches(predictor, paths, batch_size, workers):
-                if infer:
-                    predictor.score_batch(batch)
-                count += len(batch)
-                now = time.perf_counter()
-                intervals.append((now - last) * 1000.0)
-                last = now
-            total = time.perf_counter() - started
-            ms = np.asarray(intervals)
-            p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
-            return BenchRecord(
-                model=runner.metadata.model, artifact=str(artifact), backend=stage, precision=runner.precision,
-                device=run_device, batch_size=batch_size, p50_ms=p50, p90_ms=p90, p99_ms=p99,
-                images_per_s=count / total, peak_rss_mb=peak_rss_mb(), iterations=len(ms),
-            )
-
+        records = [replace(model_record, stage="model", decode=decode, precision_option=precision)]
         progress(f"reading {len(paths)} images once, untimed, so both stages start from a warm page cache")
         for path in paths:
             try:
                 path.read_bytes()
             except OSError:
                 pass
-        records.append(timed("decode", infer=False))
-        records.append(timed("e2e", infer=True))
+        for stage in ("decode", "e2e"):
+            progress(f"timing {stage} over {len(paths)} images with {workers} decoding threads, {decode} decode")
+            timed = _pipeline_record(predictor, paths, batch_size, workers, infer=stage == "e2e")
+            records.append(replace(model_record, **timed, stage=stage, decode=decode, precision_option=precision))
     return records
 
 
+def _pipeline_record(predictor: Any, paths: Sequence[Path], batch_size: int, workers: int, infer: bool) -> dict[str, Any]:
+    """The timing fields of one pass of the decoding pool over ``paths`` (scoring each batch when ``infer``)."""
+    from memexport.runtime.batch import decoded_batches
+
+    intervals, count = [], 0
+    started = last = time.perf_counter()
+    for batch in decoded_batches(predictor, paths, batch_size, workers):
+        if infer:
+            predictor.score_batch(batch)
+        count += len(batch)
+        now = time.perf_counter()
+        intervals.append((now - last) * 1000.0)
+        last = now
+    total = time.perf_counter() - started
+    ms = np.asarray(intervals)
+    p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
+    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "images_per_s": count / total, "peak_rss_mb": peak_rss_mb(), "iterations": len(ms)}
+
+
+def pipeline_bound(model_images_per_s: float, decode_images_per_s: float) -> float:
+    """The most images/s a pipeline can reach when decoding and inference share the same cores:
+    ``1 / (1/model + 1/decode)``, each stage's images/s alone on all cores."""
+    return 1.0 / (1.0 / model_images_per_s + 1.0 / decode_images_per_s)
+
+
 def end_to_end_ratios(records: Sequence[BenchRecord]) -> list[str]:
-    """``decode`` and ``e2e`` throughput as a fraction of the ``model`` record of the same artifact and batch."""
+    """Per record of :func:`bench_end_to_end`: ``decode`` and ``e2e`` throughput against the ``model``
+    record of the same run, and for ``e2e`` the bound :func:`pipeline_bound` and its share of it."""
     lines = []
     for record in records:
-        model = next((r for r in records if r.backend == "model" and r.artifact == record.artifact and r.batch_size == record.batch_size), None)
-        lines.append(f"{record.images_per_s / model.images_per_s:.2f}x model" if model and record is not model else "")
+        same = [r for r in records if (r.artifact, r.backend, r.precision_option, r.decode, r.batch_size)
+                == (record.artifact, record.backend, record.precision_option, record.decode, record.batch_size)]
+        model = next((r for r in same if r.stage == "model"), None)
+        decode = next((r for r in same if r.stage == "decode"), None)
+        if model is None or record is model:
+            lines.append("")
+            continue
+        text = f"{record.images_per_s / model.images_per_s:.2f}x model"
+        if record.stage == "e2e" and decode is not None:
+            bound = pipeline_bound(model.images_per_s, decode.images_per_s)
+            text += f", bound {bound:.2f} img/s, {record.images_per_s / bound:.2f}x bound"
+        lines.append(text)
     return lines

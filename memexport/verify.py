@@ -1,4 +1,4 @@
-"""``verify``: compare an artifact with its torch reference on real images."""
+"""``verify``: compare an artifact with its torch reference on real images, or its fast decoding with its exact decoding."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 from memexport.core.errors import InputImageError, UsageError
 from memexport.core.parity import ParityReport, compare
-from memexport.runtime.preprocess import preprocess
+from memexport.core.spec import PreprocessSpec
+from memexport.runtime.preprocess import check_decode, preprocess
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.registry import runner_for
 from memexport.core.spec import Tolerance, get_spec
@@ -29,6 +30,9 @@ class VerifyOptions:
         backend: Back end that runs the artifact (default ``None``: by its suffix).
         precision: Compute precision where the back end offers a choice (OpenVINO ``fp32``/``bf16``)
             (default ``None``: exact). The spec's tolerance for the precision actually computed applies.
+        decode: ``exact`` (default: the artifact against torch) or ``fast``: the artifact's scores with
+            fast decoding against its own with exact decoding, under the spec's ``decode_tolerance``
+            (no torch needed).
     """
 
     weights: Path | None = None
@@ -37,6 +41,7 @@ class VerifyOptions:
     tolerance: Tolerance | None = None
     backend: str | None = None
     precision: str | None = None
+    decode: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,33 @@ class VerifyResult:
     bad_inputs: tuple[InputImageError, ...]
     backend: str
     precision: str
+    decode: str = "exact"
+
+    @property
+    def compared(self) -> str:
+        """What was compared, for the report's first line."""
+        if self.decode == "fast":
+            return f"{self.backend} {self.precision}, fast decode vs exact decode"
+        return f"{self.backend} {self.precision} vs torch fp32"
+
+
+def _preprocessed(images: Sequence[Path], spec: PreprocessSpec, decodes: Sequence[str]) -> tuple[list[np.ndarray], list[str], list[InputImageError]]:
+    """The readable ``images`` as one batch per decode mode in ``decodes``, their names, and the
+    errors of the others (an image is kept only when every mode reads it)."""
+    arrays: list[list[np.ndarray]] = [[] for _ in decodes]
+    names, bad = [], []
+    for path in images:
+        try:
+            inputs = [preprocess(path, spec, decode=decode) for decode in decodes]
+        except InputImageError as error:
+            bad.append(error)
+            continue
+        for batch, array in zip(arrays, inputs):
+            batch.append(array)
+        names.append(str(path))
+    if not names:
+        raise UsageError(f"no readable images among {len(images)} inputs; pass a folder of JPEG/PNG images with --images")
+    return [np.stack(batch) for batch in arrays], names, bad
 
 
 def _scores(runner: Runner, batch: np.ndarray, size: int) -> np.ndarray:
@@ -57,29 +89,30 @@ def _scores(runner: Runner, batch: np.ndarray, size: int) -> np.ndarray:
 
 
 def verify_artifact(artifact: Path | str, images: Sequence[Path], options: VerifyOptions = VerifyOptions()) -> VerifyResult:
-    """Score ``images`` with the artifact and with the torch reference, and compare.
+    """Score ``images`` with the artifact and with the torch reference, and compare; with
+    ``options.decode == "fast"``, the artifact's fast-decoded scores with its exact-decoded ones.
 
     Raises:
         UsageError: No readable image. ParityError is not raised here: call
             :func:`memexport.core.parity.require` on the report.
     """
-    from memexport.export.torch_runner import reference_runner_for
-
+    check_decode(options.decode)
     with runner_for(artifact, RunnerOptions(device=options.device), options.backend, precision=options.precision) as runner:
         meta = runner.metadata
         assert meta is not None
-        arrays, names, bad = [], [], []
-        for path in images:
-            try:
-                arrays.append(preprocess(path, meta.preprocess))
-                names.append(str(path))
-            except InputImageError as error:
-                bad.append(error)
-        if not arrays:
-            raise UsageError(f"no readable images among {len(images)} inputs; pass a folder of JPEG/PNG images with --images")
-        batch = np.stack(arrays)
-        candidate = _scores(runner, batch, options.batch_size)
+        # The same images and runner both ways: only the decoding differs.
+        batches, names, bad = _preprocessed(images, meta.preprocess, ("exact", options.decode) if options.decode == "fast" else ("exact",))
+        batch = batches[0]
+        exact = _scores(runner, batch, options.batch_size)
         backend, precision = runner.backend, runner.precision
+        if options.decode == "fast":
+            candidate = _scores(runner, batches[1], options.batch_size)
+            tolerance = options.tolerance or get_spec(meta.model).decode_tolerance
+            report = compare(candidate, exact, tolerance)
+            return VerifyResult(report, tuple(names), candidate, exact, tuple(bad), backend, precision, "fast")
+    from memexport.export.torch_runner import reference_runner_for
+
+    candidate = exact
     with reference_runner_for(meta, options.weights, options.device) as reference_runner:
         reference = _scores(reference_runner, batch, options.batch_size)
     tolerance = options.tolerance or get_spec(meta.model).tolerance(precision)

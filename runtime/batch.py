@@ -10,9 +10,11 @@ Guarantees, whatever happens to the process:
 * A bad input never stops the run: it gets one ``path,error`` row in ``<stem>.errors.csv``,
   written incrementally the same way. Errors are recomputed on every run (resumed or not):
   images that failed are retried, so that file always lists the current failures once each.
-* Every row names the back end and precision that computed its score (``path,score,backend,precision``),
-  and ``resume`` refuses to continue a file with another back end or precision, so one ranking
-  never mixes, say, FP32 and BF16 scores. Files with the older ``path,score`` header stay readable.
+* Every row names the back end, precision and decode mode that computed its score
+  (``path,score,backend,precision,decode``), and ``resume`` refuses to continue a file with another
+  back end, precision or decode mode, so one ranking never mixes, say, FP32 and BF16 scores, or
+  exact and fast decoding. Files with the older ``path,score`` header stay readable, and files with
+  ``path,score,backend,precision`` (written before ``--decode`` existed) resume as ``exact``.
 * Paths are written absolute (``os.path.abspath``: the inputs' own names, symlinks kept), so
   ``resume`` matches the same files from any working directory; a name that is not valid UTF-8
   is written back as its original bytes (Python's ``surrogateescape``), so the CSV names the
@@ -20,7 +22,11 @@ Guarantees, whatever happens to the process:
   read against the current directory.
 
 Decoding runs in a pool of threads (Pillow and numpy release the GIL while decoding and
-resizing); at most ``2 * batch_size + 4 * workers`` decoded images wait in memory.
+resizing) that overlaps inference; each worker decodes and preprocesses one image at a time
+down to the model's input (227x227: 0.6 MB), so at most ``2 * batch_size + 4 * workers`` model
+inputs wait in memory plus one full-size decode per worker (49 MB for a 12 MP photo decoded
+exactly: Pillow keeps RGB in 4 bytes a pixel; 3 MB with ``decode="fast"``), whatever the folder's size. Cores are shared between
+decoding and the back end by :func:`split_cpus`.
 """
 
 from __future__ import annotations
@@ -42,19 +48,40 @@ from memexport.core.atomic import fsync_dir
 from memexport.core.errors import InputImageError, Interrupted, UsageError
 from memexport.runtime.files import Collected, collect_images
 from memexport.runtime.predictor import Item, Predictor, group_batches
+from memexport.runtime.preprocess import check_decode
 from memexport.runtime.base import RunnerOptions
 from memexport.runtime.registry import runner_for
 
 SCORES_HEADER = ("path", "score")
 # What computed each score, after the two columns every reader relies on.
-RUN_COLUMNS = ("backend", "precision")
+RUN_COLUMNS = ("backend", "precision", "decode")
+# The run columns before --decode existed: those rows were all decoded exactly.
+OLD_RUN_COLUMNS = ("backend", "precision")
+OLD_DECODE = "exact"
 ERRORS_HEADER = ("path", "error")
 _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 
 
 def default_workers() -> int:
-    """Decoding threads: one per core, at most 8 (default for ``--workers``)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoding threads: one per core, at most 8 (default for ``--workers``; see :func:`split_cpus`)."""
+    return split_cpus()[0]
+
+
+def split_cpus(cpus: int | None = None) -> tuple[int, int]:
+    """``(decoding threads, back-end threads)`` for a machine of ``cpus`` cores (default: this one's).
+
+    The rule: both stages get every core, and the bounded queue between them hands the cores
+    over. Decoding and inference are both CPU-bound, so on C cores the best a pipeline can do is
+    ``1 / (1/model + 1/decode)`` (each stage's images/s on all C cores). A fixed partition into
+    whole cores cannot reach it when the two costs are not in proportion to whole cores: on 2
+    cores, 1 + 1 gives ``min(model, decode) / 2`` (INT8 IR 29.1 and fast decoding ~100 images/s
+    alone: 14.6, against a bound of 22.5). Shared, each stage runs whenever the other waits: when
+    the queue is full the decoders block and the back end has the cores; when it is empty the back
+    end blocks. Decoding threads stop at 8 (one image each in flight, up to 49 MB at full size).
+    The back-end threads are 0: ONNX Runtime's and OpenVINO's own default, every (physical) core.
+    """
+    cores = max(1, cpus if cpus is not None else (os.cpu_count() or 1))
+    return min(8, cores), 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +93,7 @@ class PredictOptions:
         device: ``cpu``, ``cuda`` or ``auto`` (default ``auto``).
         exif_transpose: Honour EXIF orientation (default ``False``, as the original code).
         workers: Decoding threads; 0 decodes in the calling thread (default
-            :func:`default_workers`, resolved when ``None``).
+            :func:`split_cpus`, resolved when ``None``).
         resume: Keep an existing ``output`` and skip the images it already scores (default ``False``).
         overwrite: Replace an existing ``output`` (default ``False``: an existing non-empty
             output without ``resume`` is refused, so a re-run cannot wipe finished work).
@@ -76,6 +103,10 @@ class PredictOptions:
             ``.onnx`` -> ONNX Runtime); see :func:`memexport.runtime.registry.runner_for`.
         precision: Compute precision for back ends that offer a choice (OpenVINO: ``fp32``,
             ``bf16``) (default ``None``: the back end's exact default).
+        decode: ``exact`` (the original code's pixels) or ``fast`` (DCT-scaled JPEG decoding;
+            see :mod:`memexport.runtime.preprocess`) (default ``exact``).
+        threads: The back end's intra-op threads (default ``None``: :func:`split_cpus` decides,
+            with the decoding threads).
     """
 
     batch_size: int = 16
@@ -88,6 +119,8 @@ class PredictOptions:
     check_integrity: bool = True
     backend: str | None = None
     precision: str | None = None
+    decode: str = "exact"
+    threads: int | None = None
 
 
 @dataclass
@@ -108,6 +141,10 @@ class PredictSummary:
         precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...; ``int8-unverified``
             when outside the precision the artifact's calibration verified).
         warnings: One-line warnings about the run (such as why it is unverified), for the caller to show.
+        decode: How the images were decoded (``exact``, ``fast``).
+        workers: Decoding threads used (0: inline; the Ray engine's actors decode their own).
+        threads: The back end's threads (0: its own default).
+        fast_label: What ``--fast`` resolved to, for the summary line (empty: not asked for).
     """
 
     scored: int = 0
@@ -122,6 +159,10 @@ class PredictSummary:
     backend: str = ""
     precision: str = ""
     warnings: list[str] = field(default_factory=list)
+    decode: str = "exact"
+    workers: int = 0
+    threads: int = 0
+    fast_label: str = ""
 
     @property
     def failed(self) -> int:
@@ -160,8 +201,10 @@ class ScoresFile:
         valid_bytes: Length of the prefix made of the header and complete rows.
         size: The file's length; larger than ``valid_bytes`` when the last row is torn.
         has_header: Whether the prefix includes a ``path,score`` header.
-        columns: The header's columns (``path,score`` or ``path,score,backend,precision``).
-        runs: The ``(backend, precision)`` pairs of the complete rows (empty for ``path,score`` files).
+        columns: The header's columns (``path,score``, ``path,score,backend,precision`` or
+            ``path,score,backend,precision,decode``).
+        runs: The ``(backend, precision, decode)`` of the complete rows (empty for ``path,score``
+            files; ``decode`` is ``exact`` for files written before it was a column).
     """
 
     keys: frozenset[str]
@@ -170,6 +213,9 @@ class ScoresFile:
     has_header: bool
     columns: tuple[str, ...] = SCORES_HEADER + RUN_COLUMNS
     runs: frozenset[tuple[str, ...]] = frozenset()
+
+
+HEADERS = (SCORES_HEADER, SCORES_HEADER + OLD_RUN_COLUMNS, SCORES_HEADER + RUN_COLUMNS)
 
 
 def _valid_score(text: str) -> bool:
@@ -218,12 +264,12 @@ def read_scores_file(output: Path) -> ScoresFile:
             row = None
         row_number += 1
         complete = row is not None and text[position - 1 : position] == "\n"
-        if row_number == 1 and complete and tuple(row or ()) in (SCORES_HEADER, SCORES_HEADER + RUN_COLUMNS):
+        if row_number == 1 and complete and tuple(row or ()) in HEADERS:
             has_header, valid_chars, columns = True, position, tuple(row or ())
             continue
         if complete and has_header and row is not None and len(row) == len(columns) and _valid_score(row[1]):
             keys.add(path_key(row[0]))
-            runs.update([tuple(row[2:])] if len(row) > 2 else [])
+            runs.update([(*row[2:], OLD_DECODE)[: len(RUN_COLUMNS)]] if len(row) > 2 else [])
             valid_chars = position
             continue
         if position >= len(text):
@@ -366,39 +412,45 @@ def _prepare_output(output: Path, options: PredictOptions, summary: PredictSumma
     return state.keys
 
 
-def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str, str]) -> None:
-    """Refuse to resume an output whose scores another back end or precision computed.
+def run_label(run: Sequence[str]) -> str:
+    """``onnxruntime fp32, exact decode`` for a ``(backend, precision, decode)`` run."""
+    return f"{' '.join(run[:2])}, {run[2]} decode" if len(run) > 2 else " ".join(run)
+
+
+def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str, ...]) -> None:
+    """Refuse to resume an output whose scores another back end, precision or decode mode computed.
 
     Args:
         output: The scores output (named in the message).
-        runs: The ``(backend, precision)`` pairs its rows already hold.
+        runs: The ``(backend, precision, decode)`` its rows already hold.
         run: What this run computes.
 
     Raises:
-        UsageError: ``runs`` holds another pair; one line naming both and the fix.
+        UsageError: ``runs`` holds another run; one line naming both and the fix.
     """
     other = sorted(r for r in runs if tuple(r) != tuple(run))
     if other:
-        seen = ", ".join(" ".join(r) for r in other)
+        seen = "; ".join(run_label(r) for r in other)
         raise UsageError(
-            f"{output} holds scores computed by {seen}; this run computes {' '.join(run)}, and one ranking must not mix them; "
-            f"pass the same --backend and --precision to resume it, or --overwrite to start again"
+            f"{output} holds scores computed by {seen}; this run computes {run_label(run)}, and one ranking must not mix them; "
+            f"pass the same --backend, --precision and --decode to resume it, or --overwrite to start again"
         )
 
 
 class CsvScores:
     """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,score`` rows, 8 decimals, followed by
-    ``backend,precision`` when ``run`` names them.
+    as many of ``backend,precision,decode`` as ``run`` names.
 
     Args:
         output: The CSV.
         append: Keep its rows (``resume``).
-        run: ``(backend, precision)`` written on every row (default ``None``: ``path,score`` only).
+        run: ``(backend, precision, decode)`` written on every row, or ``(backend, precision)`` into a
+            file of the older header (default ``None``: ``path,score`` only).
     """
 
-    def __init__(self, output: Path, append: bool, run: tuple[str, str] | None = None) -> None:
+    def __init__(self, output: Path, append: bool, run: tuple[str, ...] | None = None) -> None:
         self.run = tuple(run) if run is not None else ()
-        self.appender = _CsvAppender(output, SCORES_HEADER + (RUN_COLUMNS if run is not None else ()), append=append)
+        self.appender = _CsvAppender(output, SCORES_HEADER + RUN_COLUMNS[: len(self.run)], append=append)
 
     def write(self, rows: Sequence[tuple]) -> None:
         """Append ``(path, score, ...)`` rows (fields past the score are not written: ``run`` is)."""
@@ -449,7 +501,7 @@ class ResultWriter:
 
 
 def csv_writer_for_run(
-    output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str], run: tuple[str, str],
+    output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str], run: tuple[str, str, str],
 ) -> ResultWriter:
     """The :class:`ResultWriter` on ``output`` for scores computed by ``run``, once ``output`` is
     known to hold no other run's scores (every engine's CSV goes through here).
@@ -457,19 +509,21 @@ def csv_writer_for_run(
     Args:
         output: The CSV, already checked by :func:`plan_job`.
         options: ``resume`` keeps its rows.
-        summary: Gets ``backend`` and ``precision``.
+        summary: Gets ``backend``, ``precision`` and ``decode``.
         done_keys: Keys already in ``output`` (from :func:`plan_job`).
-        run: ``(backend, precision)`` of this run, written on every new row.
+        run: ``(backend, precision, decode)`` of this run, written on every new row.
 
     Raises:
-        UsageError: ``output`` holds scores of another back end or precision (see :func:`check_same_run`).
+        UsageError: ``output`` holds scores of another back end, precision or decode mode (see :func:`check_same_run`).
     """
     state = read_scores_file(output) if options.resume and output.is_file() and output.stat().st_size else None
     check_same_run(output, state.runs if state else (), run)
-    summary.backend, summary.precision = run
+    summary.backend, summary.precision, summary.decode = run
     append = bool(done_keys) or options.resume
-    # An older path,score file keeps its two columns; every new file names back end and precision.
-    scores = CsvScores(output, append, run if state is None or state.columns != SCORES_HEADER else None)
+    # An older file keeps its own columns (path,score or path,score,backend,precision: exact decoding,
+    # checked above); every new file names back end, precision and decode mode.
+    kept = len(state.columns) - len(SCORES_HEADER) if state is not None else len(RUN_COLUMNS)
+    scores = CsvScores(output, append, tuple(run)[:kept] if kept else None)
     return ResultWriter(output, summary, append=append, scores=scores)
 
 
@@ -543,17 +597,21 @@ def scores_csv_from_images(
             disk and ``error.summary`` says how far it got.
         ArtifactError: The model cannot be loaded (missing, corrupt, tampered).
     """
-    workers = default_workers() if options.workers is None else options.workers
-    if workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {workers}")
+    split_workers, split_threads = split_cpus()
+    workers = split_workers if options.workers is None else options.workers
+    threads = split_threads if options.threads is None else options.threads
+    if workers < 0 or threads < 0:
+        raise UsageError(f"--workers and --threads must be >= 0, got {workers} and {threads}")
+    check_decode(options.decode)
     output = Path(output)
-    summary = PredictSummary()
+    summary = PredictSummary(workers=workers, threads=threads)
     done_keys, collected, todo = plan_job(inputs, output, options, summary)
 
-    runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity), options.backend, precision=options.precision)
-    with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose) as predictor:
+    shared = RunnerOptions(device=options.device, check_integrity=options.check_integrity, threads=threads)
+    runner = runner_for(model, shared, options.backend, precision=options.precision)
+    with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose, decode=options.decode) as predictor:
         summary.warnings.extend([runner.unverified] if runner.unverified else [])
-        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.recorded_precision))
+        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.recorded_precision, options.decode))
         started = time.perf_counter()
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:

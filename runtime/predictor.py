@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar, Union
 import numpy as np
 
 from memexport.core.errors import InputImageError, UsageError
-from memexport.runtime.preprocess import ImageInput, describe, preprocess, preprocess_bytes
+from memexport.runtime.preprocess import ImageInput, check_decode, describe, preprocess, preprocess_bytes
 from memexport.runtime.base import Runner, RunnerOptions
 from memexport.runtime.registry import runner_for
 
@@ -67,6 +67,8 @@ class Predictor:
             artifact's suffix, ``.onnx`` -> ONNX Runtime, the exact FP32 default).
         precision: Compute precision where the back end offers a choice: OpenVINO ``fp32``
             (exact) or ``bf16`` (AMX/AVX512-BF16 CPUs) (default ``None``: the back end's exact default).
+        decode: ``exact`` (default: the original code's pixels) or ``fast`` (JPEGs decoded at a DCT
+            scale, about 3x less CPU on 12 MP photos, within the model spec's ``decode_tolerance``).
 
     Example:
         >>> with Predictor("resmem.onnx") as predictor:
@@ -77,11 +79,12 @@ class Predictor:
 
     def __init__(
         self, model: Path | str | Runner, batch_size: int = 16, device: str = "auto", exif_transpose: bool = False,
-        backend: str | None = None, precision: str | None = None,
+        backend: str | None = None, precision: str | None = None, decode: str = "exact",
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.decode = check_decode(decode)
         self.exif_transpose = exif_transpose
         if isinstance(model, Runner):
             self.runner, self._owns_runner = model, False
@@ -107,11 +110,11 @@ class Predictor:
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image input to the model input (float32 CHW)."""
-        return preprocess(image, self.metadata.preprocess, self.exif_transpose)
+        return preprocess(image, self.metadata.preprocess, self.exif_transpose, self.decode)
 
     def preprocess_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An encoded image held in memory to the model input; errors name ``name``."""
-        return preprocess_bytes(data, name, self.metadata.preprocess, self.exif_transpose)
+        return preprocess_bytes(data, name, self.metadata.preprocess, self.exif_transpose, self.decode)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Scores for an already preprocessed batch."""

@@ -87,10 +87,10 @@ def test_same_rows_and_errors_as_the_local_engine_on_hostile_files(tiny, tmp_pat
         assert float(text) == pytest.approx(float(local_scores[path]), abs=1e-6)
         assert float(text) == pytest.approx(expected_tiny(Path(path)), abs=1e-5)  # float32 ReduceMean vs float64
     local_rows, ray_rows = rows(tmp_path / "local.csv"), rows(tmp_path / "ray.csv")
-    assert ray_rows[0] == local_rows[0] == ["path", "score", "backend", "precision"]
+    assert ray_rows[0] == local_rows[0] == ["path", "score", "backend", "precision", "decode"]
     # Same columns, row for row (rows arrive in block order on Ray): the run is named on each.
     assert sorted((r[0], *r[2:]) for r in ray_rows[1:]) == sorted((r[0], *r[2:]) for r in local_rows[1:])
-    assert {tuple(r[2:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32")}
+    assert {tuple(r[2:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32", "exact")}
     errors = as_dict(errors_path_for(tmp_path / "ray.csv"))
     assert errors == as_dict(errors_path_for(tmp_path / "local.csv"))
     assert {Path(p).name: text.split(":")[0] for p, text in errors.items()} == BAD_REASONS
@@ -112,9 +112,9 @@ def test_resumes_a_local_engine_csv_and_refuses_one_of_another_precision(tiny, t
     resumed = scores_from_images_on_ray(tiny, [folder], out, PredictOptions(resume=True, **CPU))
     assert (resumed.skipped, resumed.scored, resumed.backend, resumed.precision) == (1, 2, "onnxruntime", "fp32")
     table = rows(out)
-    assert table[0] == ["path", "score", "backend", "precision"] and len(table) == 4  # one header, no repeats
+    assert table[0] == ["path", "score", "backend", "precision", "decode"] and len(table) == 4  # one header, no repeats
     assert {Path(r[0]).name for r in table[1:]} == {"china.jpg", "flower.jpg", "brick.png"}
-    assert {tuple(r[2:]) for r in table[1:]} == {("onnxruntime", "fp32")}
+    assert {tuple(r[2:]) for r in table[1:]} == {("onnxruntime", "fp32", "exact")}
     for row in table[1:]:
         assert float(row[1]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-5)
 
@@ -146,7 +146,7 @@ def test_dataset_of_bytes_gives_error_rows_and_model_columns(tiny, tmp_path, dat
     (folder / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
     files = ray.data.read_binary_files(str(folder), include_paths=True)
     table = scores_dataset(files, tiny, RayOptions(batch_size=4, device="cpu")).to_pandas()
-    assert set(table.columns) == {"path", "score", "error", "model", "backend", "precision", "node"}
+    assert set(table.columns) == {"path", "score", "error", "model", "backend", "precision", "decode", "node"}
     by_name = {Path(p).name: row for p, row in zip(table["path"], table.itertuples())}
     assert set(by_name) == {"china.jpg", *GOOD_MODES, "zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"}
     reasons = {name: row.error.split(":")[0] for name, row in by_name.items() if isinstance(row.error, str)}
@@ -286,6 +286,24 @@ def test_precision_reaches_the_actors(tiny, tmp_path, data_dir):
     summary = scores_from_images_on_ray(tiny, [data_dir], out, PredictOptions(backend="openvino", precision="bf16", **CPU))
     table = rows(out)
     assert summary.scored == len(table) - 1 > 0 and (summary.backend, summary.precision) == ("openvino", "bf16")
-    assert {tuple(r[2:]) for r in table[1:]} == {("openvino", "bf16")}
+    assert {tuple(r[2:]) for r in table[1:]} == {("openvino", "bf16", "exact")}
     for row in table[1:]:
         assert float(row[1]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-2)
+
+
+def test_decode_mode_reaches_the_actors(tiny, tmp_path, data_dir):
+    """`predict --engine ray --decode fast` decodes fast in the actors, as the local engine does, and says so on every row."""
+    from tests.runtime.test_decode import camera_jpeg
+
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    for name in ("china.jpg", "flower.jpg"):
+        camera_jpeg(folder / name, data_dir / name)
+    options = PredictOptions(decode="fast", **CPU)
+    summary = scores_from_images_on_ray(tiny, [folder], tmp_path / "ray.csv", options)
+    scores_csv_from_images(tiny, [folder], tmp_path / "local.csv", options)
+    assert summary.decode == "fast" and summary.scored == 2
+    ray_rows, local_rows = sorted(rows(tmp_path / "ray.csv")[1:]), sorted(rows(tmp_path / "local.csv")[1:])
+    assert [(r[0], *r[2:]) for r in ray_rows] == [(r[0], *r[2:]) for r in local_rows]
+    assert {tuple(r[2:]) for r in ray_rows} == {("onnxruntime", "fp32", "fast")}
+    assert [float(r[1]) for r in ray_rows] == pytest.approx([float(r[1]) for r in local_rows], abs=1e-6)

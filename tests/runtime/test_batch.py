@@ -76,8 +76,8 @@ def test_killed_run_resumed_scores_every_image_exactly_once(tiny, copies, tmp_pa
     assert result.returncode == 0, result.stderr
     assert b"dropped a torn last row" in result.stdout and b"already scored" in result.stdout
     after = rows(out)
-    assert after[0] == ["path", "score", "backend", "precision"]
-    assert {tuple(r[2:]) for r in after[1:]} == {("onnxruntime", "fp32")}
+    assert after[0] == ["path", "score", "backend", "precision", "decode"]
+    assert {tuple(r[2:]) for r in after[1:]} == {("onnxruntime", "fp32", "exact")}
     names = [Path(r[0]).name for r in after[1:]]
     assert sorted(names) == sorted(p.name for p in copies.iterdir()) and len(names) == len(set(names)) == 300
     expected = expected_tiny(next(copies.iterdir()))
@@ -178,14 +178,14 @@ def test_rows_name_the_back_end_and_precision_and_resume_never_mixes_them(tiny, 
     out = tmp_path / "s.csv"
     first = [copies / "img_0000.jpg", copies / "img_0001.jpg"]
     scores_csv_from_images(tiny, first, out, PredictOptions(backend=backend, **CPU))
-    assert rows(out)[0] == ["path", "score", "backend", "precision"]
-    assert [r[2:] for r in rows(out)[1:]] == [[backend, "fp32"]] * 2
+    assert rows(out)[0] == ["path", "score", "backend", "precision", "decode"]
+    assert [r[2:] for r in rows(out)[1:]] == [[backend, "fp32", "exact"]] * 2
     other = "openvino" if backend == "onnxruntime" else "onnxruntime"
-    with pytest.raises(UsageError, match=rf"s\.csv holds scores computed by {backend} fp32; this run computes {other} fp32"):
+    with pytest.raises(UsageError, match=rf"s\.csv holds scores computed by {backend} fp32, exact decode; this run computes {other} fp32, exact decode"):
         scores_csv_from_images(tiny, [copies / "img_0002.jpg"], out, PredictOptions(backend=other, resume=True, **CPU))
     summary = scores_csv_from_images(tiny, [*first, copies / "img_0002.jpg"], out, PredictOptions(backend=backend, resume=True, **CPU))
     assert (summary.skipped, summary.scored, summary.backend, summary.precision) == (2, 1, backend, "fp32")
-    assert [r[2:] for r in rows(out)[1:]] == [[backend, "fp32"]] * 3
+    assert [r[2:] for r in rows(out)[1:]] == [[backend, "fp32", "exact"]] * 3
 
 
 def test_an_older_path_score_file_resumes_in_its_own_columns(tiny, copies, tmp_path):

@@ -602,6 +602,8 @@ def serve_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: cluster address (default: a local Ray instance)."),
     replicas: int = typer.Option(0, "--replicas", help="--engine ray: fixed number of replicas (default 1)."),
     autoscale: Optional[str] = typer.Option(None, "--autoscale", help="--engine ray: MIN:MAX replicas, scaled on queued requests."),
+    decode: Optional[str] = typer.Option(None, "--decode", help=DECODE_HELP),
+    fast: bool = typer.Option(False, "--fast", help=FAST_HELP),
 ) -> None:
     """Serve an artifact over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics.
 
@@ -609,7 +611,13 @@ def serve_cmd(
     """
     from memexport.serve import ServeOptions, resolve_token
 
-    options = ServeOptions(backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+    if fast:  # the same resolution as `predict --fast`; explicit --backend/--precision/--decode override
+        from memexport.runtime.fastpath import resolve_fast
+
+        path = resolve_fast(model, backend, precision, decode, device)
+        backend, precision, decode = path.backend, path.precision, path.decode
+        err(path.label(backend or 'by suffix', precision or 'exact'))
+    options = ServeOptions(decode=decode or "exact", backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                            max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
                            token=resolve_token(token), check_integrity=integrity_check)
     if engine == "ray":

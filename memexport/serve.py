@@ -55,6 +55,8 @@ class ServeOptions:
         workers: Decoding threads (default ``None``: one per core, at most 8).
         token: Bearer token required on every request but health and the page (default ``None``).
         check_integrity: Verify the artifact's recorded digest before loading (default ``True``).
+        decode: ``exact`` (default: the original code's pixels) or ``fast`` (JPEGs at a DCT scale; see
+            :class:`~memexport.runtime.predictor.Predictor`).
     """
 
     backend: Optional[str] = None
@@ -68,6 +70,7 @@ class ServeOptions:
     workers: Optional[int] = None
     token: Optional[str] = None
     check_integrity: bool = True
+    decode: str = "exact"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes"):
@@ -111,7 +114,7 @@ def load_predictor(model: Path, options: ServeOptions) -> Any:
                         precision=options.precision)
     with_runner = runner.__enter__()
     try:
-        return Predictor(with_runner, batch_size=options.max_batch_size)
+        return Predictor(with_runner, batch_size=options.max_batch_size, decode=options.decode)
     except BaseException:
         runner.__exit__(None, None, None)
         raise

@@ -215,3 +215,19 @@ def test_openvino_backend_serves_predictors_scores(tiny, sample_images, precisio
         result = triton.infer(MODEL, [image_input([p.read_bytes() for p in sample_images])])
         triton.close()
     np.testing.assert_allclose(scores_of(result), expected, rtol=0, atol=1e-6)
+
+
+def test_decode_fast_serves_fast_decoded_scores(tiny, tmp_path, data_dir):
+    """`serve --decode fast` decodes as `Predictor(decode="fast")` does (a 12 MP-like JPEG is DCT-scaled)."""
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.open(data_dir / "china.jpg").convert("RGB").resize((2400, 1800)).save(big, quality=90)
+    with Predictor(tiny, decode="fast") as fast, Predictor(tiny) as exact:
+        expected, exact_score = fast.score([big]), exact.score([big])
+    assert abs(float(expected[0]) - float(exact_score[0])) > 0  # the modes really differ on this photo
+    for server in running(tiny, "--decode", "fast"):
+        triton = httpclient.InferenceServerClient(server.url)
+        result = triton.infer(MODEL, [image_input([big.read_bytes()])])
+        triton.close()
+    np.testing.assert_allclose(scores_of(result), expected, rtol=0, atol=1e-6)

@@ -108,11 +108,18 @@ def test_images_to_settle_uses_the_estimates_degrees_of_freedom():
     errors, scores = _draw(rng, 8, error_sd=0.006)
     estimate = estimate_fidelity(errors, scores, other_scores=rng.normal(0.75, SCORE_SD, 40))
     assert estimate.score_images == 48
-    assert estimate.spearman_low_with(estimate.images) == pytest.approx(estimate.spearman_low, abs=1e-12)
     target = FidelityTarget(0.995, 0.05)  # the Spearman end decides here
     assert estimate.spearman > 0.995 > estimate.spearman_low
     needed = estimate.images_to_settle(target)
-    assert needed is not None and estimate.spearman_low_with(needed) >= 0.995 > estimate.spearman_low_with(needed - 1)
+    stats = pytest.importorskip("scipy.stats")
+    ratio = estimate.error_sd / estimate.score_sd
+
+    def low(count):  # the lower end estimate_fidelity would give on ``count`` images plus the same 40 others
+        return gaussian_spearman(ratio / np.sqrt(stats.f.ppf(0.05, count - 1, count + 40 - 1)))
+
+    assert needed is not None and low(needed) >= 0.995 > low(needed - 1)
+    assert estimate.spearman_low_with(estimate.images) == pytest.approx(estimate.spearman_low, abs=1e-12)
+    assert estimate.spearman_low_with(needed) == pytest.approx(low(needed), abs=1e-12)
 
 
 def test_mean_abs_low_is_a_real_bound():

@@ -395,10 +395,14 @@ class Guard:
         """
         from memexport.calibration.selection import Candidate
 
+        def logged(exclude: frozenset, group: int) -> list:
+            self.log(f"{what}: scoring evidence group {group} again, its units ranked without its images ({len(exclude)} layer(s) in FP32)")
+            return rescore(exclude, group)
+
         def candidate(units: int, exclude: frozenset) -> tuple[Any, Any]:
             artifact, errors = evaluate(exclude)
             name = f"{label}{units} unit(s) in FP32"
-            return artifact, Candidate(name, units, exclude, list(errors), self.estimate(errors), rescore)
+            return artifact, Candidate(name, units, exclude, list(errors), self.estimate(errors), logged if rescore is not None else None)
 
         proto, first = candidate(0, frozenset())
         initial = first.estimate

@@ -20,7 +20,18 @@ synthetic data with a known answer, correlated candidates and correlated views p
 
 Cost: the candidates' errors are those the guard measured anyway; the nested part adds only the
 rescoring of a block whose own ranking differs (at most one build per block). With a single
-candidate (the estimate was verified at once) nothing is chosen and nothing is added.
+candidate (the estimate was verified at once) nothing is chosen and nothing is added. On ResMem's
+default workflow (15 images of ../shared/images, 5 folds) the Q/DQ guard tried 5 candidates and
+3 folds were scored again, one fold build each, against the 25 fold builds of the search itself;
+the OpenVINO IR's choice between BF16 and FP32 adds nothing.
+
+What it estimates, and its limits: like any cross-validation, the procedure's performance
+averaged over training sets, not the one artifact shipped; the candidates themselves are the ones
+the guard tried on all images (a block's replay picks among them, it does not search again). On
+synthetic data with 5 candidates correlated 0.9 (as fallback steps of one network are) and 4
+views per image correlated 0.7, the 90% Spearman interval covered the shipped candidate's truth
+in 95% of 300 calibrations and the mean-error bound in 94% (in-sample: 95% and 91%). With weakly
+correlated candidates (0.3-0.6) the bound covered 85-91% nested against 75-82% in-sample.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ the guard tried on all images (a block's replay picks among them, it does not se
 synthetic data with 5 candidates correlated 0.9 (as fallback steps of one network are) and 4
 views per image correlated 0.7, the 90% Spearman interval covered the shipped candidate's truth
 in 95% of 300 calibrations and the mean-error bound in 94% (in-sample: 95% and 91%). With weakly
-correlated candidates (0.3-0.6) the bound covered 85-91% nested against 75-82% in-sample.
+correlated candidates (0.3-0.6) the bound covered 84-91% nested against 75-82% in-sample.
 """
 
 from __future__ import annotations

@@ -209,15 +209,24 @@ class GuardedOnnxKind:
         """Kind-specific metadata of the artifact built with ``fallback`` in FP32 (default: its score offset)."""
         return {"score_offset_logit": self._offsets.get(fallback)}
 
-    def evaluate(self, ctx: CalibrationContext, exclude: frozenset[str]) -> tuple[Any, Any]:
-        """Build the artifact with ``exclude`` in FP32 and estimate its fidelity on the evidence."""
-        from memexport.calibration.fidelity import estimate_fidelity
+    def evaluate(self, ctx: CalibrationContext, exclude: frozenset[str]) -> tuple[Any, list]:
+        """Build the artifact with ``exclude`` in FP32; return it and, per evidence image, its views' errors."""
         from memexport.calibration.guard import ort_session, session_scores
 
         final = self.build(ctx, None, exclude)
         evidence = ctx.evidence
         scores = [session_scores(ort_session(final if g.fold is None else self.build(ctx, g.fold, exclude)), g.batch) for g in evidence.groups]
-        return final, estimate_fidelity(evidence.errors(scores), evidence.scores, evidence.other_scores)
+        return final, evidence.errors(scores)
+
+    def rescore(self, ctx: CalibrationContext, exclude: frozenset[str], group: int) -> list:
+        """One evidence group's errors with ``exclude`` in FP32 (the nested estimate's per-block ranking)."""
+        from memexport.calibration.guard import ort_session, session_scores
+
+        evidence = ctx.evidence
+        g = evidence.groups[group]
+        scores = [session_scores(ort_session(self.build(ctx, g.fold, exclude)), g.batch) if index == group else None
+                  for index in range(len(evidence.groups))]
+        return evidence.errors(scores)
 
     def guard(self, ctx: CalibrationContext) -> Any:
         amax, u8_ranges = self.simulated_ranges(ctx)
@@ -232,7 +241,8 @@ class GuardedOnnxKind:
 
         file_name = f"{ctx.stem}.{self.suffix}.onnx"
         if ctx.evidence is not None:
-            proto, report = self.guard(ctx).run(lambda exclude: self.evaluate(ctx, exclude), file_name)
+            proto, report = self.guard(ctx).run(lambda exclude: self.evaluate(ctx, exclude), file_name,
+                                                lambda exclude, group: self.rescore(ctx, exclude, group))
             judge(report, file_name, ctx.options.strict, ctx.log)
         else:
             proto, report = self.build(ctx, None, frozenset()), None
@@ -248,16 +258,22 @@ def guard_for(ctx: CalibrationContext, kind: str, layers: Sequence[str], amax: A
               unit_of: Callable[[str], str], rounds: int) -> Any:
     """The estimate-driven :class:`~memexport.calibration.guard.Guard` of one artifact kind, ranking units on the evidence images.
 
+    The guard judges its choice by nested cross-validation over the evidence's blocks
+    (:func:`~memexport.calibration.selection.blocks_of`), and the sensitivity cache's key names
+    the ranking images' pixels as well as model, statistics and ranges.
+
     Args:
         rounds: Fallback steps allowed (``fallback_rounds`` or ``cpu_fallback_rounds``, by kind).
     """
     from memexport.calibration.guard import Guard
+    from memexport.calibration.selection import blocks_of
 
     batch, reference = ctx.evidence.originals()
     return Guard(
         ctx.fp32, amax, list(layers), batch, reference, ctx.target(), ctx.log, max_rounds=rounds,
         cache=ctx.out_dir / f"{ctx.stem}.sensitivity-{kind}.json", cache_key=f"{ctx.stats.fingerprint}|{kind}|{ranges_key}",
-        u8_ranges=u8_ranges, unit_of=unit_of,
+        u8_ranges=u8_ranges, unit_of=unit_of, scores=ctx.evidence.scores, other_scores=ctx.evidence.other_scores,
+        blocks=blocks_of(ctx.evidence.groups),
     )
 
 
@@ -441,25 +457,33 @@ class OpenVinoKind:
         pinned = self.pinned(ctx)
         return lambda exclude: openvino_int8_model(ctx.model, placement, amax, signed, OpenVinoInt8Options(pinned=pinned, exclude=frozenset(exclude)))
 
-    def evaluate(self, ctx: Any, build: Callable[[frozenset[str]], Any], exclude: frozenset[str], precision: str) -> tuple[Any, Any]:
-        """Build the IR with ``exclude`` out of INT8 and estimate its fidelity, scoring with OpenVINO at ``precision``.
+    def evaluate(self, ctx: Any, build: Callable[[frozenset[str]], Any], exclude: frozenset[str], precision: str) -> tuple[Any, list]:
+        """Build the IR with ``exclude`` out of INT8; return it and, per evidence image, its views' errors scored with OpenVINO at ``precision``.
 
         Cross-validation stays honest without running NNCF once per fold: NNCF only *places* the
-        quantizers (from a few images), every range is memexport's (:func:`apply_ranges`). So each
-        fold's build is a clone of the IR with the ranges of the other folds' statistics, a few
-        constants swapped rather than a second ``nncf.quantize``.
+        quantizers (from a few images), every range and sign is memexport's (:func:`apply_ranges`).
+        So each fold's build is a clone of the IR with the ranges of the other folds' statistics, a
+        few constants swapped rather than a second ``nncf.quantize``.
         """
-        from memexport.calibration.fidelity import estimate_fidelity
-        from memexport.calibration.openvino_int8 import apply_ranges, openvino_scores
+        model = build(exclude)
+        return model, ctx.evidence.errors([self.score_group(ctx, model, group, precision) for group in ctx.evidence.groups])
 
-        model, evidence, scores = build(exclude), ctx.evidence, []
-        for group in evidence.groups:
-            scored = model
-            if group.fold is not None:
-                scored = model.clone()
-                apply_ranges(scored, *self.ranges(ctx, group.fold))
-            scores.append(openvino_scores(scored, group.batch, precision))
-        return model, estimate_fidelity(evidence.errors(scores), evidence.scores, evidence.other_scores)
+    def score_group(self, ctx: Any, model: Any, group: Any, precision: str) -> Any:
+        """OpenVINO scores of one evidence group: the IR as built, or a clone with the ranges of every fold but the group's."""
+        from memexport.calibration.openvino_int8 import apply_ranges, openvino_scores, ranged_tensors
+
+        scored = model
+        if group.fold is not None:
+            scored = model.clone()
+            amax, signed = self.ranges(ctx, group.fold)
+            apply_ranges(scored, {name: amax[name] for name in ranged_tensors(scored, amax)}, signed)
+        return openvino_scores(scored, group.batch, precision)
+
+    def rescore(self, ctx: Any, build: Callable[[frozenset[str]], Any], exclude: frozenset[str], group: int, precision: str) -> list:
+        """One evidence group's errors with ``exclude`` out of INT8 (the nested estimate's per-block ranking)."""
+        groups = ctx.evidence.groups
+        model = build(exclude)
+        return ctx.evidence.errors([self.score_group(ctx, model, g, precision) if index == group else None for index, g in enumerate(groups)])
 
     def write(self, ctx: Any) -> Any:
         """Build, estimate and guard (scoring with OpenVINO at the precision the artifact runs in), then write the IR."""
@@ -496,23 +520,33 @@ class OpenVinoKind:
         amax = amax_from_stats(ctx.stats.all(), "percentile", percentile)
         guard = guard_for(ctx, self.name, self.layers(ctx), amax, cpu_ranges(ctx.stats.all(), percentile), f"percentile@{percentile}", block_unit,
                           ctx.options.cpu_fallback_rounds)
-        best = None
+        best, report = None, None
         for precision in dict.fromkeys((self.precision, "f32")):
             ctx.log(f"{file_name}: estimating with OpenVINO, layers outside INT8 in {precision}")
-            model, report = guard.run(lambda exclude: self.evaluate(ctx, build, exclude, precision), file_name)
-            if best is None or report.final.better_than(best[2].final, report.target):
-                best = (precision, model, report)
-            if report.verified:
+            model, report = guard.run(
+                lambda exclude: self.evaluate(ctx, build, exclude, precision), file_name,
+                lambda exclude, group: self.rescore(ctx, build, exclude, group, precision), f"{precision}: ", report.candidates if report else (),
+            )
+            own = report.chosen or report.final  # the choice between precisions is made, as the guard's, on every image
+            if best is None or own.better_than(best[2], report.target):
+                best = (precision, model, own, report)
+            if own.verified(report.target):
                 break
         self.precision = best[0]
-        return best[1], best[2]
+        # The estimate reported is the nested one over every candidate of both precisions: the choice between them is judged too.
+        return best[1], dataclasses.replace(best[3], final=report.final, chosen=best[2] if len(report.candidates) > 1 else None,
+                                            candidates=report.candidates)
 
     def extra_metadata(self, ctx: Any, ov: Any, nncf: Any) -> dict[str, Any]:
-        from memexport.calibration.openvino_int8 import FP32_OPS
+        from memexport.calibration.openvino_int8 import FP32_OPS, PLACEMENT_IMAGES
 
+        placed = list(zip(ctx.calibration, ctx.folds))[:PLACEMENT_IMAGES]
         return {
             "pinned_fp32_layers": list(self.pinned(ctx)), "fp32_ops": list(FP32_OPS), "range_percentile": ctx.options.cpu_percentile,
             "inference_precision": self.precision, "openvino": ov.get_version(), "nncf": nncf.__version__,
+            # NNCF ran these images to place the quantizers; each fold build sets every range and sign from its own statistics.
+            "placement": {"images": [path.name for path, _ in placed], "folds": sorted({int(fold) for _, fold in placed}),
+                          "used_for": "quantizer placement only; ranges and signs from each build's own statistics"},
         }
 
 

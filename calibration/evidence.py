@@ -78,9 +78,11 @@ class Evidence:
         return np.concatenate(batches), np.concatenate(scores)
 
     def errors(self, scores_by_group: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per evidence image, the errors of its views, from each group's INT8 scores."""
+        """Per evidence image, the errors of its views, from each group's INT8 scores (``None``: a group not scored, its images left empty)."""
         out: list[list[float]] = [[] for _ in range(self.images)]
         for group, scores in zip(self.groups, scores_by_group):
+            if scores is None:
+                continue
             for image, error in zip(group.image, np.asarray(scores, np.float64) - group.reference):
                 out[int(image)].append(float(error))
         return [np.array(values) for values in out]

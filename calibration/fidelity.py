@@ -11,7 +11,8 @@ population Spearman is ``(6 / pi) * asin(rho / 2)``. Both spreads are estimated 
 there is: the FP32 scores of all images, and the score errors of images the artifact (or a
 cross-validation fold of it) never calibrated on, with their augmented views. Their ratio has an
 exact F-distributed pivot, ``(s_e**2 / sigma_e**2) / (s_s**2 / sigma_s**2) ~ F(df_e, df_s)``,
-which gives the 90% interval on Spearman; the mean absolute error gets a one-sided t bound.
+which gives the 90% interval on Spearman; the mean absolute error gets a t / chi-square interval.
+Quantiles are exact (``scipy.stats``; calibration needs the ``export`` extra, which installs it).
 Views of one image share most of their error, so the error's degrees of freedom count images,
 not views (the conservative choice).
 """
@@ -21,39 +22,43 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from memexport.core.errors import UsageError
+from memexport.core.optional import require
 from memexport.core.ranks import spearman as spearman_rho
 
 CONFIDENCE = 0.90
 # Fewer images than this leave 3 degrees of freedom or less: the interval spans most of [0, 1].
 MIN_IMAGES = 5
-# Quantiles of the F and t distributions by seeded simulation (numpy only; the runtime has no
-# scipy): 200,000 draws put the 5% and 95% quantiles within about 0.5% of the exact values.
-_DRAWS = 200_000
+
+
+def _dist(name: str) -> Any:
+    """``scipy.stats.<name>``: exact quantiles (calibration needs the export extra, which installs scipy; the runtime never imports this)."""
+    stats = require("scipy.stats", "export", "the calibration's fidelity intervals")
+    return getattr(stats, name)
 
 
 @lru_cache(maxsize=256)
 def _f_quantiles(df_error: int, df_scores: int, confidence: float) -> tuple[float, float]:
-    draws = np.random.default_rng(12345).f(df_error, df_scores, _DRAWS)
     tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(draws, [tail, 1.0 - tail])
+    low, high = _dist("f").ppf([tail, 1.0 - tail], df_error, df_scores)
     return float(low), float(high)
 
 
 @lru_cache(maxsize=256)
 def _t_quantile(df: int, confidence: float) -> float:
-    draws = np.random.default_rng(54321).standard_t(df, _DRAWS)
-    return float(np.quantile(draws, 1.0 - (1.0 - confidence) / 2.0))
+    """The t distribution's ``1 - (1 - confidence) / 2`` quantile: one end of a two-sided interval."""
+    return float(_dist("t").ppf(1.0 - (1.0 - confidence) / 2.0, df))
 
 
 @lru_cache(maxsize=256)
-def _chi2_low(df: int, confidence: float) -> float:
-    draws = np.random.default_rng(24680).chisquare(df, _DRAWS)
-    return float(np.quantile(draws, (1.0 - confidence) / 2.0))
+def _chi2_quantiles(df: int, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2.0
+    low, high = _dist("chi2").ppf([tail, 1.0 - tail], df)
+    return float(low), float(high)
 
 
 def folded_normal_mean(mean: float, sd: float) -> float:
@@ -64,18 +69,29 @@ def folded_normal_mean(mean: float, sd: float) -> float:
     return sd * math.sqrt(2.0 / math.pi) * math.exp(-z * z / 2.0) + abs(mean) * math.erf(z / math.sqrt(2.0))
 
 
-def mean_abs_bound(per_image_abs: np.ndarray, errors: np.ndarray, images: int, confidence: float) -> float:
-    """Upper end of the mean absolute error's interval.
+def mean_abs_interval(per_image_abs: np.ndarray, errors: np.ndarray, images: int, confidence: float) -> tuple[float, float]:
+    """Both ends of the mean absolute error's interval.
 
-    The larger of two bounds: a t bound on the per-image mean |error| (right for any error shape,
-    but short on few images because |error| is skewed), and the Gaussian errors' ``E|e|`` at the
-    upper ends of the error's mean (t) and spread (chi-square).
+    Each end takes the wider of two bounds: a t bound on the per-image mean |error| (right for any
+    error shape, but short on few images because |error| is skewed), and the Gaussian errors'
+    ``E|e|`` at the matching ends of the error's mean (t) and spread (chi-square). The low end is
+    a real bound (``E|e|`` grows with both ``|mean|`` and the spread), not the high end mirrored.
+
+    Args:
+        per_image_abs: Per image, the mean |error| of its views.
+        errors: Per image, the mean error of its views.
+        images: How many images (the degrees of freedom are ``images - 1``).
+        confidence: Two-sided coverage.
     """
     t = _t_quantile(images - 1, confidence)
-    direct = float(per_image_abs.mean()) + t * float(per_image_abs.std(ddof=1)) / math.sqrt(images)
-    sd_high = float(errors.std(ddof=1)) * math.sqrt((images - 1) / _chi2_low(images - 1, confidence))
-    mean_high = abs(float(errors.mean())) + t * float(errors.std(ddof=1)) / math.sqrt(images)
-    return max(direct, folded_normal_mean(mean_high, sd_high))
+    chi_low, chi_high = _chi2_quantiles(images - 1, confidence)
+    step = t * float(per_image_abs.std(ddof=1)) / math.sqrt(images)
+    sd = float(errors.std(ddof=1))
+    mean, mean_step = abs(float(errors.mean())), t * sd / math.sqrt(images)
+    gaussian_high = folded_normal_mean(mean + mean_step, sd * math.sqrt((images - 1) / chi_low))
+    gaussian_low = folded_normal_mean(max(0.0, mean - mean_step), sd * math.sqrt((images - 1) / chi_high))
+    centre = float(per_image_abs.mean())
+    return max(0.0, min(centre - step, gaussian_low)), max(centre + step, gaussian_high)
 
 
 def gaussian_spearman(error_to_spread: float) -> float:
@@ -118,6 +134,9 @@ class FidelityEstimate:
         score_sd: Standard deviation of the FP32 scores.
         score_images: Images whose FP32 scores gave ``score_sd``.
         confidence: Interval coverage (default 0.9).
+        mean_abs_low: Lower end of the mean absolute error's interval (:func:`mean_abs_interval`).
+        selection: How the interval accounts for the guard's choice among candidate artifacts
+            (empty: nothing was chosen; see :mod:`memexport.calibration.selection`).
     """
 
     spearman: float
@@ -132,6 +151,8 @@ class FidelityEstimate:
     score_sd: float
     score_images: int
     confidence: float = CONFIDENCE
+    mean_abs_low: float = 0.0
+    selection: str = ""
 
     def verified(self, target: FidelityTarget) -> bool:
         """The whole interval meets ``target``."""
@@ -139,10 +160,7 @@ class FidelityEstimate:
 
     def refuted(self, target: FidelityTarget) -> bool:
         """Even the interval's best end misses ``target``: more images would not help."""
-        return self.spearman_high < target.min_spearman or self.mean_abs_low() > target.max_mean_abs
-
-    def mean_abs_low(self) -> float:
-        return max(0.0, 2.0 * self.mean_abs - self.mean_abs_high)
+        return self.spearman_high < target.min_spearman or self.mean_abs_low > target.max_mean_abs
 
     def better_than(self, other: "FidelityEstimate", target: FidelityTarget) -> bool:
         """Whether this estimate improves on ``other`` towards ``target``.
@@ -156,9 +174,10 @@ class FidelityEstimate:
         """The ``fidelity`` entry of ``<stem>.calib.json`` and of the artifact's metadata."""
         return {
             "spearman": round(self.spearman, 4), "spearman_low": round(self.spearman_low, 4), "spearman_high": round(self.spearman_high, 4),
-            "mean_abs": round(self.mean_abs, 5), "mean_abs_high": round(self.mean_abs_high, 5), "images": self.images,
+            "mean_abs": round(self.mean_abs, 5), "mean_abs_high": round(self.mean_abs_high, 5), "mean_abs_low": round(self.mean_abs_low, 5), "images": self.images,
             "verified": self.verified(target), "views": self.views, "measured_spearman": round(self.measured_spearman, 4),
             "confidence": self.confidence, "target": {"min_spearman": target.min_spearman, "max_mean_abs": target.max_mean_abs},
+            **({"selection": self.selection} if self.selection else {}),
         }
 
     def describe(self) -> str:
@@ -167,20 +186,31 @@ class FidelityEstimate:
             f"mean abs {self.mean_abs:.4f} (<= {self.mean_abs_high:.4f}) on {self.images} images"
         )
 
+    def spearman_low_with(self, count: int) -> float:
+        """The interval's lower end if ``count`` images (and the same further score images) showed these spreads.
+
+        The degrees of freedom are :func:`estimate_fidelity`'s: ``count - 1`` for the errors and
+        ``count + (score_images - images) - 1`` for the scores, so ``count == images`` gives ``spearman_low``.
+        """
+        ratio = self.error_sd / self.score_sd if self.score_sd > 0 else math.inf
+        f_low, _ = _f_quantiles(count - 1, count + self.score_images - self.images - 1, self.confidence)
+        return gaussian_spearman(ratio / math.sqrt(f_low))
+
     def images_to_settle(self, target: FidelityTarget, limit: int = 100_000) -> int | None:
-        """Images that would verify ``target`` if more of them showed the same errors; ``None`` if no number would."""
+        """Images that would verify ``target`` if more of them showed the same errors; ``None`` if no number would.
+
+        Each added image adds to both spreads, as in :func:`estimate_fidelity`: the errors' degrees of
+        freedom are ``count - 1`` and the scores' ``count + (score_images - images) - 1``.
+        """
         if self.spearman < target.min_spearman or self.mean_abs > target.max_mean_abs:
             return None
         if self.verified(target):
             return self.images
-        ratio = self.error_sd / self.score_sd if self.score_sd > 0 else math.inf
         spread = (self.mean_abs_high - self.mean_abs) * math.sqrt(self.images) / _t_quantile(self.images - 1, self.confidence)
 
         def settles(count: int) -> bool:
-            f_low, _ = _f_quantiles(count - 1, count - 1, self.confidence)
-            low = gaussian_spearman(ratio / math.sqrt(f_low))
             high = self.mean_abs + _t_quantile(count - 1, self.confidence) * spread / math.sqrt(count)
-            return low >= target.min_spearman and high <= target.max_mean_abs
+            return self.spearman_low_with(count) >= target.min_spearman and high <= target.max_mean_abs
 
         low, high = self.images, self.images
         while not settles(high):
@@ -231,7 +261,7 @@ def estimate_fidelity(
     ratio = error_sd / score_sd
     absolute = np.array([np.mean(np.abs(e)) for e in per_image])
     mean_abs = float(absolute.mean())
-    bound = mean_abs_bound(absolute, np.array([e.mean() for e in per_image]), count, confidence)
+    low, bound = mean_abs_interval(absolute, np.array([e.mean() for e in per_image]), count, confidence)
     firsts = np.array([e[0] for e in per_image])
     return FidelityEstimate(
         spearman=gaussian_spearman(ratio),
@@ -246,4 +276,5 @@ def estimate_fidelity(
         score_sd=score_sd,
         score_images=int(scores.size),
         confidence=confidence,
+        mean_abs_low=low,
     )

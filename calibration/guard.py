@@ -8,6 +8,12 @@ ONNX Runtime session in which every quantisable layer has its INT8 quantise/dequ
 0/1 switch fed as an input, so one inference ranks one unit, never a rebuild. The most
 sensitive 1, 2, 4, ... units are then kept in FP32, each step rebuilt and re-estimated; a step
 that does not improve the estimate is not taken, so fallback never makes the estimate worse.
+
+Choosing the best of several estimates on the same images flatters the winner, so the estimate
+reported for the artifact shipped is not the winner's own: it is the nested cross-validation of
+:mod:`memexport.calibration.selection` (choose on the other folds, judge on this one), ranking
+units without the judged fold's images too. The winner's own estimate stays in the report
+(:attr:`GuardReport.chosen`) and in each step's record.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class GuardReport:
         target: The target applied.
         steps: The fallback steps tried, in order.
         fallback_units: The units (blocks or layers) ``fallback`` consists of.
+        chosen: The shipped candidate's own estimate on every evidence image (optimistic when
+            several were tried; ``final`` is the nested one), ``None`` when nothing was chosen.
+        candidates: Every candidate tried (:class:`~memexport.calibration.selection.Candidate`), in order.
     """
 
     initial: FidelityEstimate
@@ -71,6 +80,8 @@ class GuardReport:
     target: FidelityTarget
     steps: tuple[FallbackStep, ...] = ()
     fallback_units: tuple[str, ...] = ()
+    chosen: FidelityEstimate | None = None
+    candidates: tuple = ()
 
     @property
     def verified(self) -> bool:
@@ -209,19 +220,36 @@ class SwitchableModel:
         return session_scores(self.session, batch, extra={SWITCH_INPUT: switch})
 
 
+def unit_errors(
+    model: SwitchableModel, batch: np.ndarray, reference: np.ndarray, units: Mapping[str, Sequence[str]],
+    progress: Callable[[int, int], None] = lambda d, t: None,
+) -> dict[str, np.ndarray]:
+    """Per image, the |score error| against FP32 with only one unit's layers in INT8, for every unit."""
+    out = {}
+    for index, (unit, layers) in enumerate(units.items()):
+        out[unit] = np.abs(model.scores(batch, set(layers)) - reference)
+        progress(index + 1, len(units))
+    return out
+
+
 def unit_sensitivity(
     model: SwitchableModel, batch: np.ndarray, reference: np.ndarray, units: Mapping[str, Sequence[str]],
     progress: Callable[[int, int], None] = lambda d, t: None,
 ) -> dict[str, float]:
     """Mean |score error| against FP32 with only one unit's layers in INT8, for every unit."""
-    out = {}
-    for index, (unit, layers) in enumerate(units.items()):
-        out[unit] = float(np.mean(np.abs(model.scores(batch, set(layers)) - reference)))
-        progress(index + 1, len(units))
-    return out
+    return {unit: float(values.mean()) for unit, values in unit_errors(model, batch, reference, units, progress).items()}
 
 
-Evaluate = Callable[[frozenset], "tuple[Any, FidelityEstimate]"]
+def images_key(batch: np.ndarray) -> str:
+    """A digest of the pixels that rank the units: part of the sensitivity cache's key."""
+    import hashlib
+
+    array = np.ascontiguousarray(batch, dtype=np.float32)
+    return f"{len(array)}:{hashlib.sha256(array.tobytes()).hexdigest()[:24]}"
+
+
+# Builds the artifact with the given layers in FP32; returns it and, per evidence image, its views' errors.
+Evaluate = Callable[[frozenset], "tuple[Any, list]"]
 
 
 @dataclass
@@ -232,17 +260,22 @@ class Guard:
         fp32: The FP32 ``onnx.ModelProto``.
         amax: Dynamic range per tensor (for the Q/DQ simulation).
         layers: Layers the artifact quantises, hence may keep in FP32.
-        batch: Images that rank the units (float32 NCHW; calibration images do, ranking is relative).
+        batch: Images that rank the units (float32 NCHW): the first evidence images, in order
+            (row ``i`` is evidence image ``i``), so a judged block can rank without its own.
         reference: FP32 scores of ``batch``.
         target: See :class:`~memexport.calibration.fidelity.FidelityTarget`.
         log: Receives progress lines (default: silent).
         max_rounds: Fallback steps tried, keeping the most sensitive 1, 2, 4, ... units (default 4).
         cache: JSON file keeping the measured sensitivity, reused when ``cache_key`` matches
             (default ``None``: not kept).
-        cache_key: Identifies model, ranges and ranking images for ``cache``.
+        cache_key: Identifies model and ranges for ``cache`` (the ranking images' pixels are added to it, :func:`images_key`).
         u8_ranges: Simulate the UINT8 CPU artifact with these ranges (default ``None``: Q/DQ INT8).
         sensitivity_images: Images that rank the units (default 8).
         unit_of: Maps a layer to its fallback unit (default: the layer itself; :func:`block_unit` for blocks).
+        scores: FP32 score of every evidence image (default ``reference``).
+        other_scores: FP32 scores of further images, for the scores' spread (default none).
+        blocks: The judging blocks of the nested estimate (default: the images dealt into
+            :data:`~memexport.calibration.selection.HELD_OUT_BLOCKS`, right when no build saw any of them).
     """
 
     fp32: Any
@@ -258,7 +291,10 @@ class Guard:
     u8_ranges: Any = None
     sensitivity_images: int = 8
     unit_of: Callable[[str], str] = lambda name: name
-    _sensitivity: dict[str, float] = field(default_factory=dict)
+    scores: Any = None
+    other_scores: Any = ()
+    blocks: tuple = ()
+    _per_image: dict[str, np.ndarray] = field(default_factory=dict)
 
     def units(self) -> dict[str, list[str]]:
         """Layers by fallback unit, in graph order."""
@@ -267,7 +303,13 @@ class Guard:
             out.setdefault(self.unit_of(layer), []).append(layer)
         return out
 
-    def _cached(self) -> dict[str, float]:
+    def _key(self) -> str:
+        return f"{self.cache_key}|images={images_key(self.batch[: self._count()])}"
+
+    def _count(self) -> int:
+        return min(len(self.batch), self.sensitivity_images)
+
+    def _cached(self) -> dict[str, np.ndarray]:
         import json
         from pathlib import Path
 
@@ -275,22 +317,22 @@ class Guard:
             return {}
         try:
             data = json.loads(Path(self.cache).read_text())
-            if data.get("key") == self.cache_key and set(data["sensitivity"]) == set(self.units()):
+            if data.get("key") == self._key() and set(data["per_image"]) == set(self.units()):
                 self.log(f"reusing per-unit sensitivity from {self.cache}")
-                return {k: float(v) for k, v in data["sensitivity"].items()}
+                return {k: np.asarray(v, np.float64) for k, v in data["per_image"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         return {}
 
-    def sensitivity(self) -> dict[str, float]:
-        """Per-unit sensitivity, measured once (and kept in ``cache`` when given)."""
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Per unit, the |score error| on each ranking image, measured once (and kept in ``cache`` when given)."""
         import json
 
-        if not self._sensitivity:
-            self._sensitivity = self._cached()
-        if not self._sensitivity:
+        if not self._per_image:
+            self._per_image = self._cached()
+        if not self._per_image:
             units = self.units()
-            count = min(len(self.batch), self.sensitivity_images)
+            count = self._count()
             self.log(f"measuring the sensitivity of {len(units)} units ({len(self.layers)} layers) on {count} images")
             simulation = SwitchableModel(self.fp32, self.amax, self.layers, self.u8_ranges)
             step = max(1, len(units) // 10)
@@ -299,42 +341,104 @@ class Guard:
                 if done % step == 0 or done == total:
                     self.log(f"  sensitivity: {done}/{total} units")
 
-            self._sensitivity = unit_sensitivity(simulation, self.batch[:count], self.reference[:count], units, progress)
+            self._per_image = unit_errors(simulation, self.batch[:count], self.reference[:count], units, progress)
             if self.cache is not None:
                 from memexport.core.atomic import write_text_atomic
 
-                write_text_atomic(self.cache, json.dumps({"key": self.cache_key, "sensitivity": self._sensitivity}, indent=1))
-        return self._sensitivity
+                record = {"key": self._key(), "per_image": {k: v.tolist() for k, v in self._per_image.items()}}
+                write_text_atomic(self.cache, json.dumps(record, indent=1))
+        return self._per_image
 
-    def run(self, evaluate: Evaluate, what: str) -> tuple[Any, GuardReport]:
+    def sensitivity(self, without: Sequence[int] = ()) -> dict[str, float]:
+        """Per-unit sensitivity: the mean over the ranking images, leaving out the evidence images ``without``."""
+        per_image = self.per_image()
+        keep = np.ones(self._count(), bool)
+        keep[[i for i in without if i < keep.size]] = False
+        if not keep.any():
+            keep[:] = True
+        return {unit: float(values[keep].mean()) for unit, values in per_image.items()}
+
+    def order(self, without: Sequence[int] = ()) -> list[str]:
+        """Units, most sensitive first, ranked without the evidence images ``without``."""
+        sensitivity = self.sensitivity(without)
+        return sorted(self.units(), key=lambda unit: -sensitivity[unit])
+
+    def fallback_layers(self, units: int, without: Sequence[int] = ()) -> frozenset:
+        """The layers of the ``units`` most sensitive units, ranked without ``without``."""
+        layers = self.units()
+        return frozenset(layer for unit in self.order(without)[:units] for layer in layers[unit])
+
+    def estimate(self, errors: Sequence[np.ndarray]) -> FidelityEstimate:
+        """The fidelity estimate of per-image errors on the evidence."""
+        from memexport.calibration.fidelity import estimate_fidelity
+
+        scores = self.reference if self.scores is None else self.scores
+        return estimate_fidelity(errors, scores, self.other_scores)
+
+    def run(self, evaluate: Evaluate, what: str, rescore: Any = None, label: str = "", prior: Sequence[Any] = ()) -> tuple[Any, GuardReport]:
         """Estimate with every layer in INT8; while unverified, try keeping the most sensitive units in FP32.
 
         Args:
-            evaluate: Builds the artifact with the given layers in FP32 and returns it with its estimate.
+            evaluate: Builds the artifact with the given layers in FP32 and returns it with, per
+                evidence image, the errors of its views.
             what: Name for messages.
+            rescore: ``rescore(exclude, group)``: one evidence group's errors (per evidence image,
+                empty outside the group) with ``exclude`` in FP32, for a judged block whose own
+                ranking differs (default ``None``: the guard's ranking is used for every block).
+            label: Prefix of the candidates' labels (the OpenVINO kind's precision).
+            prior: Candidates of an earlier run on the same evidence (another precision) that the
+                shipped artifact was chosen against; the nested estimate includes them.
 
         Returns:
-            The best artifact found (the first one unless a step improved on it) and the report.
+            The best artifact found (the first one unless a step improved on it) and the report,
+            whose ``final`` is the nested estimate when anything was chosen.
         """
-        proto, initial = evaluate(frozenset())
+        from memexport.calibration.selection import Candidate
+
+        def logged(exclude: frozenset, group: int) -> list:
+            self.log(f"{what}: scoring evidence group {group} again, its units ranked without its images ({len(exclude)} layer(s) in FP32)")
+            return rescore(exclude, group)
+
+        def candidate(units: int, exclude: frozenset) -> tuple[Any, Any]:
+            artifact, errors = evaluate(exclude)
+            name = f"{label}{units} unit(s) in FP32"
+            return artifact, Candidate(name, units, exclude, list(errors), self.estimate(errors), logged if rescore is not None else None)
+
+        proto, first = candidate(0, frozenset())
+        initial = first.estimate
         self.log(f"{what}: all layers INT8: {initial.describe()}")
-        best, best_units, steps = (proto, initial), 0, []
-        if initial.verified(self.target) or self.max_rounds <= 0 or not self.layers:
-            return proto, GuardReport(initial, initial, (), {}, self.target)
-        units = self.units()
-        sensitivity = self.sensitivity()
-        order = sorted(units, key=lambda unit: -sensitivity[unit])
-        count = 1
-        for _ in range(self.max_rounds):
-            chosen = [layer for unit in order[:count] for layer in units[unit]]
-            candidate, estimate = evaluate(frozenset(chosen))
-            taken = estimate.better_than(best[1], self.target)
-            self.log(f"{what}: {count} unit(s), {len(chosen)} layer(s) in FP32: {estimate.describe()}{'' if taken else ' (no better: not taken)'}")
-            steps.append(FallbackStep(count, len(chosen), estimate, taken))
-            if taken:
-                best, best_units = (candidate, estimate), count
-            if best[1].verified(self.target) or count >= len(order):
-                break
-            count = min(len(order), count * 2)
-        fallback = tuple(layer for unit in order[:best_units] for layer in units[unit])
-        return best[0], GuardReport(initial, best[1], fallback, sensitivity, self.target, tuple(steps), tuple(order[:best_units]))
+        best, best_units, steps, tried = (proto, first), 0, [], [first]
+        if not (initial.verified(self.target) or self.max_rounds <= 0 or not self.layers):
+            order = self.order()
+            count = 1
+            for _ in range(self.max_rounds):
+                artifact, step = candidate(count, self.fallback_layers(count))
+                tried.append(step)
+                taken = step.estimate.better_than(best[1].estimate, self.target)
+                self.log(f"{what}: {count} unit(s), {len(step.exclude)} layer(s) in FP32: {step.estimate.describe()}{'' if taken else ' (no better: not taken)'}")
+                steps.append(FallbackStep(count, len(step.exclude), step.estimate, taken))
+                if taken:
+                    best, best_units = (artifact, step), count
+                if best[1].estimate.verified(self.target) or count >= len(order):
+                    break
+                count = min(len(order), count * 2)
+        final = self.nested([*prior, *tried], what)
+        order_units = tuple(self.order()[:best_units]) if best_units else ()
+        fallback = tuple(layer for unit in order_units for layer in self.units()[unit])
+        sensitivity = self.sensitivity() if steps else {}
+        chosen = best[1].estimate if len(prior) + len(tried) > 1 else None
+        return best[0], GuardReport(initial, final if final is not None else best[1].estimate, fallback, sensitivity, self.target,
+                                    tuple(steps), order_units, chosen, (*prior, *tried))
+
+    def nested(self, candidates: Sequence[Any], what: str) -> FidelityEstimate | None:
+        """The nested estimate over ``candidates`` (``None`` with a single candidate: nothing was chosen)."""
+        from memexport.calibration.selection import HELD_OUT_BLOCKS, Block, nested_estimate
+
+        if len(candidates) < 2:
+            return None
+        scores = np.asarray(self.reference if self.scores is None else self.scores, np.float64)
+        blocks = self.blocks or tuple(Block(0, tuple(range(start, len(scores), HELD_OUT_BLOCKS))) for start in range(min(HELD_OUT_BLOCKS, len(scores))))
+        estimate, _ = nested_estimate(candidates, blocks, scores, np.asarray(self.other_scores, np.float64), self.target,
+                                      lambda block, units: self.fallback_layers(units, block.images))
+        self.log(f"{what}: after choosing among {len(candidates)} candidates (nested): {estimate.describe()}")
+        return estimate

@@ -64,8 +64,14 @@ def split_images(paths: Sequence[Path], held_out_fraction: float = 0.25, min_hel
 def augmented_views(image, count: int, seed: int) -> list:
     """The image and ``count`` augmented views (mirror, then random crops of 70-95% of each side).
 
-    Augmentation widens the activation statistics of a small calibration set; it is never
-    applied to held-out images.
+    Two uses. For calibration images, augmentation widens the activation statistics of a small
+    set. For the fidelity estimate's evidence (held-out images, and each cross-validation fold's
+    images) the views are extra error samples: a view of an image the scoring build never saw is
+    as unseen as the image itself, since no view of it entered that build's statistics. The views
+    of one image share most of their error, so the estimate counts images, not views, as its
+    degrees of freedom (:mod:`memexport.calibration.fidelity`); the views only steady the error's
+    spread. (An earlier docstring said held-out images were never augmented; the code always
+    augmented them, and that is the right behaviour.)
     """
     from PIL import Image, ImageOps
 

@@ -30,12 +30,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from memexport.core.errors import CalibrationError
 from memexport.core.optional import require
 
 # Fully connected layers (ONNX Gemm becomes OpenVINO MatMul): a tiny share of the time and the
 # most rank-sensitive part of a scorer, as for the ONNX Runtime CPU artifact.
 FP32_OPS = ("MatMul",)
-# NNCF only places the quantizers from these images (the ranges are memexport's), so a few do.
+# NNCF only places the quantizers from these images (every range and sign is memexport's, from
+# each build's own statistics, :func:`apply_ranges`), so a few do.
 PLACEMENT_IMAGES = 4
 # Symmetric signed INT8 spans [-128, 127] steps: NNCF's low end is the high end times 128/127.
 SIGNED_LOW = 128.0 / 127.0
@@ -71,36 +73,77 @@ def ignored_patterns(options: OpenVinoInt8Options) -> list[str]:
     return [f"^{re.escape(prefix)}" for prefix in options.pinned] + [f"^{re.escape(name)}(/|$)" for name in sorted(options.exclude)]
 
 
-def apply_ranges(model: Any, amax: Mapping[str, float], signed: Mapping[str, bool]) -> int:
-    """Give every activation ``FakeQuantize`` of ``model`` memexport's range; returns how many changed.
+def _activation_quantizers(model: Any) -> list[tuple[Any, list[str]]]:
+    """Each ``FakeQuantize`` with constant bounds, with the tensor names of its input."""
+    out = []
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "FakeQuantize":
+            continue
+        if all(node.input_value(index).get_node().get_type_name() == "Constant" for index in range(1, 5)):
+            out.append((node, sorted(node.input_value(0).get_names())))
+    return out
 
-    A quantizer keeps NNCF's form (unsigned ``[0, a]`` or symmetric ``[-a * 128/127, a]``) with
-    ``a = amax[tensor]``; an unsigned one becomes symmetric when the statistics saw negative values
-    (NNCF decides the sign from its few placement images). Quantizers on tensors without
-    statistics (inside OpenVINO-made subgraphs) keep NNCF's range.
+
+def ranged_tensors(model: Any, amax: Mapping[str, float]) -> list[str]:
+    """The tensors of ``amax`` that feed a ``FakeQuantize`` of ``model`` (the ones :func:`apply_ranges` sets).
+
+    Raises:
+        CalibrationError: ``model`` has quantizers but none of them reads a tensor of ``amax``
+            (OpenVINO renamed the tensors): every range would silently stay NNCF's.
+    """
+    quantizers = _activation_quantizers(model)
+    names = sorted({name for _, inputs in quantizers for name in inputs if name in amax})
+    if quantizers and not names:
+        seen = sorted({name for _, inputs in quantizers for name in inputs})[:5]
+        raise CalibrationError(
+            f"none of the {len(quantizers)} OpenVINO quantizers reads a tensor named in the calibration statistics "
+            f"(they read {seen}); the IR's tensor names no longer match the ONNX model's, so memexport's ranges cannot be set"
+        )
+    return names
+
+
+def apply_ranges(model: Any, amax: Mapping[str, float], signed: Mapping[str, bool]) -> int:
+    """Give the activation ``FakeQuantize`` of each tensor in ``amax`` memexport's range; returns how many changed.
+
+    A quantizer takes unsigned ``[0, a]`` or symmetric ``[-a * 128/127, a]`` with ``a = amax[tensor]``,
+    signed exactly when ``signed[tensor]`` says the statistics saw negative values (NNCF's own sign
+    comes from its few placement images, which are calibration images of some fold: deciding it
+    from the build's own statistics keeps a cross-validation fold's build free of the images it
+    judges). Tensors missing from ``signed`` keep NNCF's sign. Quantizers on tensors without a range
+    (inside OpenVINO-made subgraphs) keep NNCF's range; pass :func:`ranged_tensors` to set all.
 
     Args:
         model: ``openvino.Model`` from NNCF, changed in place.
         amax: Range per ONNX tensor name (OpenVINO keeps ONNX tensor names).
         signed: Whether each tensor took negative values during calibration.
+
+    Raises:
+        CalibrationError: A tensor of ``amax`` feeds no ``FakeQuantize`` (the error names them):
+            silently skipping it would leave NNCF's range, built from other images, in its place.
     """
     from openvino import opset13 as ops
 
-    changed = 0
-    for node in model.get_ordered_ops():
-        if node.get_type_name() != "FakeQuantize":
+    changed, found = 0, set()
+    for node, inputs in _activation_quantizers(model):
+        names = [name for name in inputs if name in amax]
+        if not names:
             continue
-        names = [name for name in node.input_value(0).get_names() if name in amax]
+        found.update(names)
         bounds = [node.input_value(index).get_node() for index in range(1, 5)]
-        if not names or any(bound.get_type_name() != "Constant" for bound in bounds):
-            continue
         high = np.float32(max(amax[names[0]], 1e-8))
-        unsigned = float(bounds[0].get_data().min()) >= 0.0 and not signed.get(names[0], False)
+        unsigned = not signed[names[0]] if names[0] in signed else float(bounds[0].get_data().min()) >= 0.0
         low = np.float32(0.0) if unsigned else -high * np.float32(SIGNED_LOW)
         for index, value in enumerate((low, high, low, high), start=1):
             shape = bounds[index - 1].get_data().shape
             node.input(index).replace_source_output(ops.constant(np.full(shape, value, np.float32)).output(0))
         changed += 1
+    missing = sorted(set(amax) - found)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CalibrationError(
+            f"{len(missing)} range(s) name no quantized tensor of the OpenVINO model: {shown}; "
+            "expected the ONNX tensor names NNCF kept (pass ranged_tensors(model, amax) to choose them)"
+        )
     model.validate_nodes_and_infer_types()
     return changed
 
@@ -131,7 +174,7 @@ def openvino_int8_model(
         fp32, dataset, subset_size=len(placement), ignored_scope=scope,
         advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True),
     )
-    apply_ranges(quantized, amax, signed)
+    apply_ranges(quantized, {name: amax[name] for name in ranged_tensors(quantized, amax)}, signed)
     return quantized
 
 

@@ -311,7 +311,12 @@ def write_kinds(ctx: CalibrationContext) -> tuple[dict[str, Written], dict[str, 
 
 
 def write_record(path: Path, ctx: CalibrationContext, gathered: Gathered, written: Mapping[str, Written], refused: Mapping[str, str]) -> Path:
-    """Stage 4: ``<stem>.calib.json``, what was calibrated on and what each estimate shows."""
+    """Stage 4: ``<stem>.calib.json``, what was calibrated on and what each estimate shows.
+
+    ``fidelity`` holds each artifact's reported estimate: after a choice among candidates, the
+    nested one (its ``selection`` says so); ``fidelity_steps`` keeps every candidate's own estimate
+    and, as ``chosen_in_sample``, the shipped one's (optimistic: it won on these very images).
+    """
     from memexport.core.atomic import write_text_atomic
 
     guards = {kind: w.guard for kind, w in written.items() if w.guard is not None}
@@ -321,7 +326,7 @@ def write_record(path: Path, ctx: CalibrationContext, gathered: Gathered, writte
         "skipped": list(gathered.skipped), "tensorrt_version": ctx.options.tensorrt_version,
         "fallback_layers": {kind: list(r.fallback) for kind, r in guards.items()}, "refused": dict(refused),
         "fidelity": {kind: r.final.record(r.target) for kind, r in guards.items()},
-        "fidelity_steps": {kind: {"initial": r.initial.record(r.target), "steps": [
+        "fidelity_steps": {kind: {"initial": r.initial.record(r.target), **({"chosen_in_sample": r.chosen.record(r.target)} if r.chosen else {}), "steps": [
             {"units": step.units, "layers": step.layers, "taken": step.taken, **step.estimate.record(r.target)} for step in r.steps
         ]} for kind, r in guards.items()},
     }, indent=2))

@@ -85,3 +85,57 @@ def test_views_count_as_errors_but_not_as_images():
     assert estimate.images == 10 and estimate.views == 40 and estimate.score_images == 15
     record = estimate.record(FidelityTarget())
     assert set(record) >= {"spearman", "spearman_low", "spearman_high", "mean_abs", "mean_abs_high", "images", "verified"}
+
+
+def test_quantiles_are_exact():
+    """F, t and chi-square quantiles from scipy, not from 200,000 draws (about 0.5% off in the tails).
+
+    Table values: F(0.05; 14, 14) = 0.40262, F(0.95; 14, 14) = 2.48373, t(0.95; 14) = 1.76131,
+    chi2(0.05; 14) = 6.57063, chi2(0.95; 14) = 23.68479.
+    """
+    from memexport.calibration import fidelity
+
+    low, high = fidelity._f_quantiles(14, 14, 0.9)
+    assert low == pytest.approx(0.40262, abs=2e-5) and high == pytest.approx(2.48373, abs=2e-5)
+    assert fidelity._t_quantile(14, 0.9) == pytest.approx(1.76131, abs=2e-5)
+    assert fidelity._chi2_quantiles(14, 0.9) == (pytest.approx(6.57063, abs=2e-5), pytest.approx(23.68479, abs=2e-5))
+
+
+def test_images_to_settle_uses_the_estimates_degrees_of_freedom():
+    """With further calibration images sharpening the scores' spread, the advice at today's image count
+    reproduces the estimate's own lower end (it used to assume as many score images as error images)."""
+    rng = np.random.default_rng(11)
+    errors, scores = _draw(rng, 8, error_sd=0.006)
+    estimate = estimate_fidelity(errors, scores, other_scores=rng.normal(0.75, SCORE_SD, 40))
+    assert estimate.score_images == 48
+    target = FidelityTarget(0.995, 0.05)  # the Spearman end decides here
+    assert estimate.spearman > 0.995 > estimate.spearman_low
+    needed = estimate.images_to_settle(target)
+    stats = pytest.importorskip("scipy.stats")
+    ratio = estimate.error_sd / estimate.score_sd
+
+    def low(count):  # the lower end estimate_fidelity would give on ``count`` images plus the same 40 others
+        return gaussian_spearman(ratio / np.sqrt(stats.f.ppf(0.05, count - 1, count + 40 - 1)))
+
+    assert needed is not None and low(needed) >= 0.995 > low(needed - 1)
+    assert estimate.spearman_low_with(estimate.images) == pytest.approx(estimate.spearman_low, abs=1e-12)
+    assert estimate.spearman_low_with(needed) == pytest.approx(low(needed), abs=1e-12)
+
+
+def test_mean_abs_low_is_a_real_bound():
+    """The low end of the mean-error interval covers the truth from below at least ~95% of the time
+    (it used to be the high end mirrored about the mean), and refuting rests on it."""
+    rng = np.random.default_rng(10)
+    true_mean_abs = float(np.mean(np.abs(rng.normal(BIAS, ERROR_SD, 1_000_000))))
+    below = 0
+    for _ in range(200):
+        errors, scores = _draw(rng, 10)
+        estimate = estimate_fidelity(errors, scores)
+        assert 0.0 <= estimate.mean_abs_low <= estimate.mean_abs <= estimate.mean_abs_high
+        below += estimate.mean_abs_low <= true_mean_abs
+    assert below / 200 >= 0.95 - 3 * np.sqrt(0.95 * 0.05 / 200)
+    assert "mean_abs_low" in estimate.record(FidelityTarget())
+    # an artifact refuted on the error alone: even the low end misses the bound
+    errors, scores = _draw(rng, 30, error_sd=0.001)
+    shifted = [e + 0.05 for e in errors]
+    assert estimate_fidelity(shifted, scores).refuted(FidelityTarget())

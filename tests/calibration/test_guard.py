@@ -41,7 +41,7 @@ def _evaluator(proto, amax, held, reference, build=None):
     def evaluate(exclude):
         candidate = build(exclude)
         scores = session_scores(ort_session(candidate), held)
-        return candidate, estimate_fidelity([[e] for e in scores - reference], reference)
+        return candidate, [np.array([e]) for e in scores - reference]
 
     return evaluate
 
@@ -50,7 +50,8 @@ def test_guard_finds_the_planted_layer(tmp_path, sample_images):
     proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
     layers = quantizable_layers(proto)
     evaluate = _evaluator(proto, amax, held, reference)
-    _, naive = evaluate(frozenset())
+    _, errors = evaluate(frozenset())
+    naive = estimate_fidelity(errors, reference)
     assert not naive.verified(FidelityTarget())  # the plant works: all-INT8 is off target
     lines = []
     guard = Guard(proto, amax, layers, held, reference, FidelityTarget(0.99, 0.01), lines.append)
@@ -98,7 +99,9 @@ def test_fallback_never_makes_the_estimate_worse(tmp_path, sample_images):
     guard = Guard(proto, amax, quantizable_layers(proto), held, reference, FidelityTarget(0.99, 0.01), lines.append, max_rounds=3)
     final_proto, report = guard.run(_evaluator(proto, amax, held, reference, hurting), "tiny")
     assert report.steps and not any(step.taken for step in report.steps)
-    assert report.fallback == () and report.final == report.initial
+    assert report.fallback == () and report.chosen == report.initial
+    # the estimate reported judges the choice too (nested), and says so
+    assert report.final.selection.startswith("nested") and report.final.images == report.initial.images
     assert any("not taken" in line for line in lines)
     # and when steps help, the estimate only improves from one taken step to the next
     _, helped = Guard(proto, amax, quantizable_layers(proto), held, reference, FidelityTarget(0.9999, 0.0001), max_rounds=3).run(
@@ -141,3 +144,30 @@ def test_switchable_model_simulates_the_cpu_artifact(tmp_path, sample_images):
     # the simulation tracks the real UINT8 kernels far better than it tracks FP32
     assert np.abs(simulated - real).max() < 2e-3
     assert np.abs(simulated - real).mean() < 0.5 * max(np.abs(real - reference).mean(), 1e-4) + 5e-4
+
+
+def test_sensitivity_cache_is_keyed_by_the_images_that_ranked_the_units(tmp_path, sample_images):
+    """Same model, ranges and key, other ranking images: the cached ranking is not reused, it is measured again."""
+    proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
+    cache = tmp_path / "sensitivity.json"
+    layers = quantizable_layers(proto)
+
+    def measured(batch, scores):
+        lines = []
+        Guard(proto, amax, layers, batch, scores, cache=cache, cache_key="model|qdq|percentile", log=lines.append).sensitivity()
+        return any(line.startswith("measuring") for line in lines), any(line.startswith("reusing") for line in lines)
+
+    assert measured(held[:4], reference[:4]) == (True, False)
+    assert measured(held[:4], reference[:4]) == (False, True)  # same images: reused
+    assert measured(held[4:8], reference[4:8]) == (True, False)  # other images: measured again
+
+
+def test_units_ranked_without_a_judged_blocks_images(tmp_path, sample_images):
+    """The nested estimate ranks units for a block without that block's ranking images."""
+    proto, amax, held, reference = _setup(tmp_path, sample_images, planted=True)
+    guard = Guard(proto, amax, quantizable_layers(proto), held, reference)
+    per_image = guard.per_image()
+    assert all(values.shape == (min(len(held), 8),) for values in per_image.values())
+    without = guard.sensitivity(without=[0, 1])
+    assert without == {unit: pytest.approx(float(values[2:].mean())) for unit, values in per_image.items()}
+    assert guard.order()[0] == SENSITIVE_LAYER

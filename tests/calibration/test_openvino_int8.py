@@ -91,7 +91,7 @@ def test_a_folds_ranges_swapped_into_a_copy_equal_a_build_from_them(tmp_path, sa
     pytest.importorskip("nncf", reason="needs the openvino extra")
     from memexport.calibration.cpu_int8 import cpu_ranges
     from memexport.calibration.images import load_all
-    from memexport.calibration.openvino_int8 import apply_ranges, openvino_int8_model, openvino_scores
+    from memexport.calibration.openvino_int8 import apply_ranges, openvino_int8_model, openvino_scores, ranged_tensors
     from memexport.calibration.stats import activation_stats_from_batches, amax_from_stats
     from tests.models import TINY_PREPROCESS
 
@@ -104,7 +104,8 @@ def test_a_folds_ranges_swapped_into_a_copy_equal_a_build_from_them(tmp_path, sa
     first = openvino_int8_model(model_path, batch[:2], *ranges[0])
     second = openvino_int8_model(model_path, batch[:2], *ranges[1])
     copy = first.clone()
-    apply_ranges(copy, *ranges[1])
+    amax, signed = ranges[1]
+    apply_ranges(copy, {name: amax[name] for name in ranged_tensors(copy, amax)}, signed)
     assert np.array_equal(openvino_scores(copy, batch), openvino_scores(second, batch))
     assert not np.array_equal(openvino_scores(first, batch), openvino_scores(second, batch))
 
@@ -155,3 +156,60 @@ def test_an_unverified_ir_gets_the_one_line_warning(calibrated, tmp_path):
     unverified = save_openvino_artifact(model, dataclasses.replace(meta, extra={**meta.extra, "fidelity": fidelity}), tmp_path / "tiny.int8-openvino.xml")
     warning = unverified_warning(unverified)
     assert warning and warning.startswith("warning: tiny.int8-openvino.xml: INT8 fidelity not verified") and "\n" not in warning
+
+
+def _tiny_ir(tmp_path, sample_images):
+    from memexport.calibration.cpu_int8 import cpu_ranges
+    from memexport.calibration.images import load_all
+    from memexport.calibration.openvino_int8 import openvino_int8_model
+    from memexport.calibration.stats import activation_stats_from_batches, amax_from_stats
+    from tests.models import TINY_PREPROCESS
+
+    model_path = write_tiny_cnn(tmp_path / "tiny.onnx", residual=True)
+    batch = load_all(sample_images, TINY_PREPROCESS)
+    stats = activation_stats_from_batches(model_path, [batch], len(batch))
+    amax = amax_from_stats(stats, "percentile", 99.9)
+    signed = {name: low < 0.0 for name, (low, _) in cpu_ranges(stats, 99.9).items()}
+    return openvino_int8_model(model_path, batch[:2], amax, signed), amax, signed
+
+
+def _bounds(model, tensor):
+    node = next(n for n in model.get_ordered_ops() if n.get_type_name() == "FakeQuantize" and tensor in n.input_value(0).get_names())
+    return tuple(float(node.input_value(i).get_node().get_data().max()) for i in (1, 2))
+
+
+def test_a_range_that_names_no_quantized_tensor_fails_loudly(tmp_path, sample_images):
+    """A name mismatch used to leave NNCF's ranges in place silently (every fold then scored the full build)."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    pytest.importorskip("nncf", reason="needs the openvino extra")
+    from memexport.calibration.openvino_int8 import apply_ranges
+    from memexport.core.errors import CalibrationError
+
+    model, amax, signed = _tiny_ir(tmp_path, sample_images)
+    names = sorted({name for node in model.get_ordered_ops() if node.get_type_name() == "FakeQuantize"
+                    for name in node.input_value(0).get_names() if name in amax})
+    assert "c" in names and "a_relu" in names
+    with pytest.raises(CalibrationError, match=r"1 range\(s\) name no quantized tensor.*renamed_by_openvino") as error:
+        apply_ranges(model.clone(), {"renamed_by_openvino": 1.0, **{name: amax[name] for name in names}}, signed)
+    assert "\n" not in str(error.value)
+    from memexport.calibration.openvino_int8 import ranged_tensors
+
+    assert ranged_tensors(model, amax) == names
+    with pytest.raises(CalibrationError, match="no longer match"):
+        ranged_tensors(model, {"x_" + name: value for name, value in amax.items()})
+
+
+def test_a_builds_signs_come_from_its_own_statistics(tmp_path, sample_images):
+    """NNCF decides a quantizer's sign from its placement images, which belong to some fold; a fold's
+    build takes the sign from its own statistics instead, so the images it judges never set it."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    pytest.importorskip("nncf", reason="needs the openvino extra")
+    from memexport.calibration.openvino_int8 import SIGNED_LOW, apply_ranges
+
+    model, amax, signed = _tiny_ir(tmp_path, sample_images)
+    assert signed["c"] and _bounds(model, "c")[0] == pytest.approx(-amax["c"] * SIGNED_LOW, rel=1e-6)
+    copy = model.clone()
+    apply_ranges(copy, {"c": amax["c"]}, {"c": False})  # statistics without negative values: unsigned
+    assert _bounds(copy, "c") == (0.0, pytest.approx(amax["c"], rel=1e-6))
+    apply_ranges(copy, {"a_relu": amax["a_relu"]}, {"a_relu": True})
+    assert _bounds(copy, "a_relu")[0] == pytest.approx(-amax["a_relu"] * SIGNED_LOW, rel=1e-6)

@@ -62,8 +62,8 @@ HOSTS = {
     "2026-12-04-xeon-amx": ("2026-12-04", "Intel Xeon", XEON_AMX),
     "2026-12-04-epyc-bf16": ("2026-12-04", "AMD EPYC", EPYC_BF16),
 }
-# From the README's dated tables and, for the EPYC with AVX512-BF16, a peer's bench run quoted in
-# issue 19. Ratios to ONNX Runtime FP32 at batch 16: host, back end, precision, artifact, low, high, note.
+# From the measurement pages (each with its command); the EPYC with AVX512-BF16 rows also span a peer's
+# bench run quoted in issue 19. Ratios to ONNX Runtime FP32 at batch 16: host, back end, precision, artifact, low, high, note.
 ROWS = (
     ("2026-11-22-epyc-vnni", "onnxruntime", "int8", "int8-cpu", 2.99, 2.99, "one quiet bench run"),
     ("2026-11-30-xeon-amx", "openvino", "fp32", "fp32 onnx", 0.97, 0.97, "one run"),
@@ -74,8 +74,10 @@ ROWS = (
     ("2026-12-04-xeon-amx", "openvino", "bf16", "fp32 onnx", 5.76, 5.93, "three runs; stem in FP32"),
     ("2026-12-04-xeon-amx", "openvino", "int8", "int8-openvino", 8.75, 9.14, "three runs; BF16 outside INT8"),
     ("2026-12-04-xeon-amx", "onnxruntime", "int8", "int8-cpu", 2.84, 2.89, "three runs"),
-    ("2026-12-04-epyc-bf16", "openvino", "bf16", "fp32 onnx", 2.05, 2.05, "peer measurement (issue 19), one run"),
-    ("2026-12-04-epyc-bf16", "openvino", "int8", "int8-openvino", 3.59, 3.59, "peer measurement (issue 19), one run"),
+    ("2026-12-04-epyc-bf16", "openvino", "fp32", "fp32 onnx", 1.02, 1.02, "one run (6 rounds)"),
+    ("2026-12-04-epyc-bf16", "openvino", "bf16", "fp32 onnx", 2.00, 2.05, "one run (6 rounds) and a peer's run quoted in issue 19"),
+    ("2026-12-04-epyc-bf16", "openvino", "int8", "int8-openvino", 3.59, 3.61, "one run (6 rounds) and a peer's run quoted in issue 19; BF16 outside INT8"),
+    ("2026-12-04-epyc-bf16", "onnxruntime", "int8", "int8-cpu", 3.01, 3.01, "one run (6 rounds)"),
 )
 MEASUREMENTS: tuple[Measurement, ...] = tuple(
     Measurement(*HOSTS[host], backend, precision, artifact, low, high, f"docs/measurements/{host}.md", note)

@@ -317,7 +317,7 @@ class ScoringActor:
         out["model"] = np.full(count, self.predictor.metadata.model, dtype=object)
         out["backend"] = np.full(count, self.runner.backend, dtype=object)
         out["precision"] = np.full(count, self.runner.recorded_precision, dtype=object)
-        out["decode"] = np.full(count, predictor.decode, dtype=object)
+        out["decode"] = np.full(count, self.predictor.decode, dtype=object)
         out["node"] = np.full(count, self.node, dtype=object)
         return out
 

@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", type=Path, default=Path("artifacts/resmem.onnx"), help="artifact to serve")
     parser.add_argument("--images", type=Path, default=Path("tests/data"), help="folder of photos to send")
     parser.add_argument("--input", choices=("image", "pixels"), default="image", help="send encoded images or preprocessed pixels")
+    parser.add_argument("--decode", choices=("exact", "fast"), default="exact", help="the server's --decode (and the reference's)")
     parser.add_argument("--clients", default="1,8,32", help="concurrent client counts, comma-separated")
     parser.add_argument("--requests", type=int, default=50, help="requests per client at each level")
     parser.add_argument("--overload-clients", type=int, default=32, help="clients in the overload run (0: skip it)")
@@ -198,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     from memexport.runtime.predictor import Predictor
 
     photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    extra = args.server_args.split()
-    with Predictor(args.model, device="cpu") as predictor:
+    extra = args.server_args.split() + ["--decode", args.decode]
+    # The reference decodes as the server does, so a fast-decoding server is checked against fast decoding.
+    with Predictor(args.model, device="cpu", decode=args.decode) as predictor:
         expected = predictor.score(photos)
         model = predictor.metadata.model
         rows = [p.read_bytes() for p in photos] if args.input == "image" else [predictor.preprocess(p) for p in photos]

@@ -293,11 +293,7 @@ def bench_cmd(
         # model = inference alone, decode = the decoding pool alone, e2e = both overlapped, as predict runs.
         paths = bench_paths(model, tuple(backend or ()), tuple(precision or ()), err)
         records = _end_to_end_records(paths, end_to_end, parse_batch_sizes(batch_sizes), decode or ["exact"], workers, device, iterations, warmup)
-        if json_out:
-            from memexport.core.atomic import write_text_atomic
-
-            write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
-        _write_plot_and_csv(records, None, csv_out)
+        _write_bench_outputs(records, json_out, None, csv_out)
         return
     if decode:
         raise UsageError("--decode applies to --end-to-end (inference timings start from decoded images); add --end-to-end FOLDER or drop it")
@@ -307,16 +303,17 @@ def bench_cmd(
     )
     records = bench_artifacts(model, options, progress=err)
     _print_bench_table(records)
+    _write_bench_outputs(records, json_out, plot, csv_out)
+
+
+def _write_bench_outputs(records: list, json_out: Optional[Path], plot: Optional[Path], csv_out: Optional[Path]) -> None:
+    """The files ``bench`` was asked for: JSON records, CSV rows, the plot (model and end-to-end runs alike)."""
+    from memexport.plot import csv_from_records, plot_from_records
+
     if json_out:
         from memexport.core.atomic import write_text_atomic
 
         write_text_atomic(json_out, json.dumps([r.as_dict() for r in records], indent=2))
-    _write_plot_and_csv(records, plot, csv_out)
-
-
-def _write_plot_and_csv(records: list, plot: Optional[Path], csv_out: Optional[Path]) -> None:
-    from memexport.plot import csv_from_records, plot_from_records
-
     if csv_out is not None:
         csv_from_records(records, csv_out)
         typer.echo(f"wrote {csv_out}")

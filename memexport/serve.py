@@ -110,7 +110,9 @@ def load_predictor(model: Path, options: ServeOptions) -> Any:
     from memexport.runtime.predictor import Predictor
     from memexport.runtime.registry import runner_for
 
-    runner = runner_for(model, RunnerOptions(device=options.device, check_integrity=options.check_integrity), options.backend,
+    # varying_batch: the batcher forms batches of every size up to max_batch_size.
+    runner_options = RunnerOptions(device=options.device, check_integrity=options.check_integrity, varying_batch=True)
+    runner = runner_for(model, runner_options, options.backend,
                         precision=options.precision)
     with_runner = runner.__enter__()
     try:

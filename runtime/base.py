@@ -50,12 +50,17 @@ class RunnerOptions:
             before loading: the ONNX sha256 of ``runtime.integrity`` or the engine plan's sha256
             in its sidecar (default ``True``).
         vram_budget_bytes: GPU memory budget checked before loading on a GPU (default 11 GiB).
+        varying_batch: The caller's batch sizes change from call to call (a server's dynamic
+            batcher), so a back end should run one dynamic-shape model rather than compile one
+            per size: OpenVINO's static shapes recompile (about 1 s for ResMem) for each new size
+            (default ``False``: a folder job, whose batches all have one size but the last).
     """
 
     device: str = "auto"
     threads: int = 0
     check_integrity: bool = True
     vram_budget_bytes: int = DEFAULT_BUDGET_BYTES
+    varying_batch: bool = False
 
     def __post_init__(self) -> None:
         parse_device(self.device)

@@ -60,7 +60,10 @@ class OpenVinoOptions:
         static_batch: Compile one static-shape model per batch size seen (at most
             :data:`STATIC_SHAPES_KEPT` at once) instead of running the dynamic-batch graph: OpenVINO
             picks faster CPU kernels for static shapes (ResMem BF16 at batch 16 on an AMX Xeon: about
-            1.1-1.3x the dynamic graph's throughput; docs/openvino.md) (default ``True``).
+            1.1-1.3x the dynamic graph's throughput; docs/openvino.md) (default ``True``). Ignored
+            when :attr:`RunnerOptions.varying_batch` is set: the INT8 IR ran as fast on the dynamic
+            graph on an AVX512-BF16 EPYC (28.6 vs 28.7 images/s at batch 16), and a server's varying
+            batch sizes would otherwise recompile every other call.
     """
 
     precision: str | None = None
@@ -229,7 +232,7 @@ class OpenVinoRunner(Runner):
             # Compile now, so a model OpenVINO cannot compile is refused on activation, not on the first
             # batch; with static shapes that is the batch-1 model (single images use it), not the
             # dynamic graph, which would only hold one more copy of the weights.
-            if self.backend_options.static_batch:
+            if self._static_batch:
                 self._compiled_for(1, hold=False)
             else:
                 self._dynamic = self._compile(ov, core, model)
@@ -238,9 +241,14 @@ class OpenVinoRunner(Runner):
             raise
 
     @property
+    def _static_batch(self) -> bool:
+        """Static shapes, unless the caller's batch sizes vary (a server), where each new size would recompile."""
+        return self.backend_options.static_batch and not self.options.varying_batch
+
+    @property
     def compiled(self) -> Any:
         """The compiled model serving calls: the dynamic one, or the most recently used static shape (``None`` when inactive)."""
-        if not self.backend_options.static_batch:
+        if not self._static_batch:
             return self._dynamic
         with self._lock:
             return next(reversed(self._static.values()), None)
@@ -366,7 +374,7 @@ class OpenVinoRunner(Runner):
         With ``hold``, the model is counted as in use (under the same lock that found it, so an eviction
         in between cannot hide it from :meth:`memory_bytes`) until :meth:`_release`.
         """
-        if not self.backend_options.static_batch:
+        if not self._static_batch:
             with self._lock:
                 return self._hold(self._dynamic) if hold else self._dynamic
         with self._lock:
@@ -402,7 +410,7 @@ class OpenVinoRunner(Runner):
     def _idle_requests(self, key: int, compiled: Any) -> list[Any] | None:
         """The pool of idle requests of ``compiled`` for ``key``, or ``None`` when ``compiled`` is no longer
         the model kept for it (evicted): its requests are then used once and dropped (caller holds the lock)."""
-        current = self._static.get(key) if self.backend_options.static_batch else self._dynamic
+        current = self._static.get(key) if self._static_batch else self._dynamic
         if current is not compiled:
             return None
         owner, idle = self._requests.get(key, (None, []))
@@ -456,7 +464,7 @@ class OpenVinoRunner(Runner):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         assert self.metadata is not None and self._model is not None
         compiled = self._compiled_for(len(batch))  # held until released below
-        key = len(batch) if self.backend_options.static_batch else 0
+        key = len(batch) if self._static_batch else 0
         request = None
         try:
             with self._lock:

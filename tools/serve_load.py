@@ -196,15 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from memexport.runtime.cpu import cpu_units
-    from memexport.runtime.predictor import Predictor
+    from memexport.serve import ServeOptions, load_predictor
 
     photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     extra = args.server_args.split() + ["--decode", args.decode]
-    # The reference decodes as the server does, so a fast-decoding server is checked against fast decoding.
-    with Predictor(args.model, device="cpu", decode=args.decode) as predictor:
+    # The reference is built as the server builds its Predictor (same runner options, same decode), so
+    # a fast-decoding server is checked against fast decoding, and OpenVINO's dynamic-shape graph against itself.
+    predictor = load_predictor(args.model, ServeOptions(device="cpu", decode=args.decode))
+    try:
         expected = predictor.score(photos)
         model = predictor.metadata.model
         rows = [p.read_bytes() for p in photos] if args.input == "image" else [predictor.preprocess(p) for p in photos]
+    finally:
+        predictor.close()
+        predictor.runner.__exit__(None, None, None)  # entered by load_predictor
     units = cpu_units()
     report: dict[str, Any] = {"artifact": str(args.model), "input": args.input, "server_args": extra,
                               "cpu": {"model": units.model, "flags": list(units.flags)}, "levels": []}

@@ -137,6 +137,20 @@ def test_static_batch_models_match_the_dynamic_graph_and_stay_bounded(tiny, samp
 
 
 @needs_openvino
+def test_varying_batch_runs_the_dynamic_graph_for_every_size(tiny, sample_images):
+    """A server's batcher forms every size; each would otherwise compile its own static model."""
+    batch = preprocessed(sample_images)
+    with runner_for(tiny, CPU, "openvino") as static:
+        expected = static.infer(batch)
+    with runner_for(tiny, RunnerOptions(device="cpu", varying_batch=True), "openvino") as runner:
+        compiled = runner.compiled
+        assert compiled is not None and compiled.input(0).get_partial_shape()[0].is_dynamic
+        for size in (len(batch), 3, 1, 2):
+            np.testing.assert_allclose(runner.infer(batch[:size]), expected[:size], atol=1e-6)
+        assert not runner._static and runner.compiled is compiled  # nothing compiled per size
+
+
+@needs_openvino
 def test_threads_reach_openvino(tiny, sample_images):
     batch = preprocessed(sample_images[:3])
     one, facts = scores(tiny, batch, "openvino", threads=1)

@@ -231,3 +231,22 @@ def test_decode_fast_serves_fast_decoded_scores(tiny, tmp_path, data_dir):
         result = triton.infer(MODEL, [image_input([big.read_bytes()])])
         triton.close()
     np.testing.assert_allclose(scores_of(result), expected, rtol=0, atol=1e-6)
+
+
+def test_openvino_server_runs_one_dynamic_graph_for_every_batch_size(tiny, sample_images):
+    """The batcher forms every size from 1 to max-batch-size; static shapes would recompile (~1 s) for each."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'memexport[openvino]')")
+    from memexport.serve import ServeOptions, load_predictor
+
+    predictor = load_predictor(tiny, ServeOptions(backend="openvino", device="cpu"))
+    try:
+        runner = predictor.runner
+        compiled = runner.compiled
+        batch = np.stack([predictor.preprocess(p) for p in sample_images])
+        whole = predictor.infer(batch)
+        for size in (1, 3, 2, len(batch) - 1):
+            np.testing.assert_array_equal(predictor.infer(batch[:size]), whole[:size])  # batch-invariant scores
+        assert runner.compiled is compiled and compiled.input(0).get_partial_shape()[0].is_dynamic and not runner._static
+    finally:
+        predictor.close()
+        predictor.runner.__exit__(None, None, None)

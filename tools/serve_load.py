@@ -11,7 +11,7 @@ Starts the server itself (``memexport serve -m ARTIFACT --port 0``, stopped by P
 2. Overload (``--overload-clients``, default 32): a second server with ``--max-queue 2``; the run
    fails unless every answer is a 200 or a 503; reports the counts and the server's peak RSS.
 
-    python tools/serve_load.py -m artifacts/resmem.onnx --images tests/data [--input pixels] [--json out.json]
+    python tools/serve_load.py -m artifacts/resmem.onnx --images tests/data [--input pixels] [--backend openvino --precision bf16] [--json out.json]
 
 Prints one line per client count. Timing, not a test: quote it with the CPU's flags, on a quiet machine.
 """
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=Path("tests/data"), help="folder of photos to send")
     parser.add_argument("--input", choices=("image", "pixels"), default="image", help="send encoded images or preprocessed pixels")
     parser.add_argument("--decode", choices=("exact", "fast"), default="exact", help="the server's --decode (and the reference's)")
+    parser.add_argument("--backend", help="the server's --backend (and the reference's)")
+    parser.add_argument("--precision", help="the server's --precision (and the reference's)")
     parser.add_argument("--clients", default="1,8,32", help="concurrent client counts, comma-separated")
     parser.add_argument("--requests", type=int, default=50, help="requests per client at each level")
     parser.add_argument("--overload-clients", type=int, default=32, help="clients in the overload run (0: skip it)")
@@ -199,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     from memexport.serve import ServeOptions, load_predictor
 
     photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    extra = args.server_args.split() + ["--decode", args.decode]
+    same = [*(["--backend", args.backend] if args.backend else []), *(["--precision", args.precision] if args.precision else [])]
+    extra = args.server_args.split() + ["--decode", args.decode, *same]
     # The reference is built as the server builds its Predictor (same runner options, same decode), so
     # a fast-decoding server is checked against fast decoding, and OpenVINO's dynamic-shape graph against itself.
-    predictor = load_predictor(args.model, ServeOptions(device="cpu", decode=args.decode))
+    predictor = load_predictor(args.model, ServeOptions(backend=args.backend, precision=args.precision, device="cpu", decode=args.decode))
     try:
         expected = predictor.score(photos)
         model = predictor.metadata.model

@@ -8,6 +8,7 @@ the protocol's.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, and `Request`
 # is imported inside build_app (fastapi is optional), where only evaluated annotations can see it.
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
@@ -156,26 +157,39 @@ def _make_server_class() -> type:
     uvicorn = require("uvicorn", "serve", "memexport serve")
 
     class _DrainingServer(uvicorn.Server):
-        """uvicorn's server, marking the service draining on the first SIGTERM/Ctrl-C (new work: 503)."""
+        """uvicorn's server, draining on the first SIGTERM/Ctrl-C: it keeps listening and answers new work
+        503 (``Retry-After``; not ready) until every accepted request is answered, then shuts down. A
+        load balancer thus sees a refusal it can retry elsewhere rather than a refused connection."""
 
         def __init__(self, config: Any, service: Callable[[], Optional[Service]], on_listen: Callable[[str], None]) -> None:
             super().__init__(config)
             self._service = service
             self._on_listen = on_listen
+            self._loop: Optional[asyncio.AbstractEventLoop] = None
             self.failure: Optional[BaseException] = None
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
+            self._loop = asyncio.get_running_loop()
             for server in getattr(self, "servers", []):
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
                     self._on_listen(f"memexport serve: listening on http://{host}:{port} (loading the model; ready at /v2/health/ready)")
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            service = self._service()
-            if service is not None:
-                service.draining = True
-            super().handle_exit(sig, frame)
+            service, loop = self._service(), self._loop
+            if service is None or loop is None or service.draining:  # not started, or a second signal: stop now
+                return super().handle_exit(sig, frame)
+            service.draining = True
+            # A signal handler: schedule the drain on the loop rather than run anything here.
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(service, sig, frame)))
+
+        async def _drain(self, service: Service, sig: int, frame: Any) -> None:
+            """Wait (at most the graceful timeout) until nothing accepted is left, then uvicorn's own exit."""
+            deadline = time.monotonic() + self.config.timeout_graceful_shutdown
+            while service.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            uvicorn.Server.handle_exit(self, sig, frame)
 
         def report_failure(self, error: BaseException) -> None:
             """Loading failed: stop the server and let :func:`serve` raise the error."""

@@ -3,8 +3,9 @@
 Each replica loads the artifact once (integrity first) and serves :func:`memexport.serve_app.build_app`
 through ``@serve.ingress``, so answers are byte for byte those of the plain server. Every image of a
 request is one call to a ``@serve.batch`` method, so batches form across requests, in images, up to
-``--max-batch-size`` or ``--max-delay-ms``. Ray Serve's own queue is bounded too
-(``max_queued_requests``): past it, Ray answers 503.
+``--max-batch-size`` or ``--max-delay-ms``. Each replica admits ``--max-queue`` requests as the plain
+server does (past it, 503 with ``Retry-After``); Ray Serve's own queue is bounded too
+(``max_queued_requests``), as a backstop: past it, Ray answers 503 itself.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class RayServeOptions:
                                     "target_ongoing_requests": max(1, options.max_batch_size // 2)}}
             if self.autoscale else {"num_replicas": self.replicas}
         )
-        return {**scale, "max_ongoing_requests": options.max_queue, "max_queued_requests": options.max_queue,
+        # Twice --max-queue may reach a replica, so the app's own admission (503 with Retry-After, counted
+        # in /metrics) refuses the excess; Ray's queue (503 without Retry-After) is only a backstop.
+        return {**scale, "max_ongoing_requests": 2 * options.max_queue, "max_queued_requests": options.max_queue,
                 "ray_actor_options": {"num_cpus": self.cpus_per_replica}}
 
 

@@ -99,17 +99,24 @@ def test_timeout_is_504_and_the_server_stays_up(tiny, sample_images):
         assert server.stop() in CLEAN_EXIT
 
 
-def test_sigterm_finishes_accepted_requests_then_exits(tiny, sample_images):
-    server = Server(tiny, "--max-delay-ms", "1500")
+def test_sigterm_answers_new_work_503_finishes_accepted_requests_then_exits(tiny, sample_images):
+    server = Server(tiny, "--max-delay-ms", "2500")
     accepted: list = []
     thread = threading.Thread(target=post_image, args=(server, sample_images[0], accepted))
     thread.start()
     time.sleep(0.5)  # the request is now waiting in the batcher
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the signal is handled; the accepted request still waits for its batch
+    late: list = []
+    post_image(server, sample_images[1], late, timeout=10)
+    status, headers, body = late[0]
+    assert status == 503 and headers["retry-after"] and "shutting down" in json.loads(body)["error"]  # refused, not dropped
+    assert server.get("/v2/health/ready", timeout=5)[0] == 503 and server.process.poll() is None
     assert server.stop() in CLEAN_EXIT
     thread.join(30)
     status, _, body = accepted[0]
     assert status == 200 and json.loads(body[: len(body)])  # answered in full before the exit
-    with pytest.raises(OSError):  # closed for new work
+    with pytest.raises(OSError):  # closed once drained
         server.get("/v2/health/live", timeout=5)
 
 

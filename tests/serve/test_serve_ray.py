@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +23,12 @@ from memexport.core.errors import UsageError  # noqa: E402
 from tests.serve.server import Server, multipart  # noqa: E402
 
 MODEL = "tiny-scorer"
+
+
+def one_file(path) -> tuple[bytes, dict[str, str]]:
+    """``/score`` request arguments for one file."""
+    body, content_type = multipart([(path.name, path.read_bytes())])
+    return body, {"Content-Type": content_type}
 
 
 def free_port() -> int:
@@ -40,7 +48,8 @@ def test_replica_options_parse():
 
 @pytest.mark.slow
 def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
-    server = Server(tiny, "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4", ready_timeout=240)
+    server = Server(tiny, "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4", "--max-queue", "1",
+                    "--max-delay-ms", "1500", ready_timeout=240)
     try:
         client = httpclient.InferenceServerClient(server.url)
         data = np.array([p.read_bytes() for p in sample_images], dtype=object).reshape(-1, 1)
@@ -61,6 +70,15 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
         metrics = server.get("/metrics")[2].decode()
         assert 'memexport_batch_size_bucket{le="4.0"}' in metrics
         client.close()
+        # Full (--max-queue 1, a request waiting for its batch): the app's own 503, with Retry-After.
+        waiting: list = []
+        thread = threading.Thread(target=lambda: waiting.append(server.request("POST", "/score", *one_file(sample_images[0]))))
+        thread.start()
+        time.sleep(0.7)
+        status, headers, answer = server.request("POST", "/score", *one_file(sample_images[1]))
+        thread.join(60)
+        assert status == 503 and headers["retry-after"] and "busy" in json.loads(answer)["error"]
+        assert waiting[0][0] == 200  # the accepted one is still answered
     finally:
         server.stop(timeout=120)
     assert server.process.returncode is not None

@@ -10,10 +10,12 @@ EXIF orientation is ignored by default, as the original code ignores it; pass
 Two decode modes (``decode=``): ``exact`` (the default) is the path above, bit for bit.
 ``fast`` shrinks an image to the smallest size that keeps
 :meth:`~memexport.core.spec.PreprocessSpec.fast_decode_size` (twice the model's resize on each
-side) before the same bilinear resize: JPEGs are decoded at a DCT scale of 1/2, 1/4 or 1/8
-(``Image.draft``: a 12 MP photo costs about a third of the CPU time of the exact path; the
-entropy decoding of the whole stream remains), other formats are box-reduced
-(``reducing_gap``). Its fidelity against ``exact`` is the model spec's ``decode_tolerance``.
+side): JPEGs are decoded at a DCT scale of 1/2, 1/4 or 1/8 (``Image.draft``: a 12 MP photo costs
+about a third of the CPU time of the exact path; the entropy decoding of the whole stream remains),
+other formats are box-reduced (``Image.reduce``). The shrunk image is then resized by
+:mod:`memexport.runtime.resample`, whose filter gives the whole chain the exact filter's spread.
+An image too small to shrink gets exactly the ``exact`` pixels. Its fidelity against ``exact`` is
+the model spec's ``decode_tolerance``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from memexport.core.errors import InputImageError, UsageError
-from memexport.core.spec import DECODE_MODES, PreprocessSpec
+from memexport.core.spec import DECODE_MODES, FAST_DECODE_OVERSAMPLE, PreprocessSpec
+from memexport.runtime import resample
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -51,6 +54,10 @@ ALLOWED_FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _EMPTY = "file is empty (0 bytes); re-copy or remove it"
+
+# ``Image.info`` key marking an image that fast decoding shrank (a DCT-scaled JPEG); the info travels
+# through PIL's conversions and EXIF transposition.
+SHRUNK = "memexport.shrunk"
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -119,6 +126,8 @@ def _decode(stream: BinaryIO, name: str, exif_transpose: bool, draft: tuple[int,
             # stored pixels, before any EXIF rotation: the rule keeps both sides, so either way round.
             image.draft("RGB", draft)
         image.load()
+        if image.size != (width, height):
+            image.info[SHRUNK] = True  # DCT-scaled: preprocess_image resizes it as a shrunk image
         if exif_transpose:
             image = ImageOps.exif_transpose(image)
     except InputImageError:
@@ -157,7 +166,9 @@ def to_rgb(image: Image.Image, mode: str = "RGB") -> Image.Image:
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         image = Image.fromarray(array, mode="L")
-    return image.convert(mode)
+    # Already in ``mode``: convert() would only copy it (36 MB for a 12 MP photo), and nothing here
+    # writes to the image.
+    return image if image.mode == mode else image.convert(mode)
 
 
 def load_image(source: ImageInput, exif_transpose: bool = False, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -188,34 +199,58 @@ def load_image(source: ImageInput, exif_transpose: bool = False, draft: tuple[in
     raise InputImageError(repr(type(source).__name__), "bad-input", "expected a path, a PIL image or a uint8 array")
 
 
-def preprocess_image(image: Image.Image, spec: PreprocessSpec, decode: str = "exact") -> np.ndarray:
+def preprocess_image(image: Image.Image, spec: PreprocessSpec, decode: str = "exact",
+                     oversample: int = FAST_DECODE_OVERSAMPLE) -> np.ndarray:
     """One PIL image to the model input: float32 CHW.
 
     Args:
         image: Any PIL image; converted to ``spec.mode`` first.
         spec: The artifact's preprocessing.
-        decode: ``exact`` (default) or ``fast``: box-reduce first, keeping ``spec.fast_decode_size()``.
+        decode: ``exact`` (default) or ``fast``: an image at least ``oversample`` times the resize on
+            each side is box-reduced by the largest integer factor that keeps that, and a shrunk image
+            (reduced here, or DCT-scaled by :func:`load_image`) is resized by
+            :func:`memexport.runtime.resample.resize_crop`; any other image as ``exact`` does.
+        oversample: See ``decode`` (default ``FAST_DECODE_OVERSAMPLE``).
     """
     image = to_rgb(image, spec.mode)
-    height, width = spec.resize
     if decode == "fast":
-        # reducing_gap: reduce() by the largest integer factor that keeps the image at least
-        # FAST_DECODE_OVERSAMPLE times the target on each side, then the same filter as exact.
-        gap = float(spec.fast_decode_size()[0]) / width
-        image = image.resize((width, height), _RESAMPLE[spec.interpolation], reducing_gap=gap)
-    else:
-        image = image.resize((width, height), _RESAMPLE[spec.interpolation])
+        image = _reduced(image, spec.fast_decode_size(oversample))
+        if image.info.get(SHRUNK) and spec.interpolation == "bilinear" and _at_least(image, spec.resize):
+            pixels = np.asarray(image, dtype=np.uint8)
+            return _normalised(resample.resize_crop(pixels.reshape(*pixels.shape[:2], -1), spec.resize, spec.crop), spec, axis=0)
+    height, width = spec.resize
+    image = image.resize((width, height), _RESAMPLE[spec.interpolation])
     crop = spec.crop
     # torchvision's CenterCrop: int(round((size - crop) / 2)), Python's round-half-even.
     top = int(round((height - crop) / 2.0))
     left = int(round((width - crop) / 2.0))
     array = np.asarray(image, dtype=np.uint8)[top : top + crop, left : left + crop]
-    out = array.astype(np.float32) * np.float32(spec.scale)
+    return np.ascontiguousarray(_normalised(array.astype(np.float32), spec, axis=-1).transpose(2, 0, 1))
+
+
+def _reduced(image: Image.Image, keep: tuple[int, int]) -> Image.Image:
+    """``image`` box-reduced by the largest integer factor keeping ``keep`` (width, height), marked shrunk."""
+    factor = min(image.width // keep[0], image.height // keep[1])
+    if factor < 2:
+        return image
+    reduced = image.reduce(factor)
+    reduced.info[SHRUNK] = True
+    return reduced
+
+
+def _at_least(image: Image.Image, size: tuple[int, int]) -> bool:
+    return image.height >= size[0] and image.width >= size[1]
+
+
+def _normalised(pixels: np.ndarray, spec: PreprocessSpec, axis: int) -> np.ndarray:
+    """Float32 pixels in [0, 255] scaled, then mean/std per channel (``axis``: the channel axis)."""
+    out = pixels * np.float32(spec.scale)
+    shape = (-1, 1, 1) if axis == 0 else (-1,)
     if spec.mean is not None:
-        out -= np.asarray(spec.mean, dtype=np.float32)
+        out -= np.asarray(spec.mean, dtype=np.float32).reshape(shape)
     if spec.std is not None:
-        out /= np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+        out /= np.asarray(spec.std, dtype=np.float32).reshape(shape)
+    return out
 
 
 def preprocess(source: ImageInput, spec: PreprocessSpec, exif_transpose: bool = False, decode: str = "exact") -> np.ndarray:

@@ -4,7 +4,7 @@ Usage:
     python tools/decode_rule.py MODEL FOLDER [--oversample 1,2,4] [--limit 0]
 
 For each factor k, ``--decode fast`` keeps at least k times the model's resize on each side (JPEGs
-DCT-scaled with ``Image.draft``, others box-reduced). Prints, per k: milliseconds of one core per
+DCT-scaled with ``Image.draft``, others box-reduced), then resizes with :mod:`memexport.runtime.resample`. Prints, per k: milliseconds of one core per
 image (decode + preprocess, one thread's CPU time, the median over the folder), the speed-up over exact
 decoding, and ONNX Runtime FP32's scores against exact decoding's (Spearman, Kendall, mean and max
 abs) with the model spec's decode tolerance verdict. The k that memexport uses is
@@ -34,18 +34,10 @@ def inputs(paths: list[Path], spec, oversample: int | None) -> tuple[np.ndarray,
         if oversample is None:
             arrays.append(pre.preprocess(path, spec))
         else:
-            draft = spec.fast_decode_size(oversample)
-            image = pre.load_image(path, draft=draft)
-            arrays.append(_fast_input(image, spec, draft))
+            image = pre.load_image(path, draft=spec.fast_decode_size(oversample))
+            arrays.append(pre.preprocess_image(image, spec, decode="fast", oversample=oversample))
         times.append((time.thread_time() - started) * 1000.0)
     return np.stack(arrays), float(np.median(times))
-
-
-def _fast_input(image, spec, draft: tuple[int, int]) -> np.ndarray:
-    """``preprocess_image(decode="fast")`` with the reducing gap of ``draft`` rather than the default's."""
-    height, width = spec.resize
-    image = pre.to_rgb(image, spec.mode).resize((width, height), pre._RESAMPLE[spec.interpolation], reducing_gap=draft[0] / width)
-    return pre.preprocess_image(image, spec)  # already at the resize: only the crop and scaling remain
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ variance 1/12), the integration (another 1/12) and the triangle (``a**2 / 6``) a
 against exact decoding compared with PIL's bilinear on the shrunk image (docs/throughput.md).
 
 Only the crop's rows and columns are computed, as float32 matrix products over blocks of 16 output
-rows or columns (each touches a narrow band of the input), which costs less than PIL's resize of the
-whole image.
+rows or columns (each touches a narrow band of the input), each product small enough to run on the
+calling thread, which costs less than PIL's resize of the whole image.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ import numpy as np
 # Output rows (or columns) per matrix product: a band of the input narrow enough that the products
 # stay small, wide enough that numpy's per-call overhead does not dominate.
 BLOCK = 16
+
+# Largest m*n*k of one matrix product. OpenBLAS (numpy's BLAS) runs a product on the calling thread
+# only below 4 * 65536; above it, it wakes its own thread pool, and two decoding threads doing so at
+# once halved the fast decode's images/s on 2 cores (28 vs 57). The decoding threads are the parallelism.
+SINGLE_THREAD_MNK = 4 * 65536
 
 Block = tuple[int, int, int, int, np.ndarray]
 
@@ -76,13 +81,27 @@ def resize_crop(pixels: np.ndarray, size: tuple[int, int], crop: int) -> np.ndar
     flat = pixels.reshape(height, width * channels)
     rows = np.empty((crop, width * channels), np.float32)
     for start, end, low, high, weights in blocks(height, size[0], top, crop):
-        rows[start:end] = weights @ flat[low:high].astype(np.float32)
+        _product(weights, flat[low:high].astype(np.float32), rows[start:end])
     # Columns with the channels kept interleaved: each block's weights act on every channel alike
     # (``kron`` with the identity), which spares transposing the wide intermediate.
     out = np.empty((crop, crop * channels), np.float32)
     for start, end, low, high, weights in _interleaved(width, size[1], left, crop, channels):
-        out[:, start:end] = rows[:, low:high] @ weights
+        _product(rows[:, low:high], weights, out[:, start:end])
     return np.ascontiguousarray(out.reshape(crop, crop, channels).transpose(2, 0, 1))
+
+
+def _product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = left @ right``, in pieces of at most :data:`SINGLE_THREAD_MNK` (see there)."""
+    m, k = left.shape
+    n = right.shape[1]
+    if n >= m:  # split the wider side
+        step = max(1, SINGLE_THREAD_MNK // (m * k))
+        for j in range(0, n, step):
+            np.matmul(left, right[:, j : j + step], out=out[:, j : j + step])
+    else:
+        step = max(1, SINGLE_THREAD_MNK // (n * k))
+        for i in range(0, m, step):
+            np.matmul(left[i : i + step], right, out=out[i : i + step])
 
 
 @functools.lru_cache(maxsize=64)

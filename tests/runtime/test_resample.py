@@ -57,3 +57,30 @@ def test_the_dct_scaled_chain_is_closer_to_the_exact_filter_than_bilinear_on_the
         plain = pre.preprocess_image(drafted, SPEC)  # PIL's bilinear on the same DCT-scaled pixels
         ours, theirs = float(np.abs(fast - exact).mean()), float(np.abs(plain - exact).mean())
         assert ours < 0.7 * theirs, (name, ours, theirs)
+
+
+def test_every_matrix_product_stays_small_enough_for_the_calling_thread(monkeypatch):
+    """Above OpenBLAS's threshold each product wakes BLAS threads, which fight the decoding threads."""
+    pixels = np.random.default_rng(1).integers(0, 256, (756, 1008, 3), dtype=np.uint8)
+    expected = resample.resize_crop(pixels, (256, 256), 227)
+    sizes: list[int] = []
+    real = np.matmul
+
+    def recording(left, right, out=None):
+        sizes.append(left.shape[0] * left.shape[1] * right.shape[1])
+        return real(left, right, out=out)
+
+    monkeypatch.setattr(resample.np, "matmul", recording)
+    resample.blocks.cache_clear()
+    np.testing.assert_array_equal(resample.resize_crop(pixels, (256, 256), 227), expected)
+    assert sizes and max(sizes) <= resample.SINGLE_THREAD_MNK
+    # The same result as one product per block would give.
+    rows, cols = resample.blocks(756, 256, 14, 227), resample.blocks(1008, 256, 14, 227)
+    dense_rows = np.zeros((227, 756), np.float32)
+    for start, end, low, high, weights in rows:
+        dense_rows[start:end, low:high] = weights
+    dense_cols = np.zeros((227, 1008), np.float32)
+    for start, end, low, high, weights in cols:
+        dense_cols[start:end, low:high] = weights
+    reference = np.stack([dense_rows @ pixels[:, :, c].astype(np.float32) @ dense_cols.T for c in range(3)])
+    np.testing.assert_allclose(expected, reference, rtol=0, atol=2e-3)

@@ -16,14 +16,16 @@ from memexport.core.errors import UsageError
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # How images are decoded (``--decode``): ``exact`` is the original code's pixels; ``fast`` decodes
-# JPEGs at a DCT scale and box-reduces other formats first (runtime/preprocess.py).
+# JPEGs at a DCT scale and box-reduces other formats first, then resizes with a filter derived for
+# shrunk images (runtime/preprocess.py, runtime/resample.py).
 DECODE_MODES = ("exact", "fast")
 
 # ``fast`` keeps at least this many times the model's resize on each side before the final
-# bilinear resize. Measured with ResMem on 64 unseen 12 MP camera photos (docs/throughput.md,
-# tools/decode_rule.py): 1x (JPEG at 1/8 scale, 504x378) moved the scores by Spearman 0.9987,
-# mean abs 0.0026 against exact decoding, outside the decode tolerance; 2x (1/4 scale, 1008x756)
-# by 0.9996 and 0.0011, within it, for 3.2x less CPU than exact decoding.
+# resize. Measured with ResMem on two sets of 12 MP camera photos no one tuned on (docs/throughput.md,
+# tools/decode_rule.py; 64 from OpenCV samples, 40 from scikit-image's): 2x (JPEG at 1/4 scale,
+# 1008x756) moved the scores by Spearman 0.9998 / 0.9996, mean abs 0.0011 / 0.0008 against exact
+# decoding, within the decode tolerance, for 2.3x less CPU; 1x (1/8 scale) failed Spearman on the
+# scikit-image set (0.9989) with twice the mean abs.
 FAST_DECODE_OVERSAMPLE = 2
 
 
@@ -167,8 +169,8 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
 }
 
 # Fast decoding against exact decoding, same artifact: users consume a ranking, so Spearman first;
-# mean abs 0.002 is a fifth of INT8's. Kendall follows Spearman 0.999 loosely (0.992 measured at 2x
-# on 64 photos; 0.97 leaves room for near-ties on small folders).
+# mean abs 0.002 is a fifth of INT8's. Kendall follows Spearman 0.999 loosely (0.995-0.996 measured
+# at 2x on the unseen camera photos; 0.97 leaves room for near-ties on small folders).
 FAST_DECODE_TOLERANCE = Tolerance(atol=0.002, statistic="mean", min_spearman=0.999, min_kendall=0.97)
 
 RESMEM = ModelSpec(

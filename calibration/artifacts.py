@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from memexport.core.errors import CalibrationError
+from memexport.core.spec import Int8Spec
 
 @dataclass(frozen=True)
 class CalibrationContext:
@@ -105,7 +106,12 @@ class CacheKind:
 
 def pinned_prefixes(ctx: CalibrationContext) -> tuple[str, ...]:
     """The spec's node-name prefixes that every INT8 artifact keeps out of INT8 (ResMem: stem and layer1)."""
-    return ctx.spec.int8_fp32_layers if ctx.spec is not None else ()
+    return int8_spec(ctx).fp32_layers
+
+
+def int8_spec(ctx: CalibrationContext) -> Int8Spec:
+    """What the model declares each INT8 recipe quantises (ResMem's lists for a model this installation does not declare)."""
+    return ctx.spec.int8 if ctx.spec is not None else Int8Spec()
 
 
 class GuardedOnnxKind:
@@ -321,13 +327,14 @@ class QdqKind(GuardedOnnxKind):
     def quantize(self, ctx: CalibrationContext, fold: int | None, exclude: frozenset[str]) -> Any:
         from memexport.calibration.qdq import QdqOptions, qdq_proto_from_ranges
 
-        return qdq_proto_from_ranges(ctx.fp32, self.ranges(ctx, fold), QdqOptions(exclude=self.pinned(ctx) | exclude))
+        options = QdqOptions(exclude=self.pinned(ctx) | exclude, op_types=int8_spec(ctx).qdq_ops)
+        return qdq_proto_from_ranges(ctx.fp32, self.ranges(ctx, fold), options)
 
     def layers(self, ctx: CalibrationContext) -> list[str]:
         from memexport.calibration.qdq import quantizable_layers
 
         pinned = self.pinned(ctx)
-        return [name for name in quantizable_layers(ctx.fp32) if name not in pinned]
+        return [name for name in quantizable_layers(ctx.fp32, int8_spec(ctx).qdq_ops) if name not in pinned]
 
     def extra_metadata(self, ctx: CalibrationContext, fallback: frozenset[str]) -> dict[str, Any]:
         return {"pinned_fp32_layers": list(self.pinned_prefixes(ctx)), **super().extra_metadata(ctx, fallback)}
@@ -370,14 +377,14 @@ class CpuKind(GuardedOnnxKind):
     def quantize(self, ctx: CalibrationContext, fold: int | None, exclude: frozenset[str]) -> Any:
         from memexport.calibration.cpu_int8 import CpuInt8Options, cpu_int8_proto_from_ranges
 
-        return cpu_int8_proto_from_ranges(ctx.model, self.ranges(ctx, fold), CpuInt8Options(exclude=self.pinned(ctx) | exclude))
+        options = CpuInt8Options(exclude=self.pinned(ctx) | exclude, op_types=int8_spec(ctx).cpu_ops)
+        return cpu_int8_proto_from_ranges(ctx.model, self.ranges(ctx, fold), options)
 
     def layers(self, ctx: CalibrationContext) -> list[str]:
-        from memexport.calibration.cpu_int8 import CPU_OP_TYPES
         from memexport.calibration.qdq import quantizable_layers
 
         pinned = self.pinned(ctx)
-        layer_ops = [op for op in CPU_OP_TYPES if op in ("Conv", "Gemm", "MatMul")]
+        layer_ops = [op for op in int8_spec(ctx).cpu_ops if op in ("Conv", "Gemm", "MatMul")]
         return [name for name in quantizable_layers(ctx.fp32, layer_ops) if name not in pinned]
 
     def ranges_key(self, ctx: CalibrationContext) -> str:
@@ -455,7 +462,9 @@ class OpenVinoKind:
         amax, signed = self.ranges(ctx, None)
         placement = load_all(list(ctx.calibration[:PLACEMENT_IMAGES]), ctx.metadata.preprocess)
         pinned = self.pinned(ctx)
-        return lambda exclude: openvino_int8_model(ctx.model, placement, amax, signed, OpenVinoInt8Options(pinned=pinned, exclude=frozenset(exclude)))
+        fp32_ops = int8_spec(ctx).openvino_fp32_ops
+        return lambda exclude: openvino_int8_model(ctx.model, placement, amax, signed,
+                                                   OpenVinoInt8Options(pinned=pinned, exclude=frozenset(exclude), fp32_ops=fp32_ops))
 
     def evaluate(self, ctx: Any, build: Callable[[frozenset[str]], Any], exclude: frozenset[str], precision: str) -> tuple[Any, list]:
         """Build the IR with ``exclude`` out of INT8; return it and, per evidence image, its views' errors scored with OpenVINO at ``precision``.
@@ -538,11 +547,11 @@ class OpenVinoKind:
                                             candidates=report.candidates)
 
     def extra_metadata(self, ctx: Any, ov: Any, nncf: Any) -> dict[str, Any]:
-        from memexport.calibration.openvino_int8 import FP32_OPS, PLACEMENT_IMAGES
+        from memexport.calibration.openvino_int8 import PLACEMENT_IMAGES
 
         placed = list(zip(ctx.calibration, ctx.folds))[:PLACEMENT_IMAGES]
         return {
-            "pinned_fp32_layers": list(self.pinned(ctx)), "fp32_ops": list(FP32_OPS), "range_percentile": ctx.options.cpu_percentile,
+            "pinned_fp32_layers": list(self.pinned(ctx)), "fp32_ops": list(int8_spec(ctx).openvino_fp32_ops), "range_percentile": ctx.options.cpu_percentile,
             "inference_precision": self.precision, "openvino": ov.get_version(), "nncf": nncf.__version__,
             # NNCF ran these images to place the quantizers; each fold build sets every range and sign from its own statistics.
             "placement": {"images": [path.name for path, _ in placed], "folds": sorted({int(fold) for _, fold in placed}),

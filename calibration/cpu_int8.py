@@ -26,7 +26,7 @@ from memexport.core.optional import require
 # unrelated features) nor the LRN's Mul/Pad/AveragePool (squares of activations need more than
 # 8 bits); Adds with a constant operand (the LRN's ``k + alpha * sum``) are not residual sums
 # and stay FP32 too (:func:`constant_adds`).
-CPU_OP_TYPES = ("Conv", "Relu", "Clip", "MaxPool", "Add")
+from memexport.core.spec import INT8_CPU_OPS as CPU_OP_TYPES  # noqa: E402 - ResMem's, the default
 
 # Every tensor of the CPU artifact is requantised to UINT8, residual stream included, so one
 # range rule serves them all: a percentile of |x|, inside the observed [min, max] (the residual

@@ -35,7 +35,7 @@ from memexport.core.optional import require
 
 # Fully connected layers (ONNX Gemm becomes OpenVINO MatMul): a tiny share of the time and the
 # most rank-sensitive part of a scorer, as for the ONNX Runtime CPU artifact.
-FP32_OPS = ("MatMul",)
+from memexport.core.spec import INT8_OPENVINO_FP32_OPS as FP32_OPS  # noqa: E402 - ResMem's, the default
 # NNCF only places the quantizers from these images (every range and sign is memexport's, from
 # each build's own statistics, :func:`apply_ranges`), so a few do.
 PLACEMENT_IMAGES = 4

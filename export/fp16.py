@@ -18,9 +18,7 @@ from typing import Any
 from memexport.core.errors import ArtifactError
 from memexport.core.optional import require
 
-# Kept in FP32: the sigmoid head's last step and the LRN's power/division, where half
-# precision's 11-bit mantissa costs the most for the least time.
-DEFAULT_KEEP_FP32 = ("Sigmoid", "Pow", "Div")
+from memexport.core.spec import FP16_KEEP_OPS as DEFAULT_KEEP_FP32, find_spec
 
 
 @dataclass(frozen=True)
@@ -28,11 +26,12 @@ class Fp16Options:
     """How to convert.
 
     Attributes:
-        keep_fp32_ops: Op types left in FP32 (default Sigmoid, Pow, Div).
+        keep_fp32_ops: Op types left in FP32 (default ``None``: the model's declared ``fp16_keep_ops``;
+            Sigmoid, Pow and Div, ResMem's, for a model this installation does not declare).
         check: Run ``onnx.checker`` on the result (default ``True``).
     """
 
-    keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32
+    keep_fp32_ops: tuple[str, ...] | None = None
     check: bool = True
 
 
@@ -40,7 +39,7 @@ def fp16_proto_from_proto(proto: Any, options: Fp16Options = Fp16Options()) -> A
     """Convert an FP32 ``onnx.ModelProto`` to FP16 with FP32 inputs and outputs."""
     float16 = require("onnxruntime.transformers.float16", "export", "FP16 conversion", "install onnxruntime>=1.16")
     DEFAULT_OP_BLOCK_LIST, convert_float_to_float16 = float16.DEFAULT_OP_BLOCK_LIST, float16.convert_float_to_float16
-    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(options.keep_fp32_ops))
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(options.keep_fp32_ops or DEFAULT_KEEP_FP32))
     converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
     sort_topologically(converted.graph)
     return converted
@@ -101,6 +100,9 @@ def fp16_onnx_from_onnx(model: Path | str, output: Path | str, options: Fp16Opti
 
     model, output = Path(model), Path(output)
     proto, metadata = load_fp32_artifact(model, "FP16 conversion")
+    if options.keep_fp32_ops is None:
+        spec = find_spec(metadata.model)
+        options = dataclasses.replace(options, keep_fp32_ops=spec.fp16_keep_ops if spec else DEFAULT_KEEP_FP32)
     converted = fp16_proto_from_proto(proto, options)
     metadata = dataclasses.replace(metadata, precision="fp16").with_extra(converted_from=model.name, fp32_ops=list(options.keep_fp32_ops))
     save_onnx_artifact(converted, metadata, output, check=options.check)

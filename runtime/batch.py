@@ -10,11 +10,14 @@ Guarantees, whatever happens to the process:
 * A bad input never stops the run: it gets one ``path,error`` row in ``<stem>.errors.csv``,
   written incrementally the same way. Errors are recomputed on every run (resumed or not):
   images that failed are retried, so that file always lists the current failures once each.
-* Every row names the back end, precision and decode mode that computed its score
-  (``path,score,backend,precision,decode``), and ``resume`` refuses to continue a file with another
-  back end, precision or decode mode, so one ranking never mixes, say, FP32 and BF16 scores, or
-  exact and fast decoding. Files with the older ``path,score`` header stay readable, and files with
-  ``path,score,backend,precision`` (written before ``--decode`` existed) resume as ``exact``.
+* Every row names the model, back end, precision and decode mode that computed its score
+  (``path,model,score,backend,precision,decode``: one row per image and model, so a file of several
+  models is the same format and ``pandas.pivot`` gives the wide table), and ``resume`` refuses to
+  continue a file of another model, back end, precision or decode mode, so one ranking never mixes
+  two models' outputs, FP32 and BF16 scores, or exact and fast decoding. Files written before the
+  model column existed (``path,score``, ``path,score,backend,precision`` and
+  ``path,score,backend,precision,decode``) stay readable and resume in their own columns, as the
+  model of the artifact given; those without ``decode`` resume as ``exact``.
 * Paths are written absolute (``os.path.abspath``: the inputs' own names, symlinks kept), so
   ``resume`` matches the same files from any working directory; a name that is not valid UTF-8
   is written back as its original bytes (Python's ``surrogateescape``), so the CSV names the
@@ -58,6 +61,8 @@ RUN_COLUMNS = ("backend", "precision", "decode")
 # The run columns before --decode existed: those rows were all decoded exactly.
 OLD_RUN_COLUMNS = ("backend", "precision")
 OLD_DECODE = "exact"
+# Every new file: one row per image and model.
+CSV_HEADER = ("path", "model", "score", *RUN_COLUMNS)
 ERRORS_HEADER = ("path", "error")
 _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 
@@ -145,6 +150,7 @@ class PredictSummary:
         workers: Decoding threads used (0: inline; the Ray engine's actors decode their own).
         threads: The back end's threads (0: its own default).
         fast_label: What ``--fast`` resolved to, for the summary line (empty: not asked for).
+        model: The model whose scores these are (the artifact's recorded name).
     """
 
     scored: int = 0
@@ -163,6 +169,7 @@ class PredictSummary:
     workers: int = 0
     threads: int = 0
     fast_label: str = ""
+    model: str = ""
 
     @property
     def failed(self) -> int:
@@ -201,21 +208,36 @@ class ScoresFile:
         valid_bytes: Length of the prefix made of the header and complete rows.
         size: The file's length; larger than ``valid_bytes`` when the last row is torn.
         has_header: Whether the prefix includes a ``path,score`` header.
-        columns: The header's columns (``path,score``, ``path,score,backend,precision`` or
-            ``path,score,backend,precision,decode``).
+        columns: The header's columns (:data:`CSV_HEADER`, or one written before the model column:
+            ``path,score``, ``path,score,backend,precision``, ``path,score,backend,precision,decode``).
         runs: The ``(backend, precision, decode)`` of the complete rows (empty for ``path,score``
             files; ``decode`` is ``exact`` for files written before it was a column).
+        models: The models the rows name (empty for files written before the model column).
+        scored: ``(path key, model)`` of every complete row (model ``""`` in files without the column).
     """
 
     keys: frozenset[str]
     valid_bytes: int
     size: int
     has_header: bool
-    columns: tuple[str, ...] = SCORES_HEADER + RUN_COLUMNS
+    columns: tuple[str, ...] = CSV_HEADER
     runs: frozenset[tuple[str, ...]] = frozenset()
+    models: frozenset[str] = frozenset()
+    scored: frozenset[tuple[str, str]] = frozenset()
+
+    def keys_of(self, model: str) -> frozenset[str]:
+        """Path keys already scored by ``model`` (every row, in a file without the model column)."""
+        return frozenset(key for key, named in self.scored if named in ("", model))
 
 
-HEADERS = (SCORES_HEADER, SCORES_HEADER + OLD_RUN_COLUMNS, SCORES_HEADER + RUN_COLUMNS)
+HEADERS = (SCORES_HEADER, SCORES_HEADER + OLD_RUN_COLUMNS, SCORES_HEADER + RUN_COLUMNS, CSV_HEADER)
+
+
+def _row_facts(row: Sequence[str], columns: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]]:
+    """``(score text, model or "", run)`` of a row laid out as ``columns`` (one of :data:`HEADERS`)."""
+    named = dict(zip(columns, row))
+    run = tuple(named.get(column, OLD_DECODE) for column in RUN_COLUMNS) if "backend" in named else ()
+    return named["score"], named.get("model", ""), run
 
 
 def _valid_score(text: str) -> bool:
@@ -251,9 +273,9 @@ def read_scores_file(output: Path) -> ScoresFile:
             yield chunk
 
     reader = csv.reader(lines(), strict=True)
-    keys: set[str] = set()
+    scored: set[tuple[str, str]] = set()
     runs: set[tuple[str, ...]] = set()
-    columns: tuple[str, ...] = SCORES_HEADER + RUN_COLUMNS
+    columns: tuple[str, ...] = CSV_HEADER
     valid_chars, has_header, row_number = 0, False, 0
     while True:
         try:
@@ -267,9 +289,10 @@ def read_scores_file(output: Path) -> ScoresFile:
         if row_number == 1 and complete and tuple(row or ()) in HEADERS:
             has_header, valid_chars, columns = True, position, tuple(row or ())
             continue
-        if complete and has_header and row is not None and len(row) == len(columns) and _valid_score(row[1]):
-            keys.add(path_key(row[0]))
-            runs.update([(*row[2:], OLD_DECODE)[: len(RUN_COLUMNS)]] if len(row) > 2 else [])
+        facts = _row_facts(row, columns) if complete and has_header and row is not None and len(row) == len(columns) else None
+        if facts is not None and _valid_score(facts[0]):
+            scored.add((path_key(row[0]), facts[1]))  # type: ignore[index]
+            runs.update([facts[2]] if facts[2] else [])
             valid_chars = position
             continue
         if position >= len(text):
@@ -279,7 +302,9 @@ def read_scores_file(output: Path) -> ScoresFile:
             "(or it was edited); pass --overwrite to start again or choose another -o"
         )
     valid_bytes = len(text[:valid_chars].encode("utf-8", "surrogateescape"))
-    return ScoresFile(frozenset(keys), valid_bytes, len(raw), has_header, columns, frozenset(runs))
+    keys = frozenset(key for key, _ in scored)
+    models = frozenset(model for _, model in scored if model)
+    return ScoresFile(keys, valid_bytes, len(raw), has_header, columns, frozenset(runs), models, frozenset(scored))
 
 
 # --------------------------------------------------------------------------- writing
@@ -437,24 +462,52 @@ def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str
         )
 
 
+def check_same_models(output: Path, models: Iterable[str], scoring: Iterable[str]) -> None:
+    """Refuse to resume an output that holds scores of a model this run does not score.
+
+    Args:
+        output: The scores output (named in the message).
+        models: The models its rows name (none for files written before the model column).
+        scoring: The models this run scores.
+
+    Raises:
+        UsageError: ``models`` holds another model; one line naming both and the fix.
+    """
+    other = sorted(set(models) - set(scoring))
+    if other:
+        raise UsageError(
+            f"{output} holds scores of {', '.join(other)}; this run scores {', '.join(sorted(scoring))}, and one score column "
+            f"must not mix two models' outputs; pass that model's artifact to resume it, another -o, or --overwrite to start again"
+        )
+
+
 class CsvScores:
-    """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,score`` rows, 8 decimals, followed by
-    as many of ``backend,precision,decode`` as ``run`` names.
+    """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,model,score,backend,precision,decode``
+    rows, scores to 8 decimals; into a file written before the model column, its own columns.
 
     Args:
         output: The CSV.
         append: Keep its rows (``resume``).
-        run: ``(backend, precision, decode)`` written on every row, or ``(backend, precision)`` into a
-            file of the older header (default ``None``: ``path,score`` only).
+        run: ``(backend, precision, decode)`` written on every row (default ``None``: none).
+        model: The model named on every row (default ``""``).
+        columns: The file's header (default :data:`CSV_HEADER`; an older file's when resumed).
     """
 
-    def __init__(self, output: Path, append: bool, run: tuple[str, ...] | None = None) -> None:
-        self.run = tuple(run) if run is not None else ()
-        self.appender = _CsvAppender(output, SCORES_HEADER + RUN_COLUMNS[: len(self.run)], append=append)
+    def __init__(self, output: Path, append: bool, run: tuple[str, ...] | None = None, model: str = "",
+                 columns: tuple[str, ...] = CSV_HEADER) -> None:
+        self.columns = tuple(columns)
+        self.fields = {"model": model, **dict(zip(RUN_COLUMNS, tuple(run or ())))}
+        self.appender = _CsvAppender(output, self.columns, append=append)
 
     def write(self, rows: Sequence[tuple]) -> None:
-        """Append ``(path, score, ...)`` rows (fields past the score are not written: ``run`` is)."""
-        self.appender.write([(row[0], f"{row[1]:.8f}", *self.run) for row in rows])
+        """Append ``(path, score[, model])`` rows; a row's own model, when given, names it (several-model runs)."""
+        out = []
+        for row in rows:
+            named = {**self.fields, "path": row[0], "score": f"{row[1]:.8f}"}
+            if len(row) > 2 and row[2]:
+                named["model"] = row[2]
+            out.append(tuple(named[column] for column in self.columns))
+        self.appender.write(out)
 
     def close(self) -> None:
         self.appender.close()
@@ -502,28 +555,32 @@ class ResultWriter:
 
 def csv_writer_for_run(
     output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str], run: tuple[str, str, str],
+    model: str = "",
 ) -> ResultWriter:
-    """The :class:`ResultWriter` on ``output`` for scores computed by ``run``, once ``output`` is
-    known to hold no other run's scores (every engine's CSV goes through here).
+    """The :class:`ResultWriter` on ``output`` for scores of ``model`` computed by ``run``, once ``output``
+    is known to hold no other model's or run's scores (every engine's CSV goes through here).
 
     Args:
         output: The CSV, already checked by :func:`plan_job`.
         options: ``resume`` keeps its rows.
-        summary: Gets ``backend``, ``precision`` and ``decode``.
+        summary: Gets ``model``, ``backend``, ``precision`` and ``decode``.
         done_keys: Keys already in ``output`` (from :func:`plan_job`).
         run: ``(backend, precision, decode)`` of this run, written on every new row.
+        model: The model whose scores these are (the artifact's recorded name).
 
     Raises:
-        UsageError: ``output`` holds scores of another back end, precision or decode mode (see :func:`check_same_run`).
+        UsageError: ``output`` holds scores of another model (see :func:`check_same_models`), back end,
+            precision or decode mode (see :func:`check_same_run`).
     """
     state = read_scores_file(output) if options.resume and output.is_file() and output.stat().st_size else None
+    check_same_models(output, state.models if state else (), [model])
     check_same_run(output, state.runs if state else (), run)
+    summary.model = model
     summary.backend, summary.precision, summary.decode = run
     append = bool(done_keys) or options.resume
     # An older file keeps its own columns (path,score or path,score,backend,precision: exact decoding,
-    # checked above); every new file names back end, precision and decode mode.
-    kept = len(state.columns) - len(SCORES_HEADER) if state is not None else len(RUN_COLUMNS)
-    scores = CsvScores(output, append, tuple(run)[:kept] if kept else None)
+    # checked above); every new file names the model, back end, precision and decode mode.
+    scores = CsvScores(output, append, tuple(run), model, state.columns if state is not None else CSV_HEADER)
     return ResultWriter(output, summary, append=append, scores=scores)
 
 
@@ -579,7 +636,7 @@ def scores_csv_from_images(
     model: Path, inputs: Sequence[Path], output: Path, options: PredictOptions = PredictOptions(),
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> PredictSummary:
-    """Score files and folders into ``output`` (``path,score,backend,precision``) and ``<stem>.errors.csv`` (``path,error``).
+    """Score files and folders into ``output`` (``path,model,score,backend,precision,decode``) and ``<stem>.errors.csv`` (``path,error``).
 
     Args:
         model: Artifact to score with (``.onnx``, ``.xml`` OpenVINO IR, or a ``.plan``/``.engine`` TensorRT engine).
@@ -611,7 +668,8 @@ def scores_csv_from_images(
     runner = runner_for(model, shared, options.backend, precision=options.precision)
     with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose, decode=options.decode) as predictor:
         summary.warnings.extend([runner.unverified] if runner.unverified else [])
-        writer = csv_writer_for_run(output, options, summary, done_keys, (runner.backend, runner.recorded_precision, options.decode))
+        run = (runner.backend, runner.recorded_precision, options.decode)
+        writer = csv_writer_for_run(output, options, summary, done_keys, run, runner.metadata.model)
         started = time.perf_counter()
         batches = decoded_batches(predictor, todo, options.batch_size, workers)
         try:

@@ -120,13 +120,14 @@ def scorer_scores(batch: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-mean))).astype(np.float32)
 
 
-def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool = False) -> Path:
+def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool = False, model: str = "tiny-scorer") -> Path:
     """A microsecond-fast scorer taking (N, 3, 227, 227) like ResMem, with memexport metadata.
 
     Args:
         path: Destination ``.onnx``.
         seal: Record the integrity sha256 as ``memexport export`` does (default ``True``).
         external_data: Store the weight tensor in ``<name>.data`` beside the model (default ``False``).
+        model: The model name its metadata records (default ``tiny-scorer``).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -143,7 +144,7 @@ def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool =
     graph = helper.make_graph(nodes, "tiny_scorer", [image], [score], initializer=[numpy_helper.from_array(SCORER_WEIGHTS, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="memexport-tests")
     proto.ir_version = 8
-    set_metadata(proto, scorer_metadata())
+    set_metadata(proto, scorer_metadata(model))
     path = Path(path)
     locations: list[str] = []
     if external_data:

@@ -86,4 +86,4 @@ def test_predict_fast_says_what_it_resolved_to(tiny, camera, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "(onnxruntime fp32, fast decode)" in result.stdout
     assert "--fast: onnxruntime fp32, fast decode (--backend given)" in result.stdout
-    assert {tuple(r[2:]) for r in rows(out)[1:]} == {("onnxruntime", "fp32", "fast")}
+    assert {tuple(r[3:]) for r in rows(out)[1:]} == {("onnxruntime", "fp32", "fast")}

@@ -48,15 +48,15 @@ def test_predict_scores_good_images_and_reports_every_bad_one(resmem_onnx, bad_i
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["path", "score", "backend", "precision", "decode"] and rows[1][2:] == ["onnxruntime", "fp32", "exact"]
-    scored = {Path(r[0]).name: float(r[1]) for r in rows[1:]}
+    assert rows[0] == ["path", "model", "score", "backend", "precision", "decode"] and rows[1][1:2] + rows[1][3:] == ["resmem", "onnxruntime", "fp32", "exact"]
+    scored = {Path(r[0]).name: float(r[2]) for r in rows[1:]}
     assert list(scored) == ["good.jpg"]
     assert scored["good.jpg"] == pytest.approx(reference_scores["china.jpg"], abs=1e-4)
     errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader((tmp_path / "scores.errors.csv").open())}
     assert set(errors) == {"zero.jpg", "text.png", "truncated.jpg", "nowhere.jpg"}
     assert errors["zero.jpg"].startswith("empty") and errors["text.png"].startswith("not-an-image")
     assert errors["nowhere.jpg"].startswith("missing")
-    assert "scored 1 images" in result.stdout and "(onnxruntime fp32, exact decode); 4 failed" in result.stdout
+    assert "scored 1 images" in result.stdout and "with resmem (memorability)" in result.stdout and "(onnxruntime fp32, exact decode); 4 failed" in result.stdout
 
 
 def test_predict_folder_is_recursive_and_sorted(resmem_onnx, data_dir, tmp_path):

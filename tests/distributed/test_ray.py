@@ -38,7 +38,7 @@ def copies(tmp_path, data_dir) -> Path:
 
 
 def as_dict(path: Path) -> dict[str, str]:
-    return {row[0]: row[1] for row in rows(path)[1:]}
+    return {row[0]: row[2] for row in rows(path)[1:]}
 
 
 def test_pool_sizes_leave_room_for_reads_and_fit_the_nodes():
@@ -87,10 +87,10 @@ def test_same_rows_and_errors_as_the_local_engine_on_hostile_files(tiny, tmp_pat
         assert float(text) == pytest.approx(float(local_scores[path]), abs=1e-6)
         assert float(text) == pytest.approx(expected_tiny(Path(path)), abs=1e-5)  # float32 ReduceMean vs float64
     local_rows, ray_rows = rows(tmp_path / "local.csv"), rows(tmp_path / "ray.csv")
-    assert ray_rows[0] == local_rows[0] == ["path", "score", "backend", "precision", "decode"]
+    assert ray_rows[0] == local_rows[0] == ["path", "model", "score", "backend", "precision", "decode"]
     # Same columns, row for row (rows arrive in block order on Ray): the run is named on each.
-    assert sorted((r[0], *r[2:]) for r in ray_rows[1:]) == sorted((r[0], *r[2:]) for r in local_rows[1:])
-    assert {tuple(r[2:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32", "exact")}
+    assert sorted((r[0], r[1], *r[3:]) for r in ray_rows[1:]) == sorted((r[0], r[1], *r[3:]) for r in local_rows[1:])
+    assert {tuple(r[3:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32", "exact")}
     errors = as_dict(errors_path_for(tmp_path / "ray.csv"))
     assert errors == as_dict(errors_path_for(tmp_path / "local.csv"))
     assert {Path(p).name: text.split(":")[0] for p, text in errors.items()} == BAD_REASONS
@@ -112,11 +112,11 @@ def test_resumes_a_local_engine_csv_and_refuses_one_of_another_precision(tiny, t
     resumed = scores_from_images_on_ray(tiny, [folder], out, PredictOptions(resume=True, **CPU))
     assert (resumed.skipped, resumed.scored, resumed.backend, resumed.precision) == (1, 2, "onnxruntime", "fp32")
     table = rows(out)
-    assert table[0] == ["path", "score", "backend", "precision", "decode"] and len(table) == 4  # one header, no repeats
+    assert table[0] == ["path", "model", "score", "backend", "precision", "decode"] and len(table) == 4  # one header, no repeats
     assert {Path(r[0]).name for r in table[1:]} == {"china.jpg", "flower.jpg", "brick.png"}
-    assert {tuple(r[2:]) for r in table[1:]} == {("onnxruntime", "fp32", "exact")}
+    assert {tuple(r[3:]) for r in table[1:]} == {("onnxruntime", "fp32", "exact")}
     for row in table[1:]:
-        assert float(row[1]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-5)
+        assert float(row[2]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-5)
 
     # The same file as an OpenVINO BF16 run writes it: Ray must not append FP32 scores to it.
     (folder / "cat.jpg").write_bytes((data_dir / "china.jpg").read_bytes()[:500])  # a failure, to see the errors file kept
@@ -195,7 +195,7 @@ def test_interrupted_run_resumes_and_scores_each_image_exactly_once(tiny, copies
     names = [Path(row[0]).name for row in rows(out)[1:]]
     assert sorted(names) == sorted(p.name for p in copies.iterdir()) and len(set(names)) == 240
     expected = expected_tiny(next(copies.iterdir()))
-    assert all(float(row[1]) == pytest.approx(expected, abs=1e-6) for row in rows(out)[1:])
+    assert all(float(row[2]) == pytest.approx(expected, abs=1e-6) for row in rows(out)[1:])
 
 
 def test_parquet_output_resumes_without_rescoring(tiny, copies, tmp_path):
@@ -286,9 +286,9 @@ def test_precision_reaches_the_actors(tiny, tmp_path, data_dir):
     summary = scores_from_images_on_ray(tiny, [data_dir], out, PredictOptions(backend="openvino", precision="bf16", **CPU))
     table = rows(out)
     assert summary.scored == len(table) - 1 > 0 and (summary.backend, summary.precision) == ("openvino", "bf16")
-    assert {tuple(r[2:]) for r in table[1:]} == {("openvino", "bf16", "exact")}
+    assert {tuple(r[3:]) for r in table[1:]} == {("openvino", "bf16", "exact")}
     for row in table[1:]:
-        assert float(row[1]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-2)
+        assert float(row[2]) == pytest.approx(expected_tiny(Path(row[0])), abs=1e-2)
 
 
 def test_decode_mode_reaches_the_actors(tiny, tmp_path, data_dir):
@@ -304,6 +304,6 @@ def test_decode_mode_reaches_the_actors(tiny, tmp_path, data_dir):
     scores_csv_from_images(tiny, [folder], tmp_path / "local.csv", options)
     assert summary.decode == "fast" and summary.scored == 2
     ray_rows, local_rows = sorted(rows(tmp_path / "ray.csv")[1:]), sorted(rows(tmp_path / "local.csv")[1:])
-    assert [(r[0], *r[2:]) for r in ray_rows] == [(r[0], *r[2:]) for r in local_rows]
-    assert {tuple(r[2:]) for r in ray_rows} == {("onnxruntime", "fp32", "fast")}
-    assert [float(r[1]) for r in ray_rows] == pytest.approx([float(r[1]) for r in local_rows], abs=1e-6)
+    assert [(r[0], r[1], *r[3:]) for r in ray_rows] == [(r[0], r[1], *r[3:]) for r in local_rows]
+    assert {tuple(r[3:]) for r in ray_rows} == {("onnxruntime", "fp32", "fast")}
+    assert [float(r[2]) for r in ray_rows] == pytest.approx([float(r[2]) for r in local_rows], abs=1e-6)

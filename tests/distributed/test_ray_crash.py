@@ -51,7 +51,7 @@ def test_a_file_that_kills_its_actor_every_time_gets_an_error_row_and_the_job_en
     text = stdout.decode(errors="replace") + stderr.decode(errors="replace")
     assert child.returncode == 1, text
     assert "Traceback" not in text and "scored 12 images" in text and "1 failed (1 worker-died)" in text
-    scored = {Path(row[0]).name: float(row[1]) for row in rows(out)[1:]}
+    scored = {Path(row[0]).name: float(row[2]) for row in rows(out)[1:]}
     assert sorted(scored) == sorted(p.name for p in folder.iterdir() if p != crash)  # each good file once
     assert all(abs(score - expected_tiny(crash)) < 1e-6 for score in scored.values())
     errors = rows(errors_path_for(out))[1:]

@@ -44,7 +44,7 @@ def test_mixed_folder_scores_good_images_and_lists_every_bad_one(resmem_onnx, da
     stdout, stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
     assert result.returncode == 1, stderr
     assert "Traceback" not in stdout + stderr
-    scored = {os.fsencode(Path(r[0]).name): float(r[1]) for r in rows(out)[1:]}
+    scored = {os.fsencode(Path(r[0]).name): float(r[2]) for r in rows(out)[1:]}
     for name, reference in reference_scores.items():
         assert scored[name.encode()] == pytest.approx(reference, abs=1e-4), name
     assert scored[NON_UTF8_NAME] == pytest.approx(reference_scores["phantom.png"], abs=1e-4)
@@ -76,12 +76,12 @@ def test_killed_run_resumed_scores_every_image_exactly_once(tiny, copies, tmp_pa
     assert result.returncode == 0, result.stderr
     assert b"dropped a torn last row" in result.stdout and b"already scored" in result.stdout
     after = rows(out)
-    assert after[0] == ["path", "score", "backend", "precision", "decode"]
-    assert {tuple(r[2:]) for r in after[1:]} == {("onnxruntime", "fp32", "exact")}
+    assert after[0] == ["path", "model", "score", "backend", "precision", "decode"]
+    assert {tuple(r[3:]) for r in after[1:]} == {("onnxruntime", "fp32", "exact")}
     names = [Path(r[0]).name for r in after[1:]]
     assert sorted(names) == sorted(p.name for p in copies.iterdir()) and len(names) == len(set(names)) == 300
     expected = expected_tiny(next(copies.iterdir()))
-    assert all(float(r[1]) == pytest.approx(expected, abs=1e-6) for r in after[1:])
+    assert all(float(r[2]) == pytest.approx(expected, abs=1e-6) for r in after[1:])
 
 
 def test_sigterm_stops_with_exit_130_keeping_finished_rows(tiny, copies, tmp_path):
@@ -130,7 +130,7 @@ def test_parallel_decoding_matches_inline_decoding(tiny, copies, data_dir, tmp_p
     scores_csv_from_images(tiny, [copies], inline, PredictOptions(batch_size=7, workers=0, **CPU))
     scores_csv_from_images(tiny, [copies], parallel, PredictOptions(batch_size=7, workers=4, **CPU))
     assert inline.read_bytes() == parallel.read_bytes()
-    got = {Path(r[0]).name: float(r[1]) for r in rows(parallel)[1:]}
+    got = {Path(r[0]).name: float(r[2]) for r in rows(parallel)[1:]}
     assert got["flower.jpg"] == pytest.approx(expected_tiny(data_dir / "flower.jpg"), abs=1e-6)
 
 
@@ -178,14 +178,14 @@ def test_rows_name_the_back_end_and_precision_and_resume_never_mixes_them(tiny, 
     out = tmp_path / "s.csv"
     first = [copies / "img_0000.jpg", copies / "img_0001.jpg"]
     scores_csv_from_images(tiny, first, out, PredictOptions(backend=backend, **CPU))
-    assert rows(out)[0] == ["path", "score", "backend", "precision", "decode"]
-    assert [r[2:] for r in rows(out)[1:]] == [[backend, "fp32", "exact"]] * 2
+    assert rows(out)[0] == ["path", "model", "score", "backend", "precision", "decode"]
+    assert [r[3:] for r in rows(out)[1:]] == [[backend, "fp32", "exact"]] * 2
     other = "openvino" if backend == "onnxruntime" else "onnxruntime"
     with pytest.raises(UsageError, match=rf"s\.csv holds scores computed by {backend} fp32, exact decode; this run computes {other} fp32, exact decode"):
         scores_csv_from_images(tiny, [copies / "img_0002.jpg"], out, PredictOptions(backend=other, resume=True, **CPU))
     summary = scores_csv_from_images(tiny, [*first, copies / "img_0002.jpg"], out, PredictOptions(backend=backend, resume=True, **CPU))
     assert (summary.skipped, summary.scored, summary.backend, summary.precision) == (2, 1, backend, "fp32")
-    assert [r[2:] for r in rows(out)[1:]] == [[backend, "fp32", "exact"]] * 3
+    assert [r[3:] for r in rows(out)[1:]] == [[backend, "fp32", "exact"]] * 3
 
 
 def test_an_older_path_score_file_resumes_in_its_own_columns(tiny, copies, tmp_path):

@@ -106,8 +106,8 @@ def test_the_csv_names_the_decode_mode_and_resume_never_mixes_modes(camera, tiny
     out = tmp_path / "s.csv"
     images = sorted(camera.iterdir())
     summary = scores_csv_from_images(tiny, images[:2], out, PredictOptions(decode="fast", **CPU))
-    assert rows(out)[0] == ["path", "score", "backend", "precision", "decode"]
-    assert [r[2:] for r in rows(out)[1:]] == [["onnxruntime", "fp32", "fast"]] * 2
+    assert rows(out)[0] == ["path", "model", "score", "backend", "precision", "decode"]
+    assert [r[3:] for r in rows(out)[1:]] == [["onnxruntime", "fp32", "fast"]] * 2
     assert summary.decode == "fast"
     with pytest.raises(UsageError, match=r"holds scores computed by onnxruntime fp32, fast decode; this run computes onnxruntime fp32, exact decode"):
         scores_csv_from_images(tiny, images, out, PredictOptions(resume=True, **CPU))

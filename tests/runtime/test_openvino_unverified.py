@@ -68,7 +68,7 @@ def test_the_mark_reaches_the_csv_the_summary_and_the_cli(tmp_path, sample_image
     summary = scores_csv_from_images(xml, sample_images[:3], out, PredictOptions(device="cpu", workers=0))
     assert (summary.backend, summary.precision) == ("openvino", "int8-unverified")
     assert len(summary.warnings) == 1 and "never measured" in summary.warnings[0]
-    assert {tuple(row[2:4]) for row in rows(out)[1:]} == {("openvino", "int8-unverified")}
+    assert {tuple(row[3:5]) for row in rows(out)[1:]} == {("openvino", "int8-unverified")}
     called = CliRunner().invoke(app, ["predict", *map(str, sample_images[:2]), "-m", str(xml), "-o", str(tmp_path / "cli.csv"), "--device", "cpu"])
     assert called.exit_code == 0, called.output
     assert "(openvino int8-unverified, exact decode)" in called.output and "warning: tiny.int8-openvino.xml:" in called.output

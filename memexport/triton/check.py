@@ -197,7 +197,7 @@ def served_dims(tensor: Any) -> tuple[int, ...]:
 
 def artifact_problems(path: Path, config: Any, artifact: Path) -> list[str]:
     """The scoring model's input and output against the artifact's own graph and metadata."""
-    from memexport.triton_artifacts import artifact_facts
+    from memexport.triton.artifacts import artifact_facts
 
     try:
         facts = artifact_facts(artifact)

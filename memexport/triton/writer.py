@@ -16,7 +16,7 @@ For each artifact it writes three models, named after the artifact's model (``re
 Dims come from the artifact's own graph, without the batch dimension. The Python models find
 memexport through the ``MEMEXPORT_SYS_PATH`` parameter (folders added with
 ``site.addsitedir`` before anything else on ``sys.path``), because the Python back end's stub
-ignores ``PYTHONPATH``. :func:`memexport.triton_check.check_triton_repo` checks the result.
+ignores ``PYTHONPATH``. :func:`memexport.triton.check.check_triton_repo` checks the result.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Sequence
 
 from memexport.core.errors import UsageError
 from memexport.runtime.triton_python import ARTIFACT_KEY, PREPROCESS_KEY, SYS_PATH_KEY
-from memexport.triton_artifacts import ONNXRUNTIME, OPENVINO, PYTHON, TENSORRT, ArtifactFacts, artifact_facts
+from memexport.triton.artifacts import ONNXRUNTIME, OPENVINO, PYTHON, TENSORRT, ArtifactFacts, artifact_facts
 
 PREPROCESS_OUTPUT = "pixels"
 ENSEMBLE_INPUT, ENSEMBLE_OUTPUT = "image", "score"

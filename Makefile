@@ -50,9 +50,10 @@ test: $(STAMP) trt-api docs triton-env $(ARTIFACTS)/resmem.onnx
 	$(BIN)/python -m pytest -q
 
 # The documentation site, strict: a broken link or anchor, a page outside nav or a missing snippet fails.
+# No --quiet: it hides the warnings --strict counts, and the build then passes with them (tests/test_docs_build.py).
 SITE := .site
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(SITE)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE)
 
 # TensorRT Python binding wheels (about 1 MB each, never committed) for the API-surface test:
 # every TensorRT name memexport uses must exist in 8.6.1 (Pascal) and in the newest 10.x; 11.x
@@ -139,7 +140,7 @@ bench-e2e: $(ARTIFACTS)/resmem.onnx synthetic-images
 	$(BIN)/memexport bench -m $(ARTIFACTS)/resmem.onnx --end-to-end $(ARTIFACTS)/synthetic_jpegs --batch-sizes 16 --json $(ARTIFACTS)/bench_e2e.json
 
 # Its own environment for the real `tritonserver` (2.51, Python back end only) bundled in the nvidia-pytriton
-# wheel (~55 MB, x86_64, glibc >= 2.35): tests/test_triton_server.py serves a `memexport triton-repo` repository
+# wheel (~55 MB, x86_64, glibc >= 2.35): tests/triton/test_triton_server.py serves a `memexport triton-repo` repository
 # with it. numpy < 2 there (with numpy 2 the Python back end's stub returned empty outputs) and memexport itself
 # (editable, no deps), so the stub imports memexport's preprocessing. Where the wheel does not install, the
 # environment is made without it and that test skips, saying why (the reason is kept in pytriton-missing.txt).

@@ -522,7 +522,7 @@ def triton_repo_cmd(
     from memexport.core.errors import UsageError
 
     if check is not None:
-        from memexport.triton_check import ModelRepositoryError, check_triton_repo
+        from memexport.triton.check import ModelRepositoryError, check_triton_repo
 
         try:
             names = check_triton_repo(check)
@@ -534,7 +534,7 @@ def triton_repo_cmd(
         return
     if not models or output is None:
         raise UsageError("pass -m ARTIFACT and -o REPO to write a repository, or --check REPO to check one")
-    from memexport.triton import TritonOptions, triton_repo_from_artifacts
+    from memexport.triton.writer import TritonOptions, triton_repo_from_artifacts
 
     options = TritonOptions(max_batch_size=max_batch_size, instances=instances, max_queue_delay_us=max_queue_delay_us, device=device,
                             tensorrt=tensorrt, trt_cache=trt_cache, python_scorer=python_scorer, sys_path=tuple(sys_path or ()))
@@ -616,7 +616,7 @@ def serve_cmd(
 
     SIGTERM or Ctrl-C stops accepting (503), answers every accepted request, then exits.
     """
-    from memexport.serve import ServeOptions, resolve_token
+    from memexport.serve.options import ServeOptions, resolve_token
 
     if fast:  # the same resolution as `predict --fast`; explicit --backend/--precision/--decode override
         from memexport.runtime.fastpath import resolve_fast
@@ -628,7 +628,7 @@ def serve_cmd(
                            max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
                            token=resolve_token(token), check_integrity=integrity_check)
     if engine == "ray":
-        from memexport.serve_ray import RayServeOptions, serve_on_ray
+        from memexport.serve.ray import RayServeOptions, serve_on_ray
 
         serve_on_ray(model, options, host, port, insecure, RayServeOptions.parse(ray_address, replicas, autoscale), err)
         return
@@ -636,7 +636,7 @@ def serve_cmd(
         from memexport.core.errors import UsageError
 
         raise UsageError("--ray-address, --replicas and --autoscale need --engine ray" if engine == "local" else f"--engine must be local or ray, got {engine!r}")
-    from memexport.serve_app import serve
+    from memexport.serve.runner import serve
 
     serve(model, options, host, port, insecure, err)
 

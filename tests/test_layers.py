@@ -132,7 +132,8 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_every_module_is_found_and_parsed():
     edges = graph()
-    assert {"memexport.cli", "memexport.runtime.registry", "memexport.export.tensorrt", "memexport.calibration"} <= set(edges)
+    assert {"memexport.cli", "memexport.runtime.registry", "memexport.export.tensorrt", "memexport.calibration",
+            "memexport.serve.service", "memexport.triton.writer"} <= set(edges)
     assert "memexport.runtime.base" in edges["memexport.runtime.registry"]
     # a function-local import counts: the ONNX Runtime runner imports the budget module inside activate()
     assert "memexport.runtime.budget" in edges["memexport.runtime.onnxruntime_runner"]
@@ -182,10 +183,30 @@ def test_every_source_folder_is_a_floor():
     assert folders <= mapped, f"folders missing from memexport.core.layers: {sorted(folders - mapped)}"
 
 
+def test_every_package_under_the_top_folder_is_on_the_map():
+    """A package inside memexport/ (serve/, triton/) is on the map, so its modules are checked and installed."""
+    top = package_dirs()[PACKAGE]
+    found = {".".join((PACKAGE, *path.parent.relative_to(top).parts)) for path in top.rglob("__init__.py") if path.parent != top}
+    mapped = {package for floor in FLOORS for package in floor.packages}
+    assert found and found <= mapped, f"packages missing from memexport.core.layers: {sorted(found - mapped)}"
+
+
+def test_every_mapped_package_is_installed_with_its_resources():
+    """pyproject's setuptools packages list every package on the map, and the page ships as package data."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    mapped = {package for floor in FLOORS for package in floor.packages}
+    assert mapped <= set(setuptools["packages"]), sorted(mapped - set(setuptools["packages"]))
+    for package, patterns in setuptools["package-data"].items():
+        folder = package_dirs()[PACKAGE].joinpath(*package.split(".")[1:])
+        assert all(list(folder.glob(pattern)) for pattern in patterns), (package, patterns)
+    assert "page.html" in setuptools["package-data"]["memexport.serve"]
+
+
 def test_lower_floors_never_import_the_top_folder():
     """core/, runtime/, export/, calibration/ and distributed/ import nothing from memexport/'s own modules."""
     edges = graph()
-    top = {m for m in edges if m.startswith("memexport.") and m.count(".") == 1 and floor_of(m).rank >= 3}
+    top = {m for m in edges if m.startswith("memexport.") and floor_of(m).rank >= 3 and not m.startswith("memexport.distributed")}
     bad = [f"{m} -> {t}" for m, ts in edges.items() if floor_of(m).rank < 3 or m.startswith("memexport.distributed")
            for t in ts if t in top]
     assert bad == []

@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from memexport.runtime.cpu import cpu_units
-    from memexport.serve import ServeOptions, load_predictor
+    from memexport.serve.options import ServeOptions
+    from memexport.serve.service import load_predictor
 
     photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     same = [*(["--backend", args.backend] if args.backend else []), *(["--precision", args.precision] if args.precision else [])]

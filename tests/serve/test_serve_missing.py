@@ -7,12 +7,12 @@ import sys
 import pytest
 
 from memexport.core.errors import BackendUnavailableError
-from memexport.serve import ServeOptions
+from memexport.serve.options import ServeOptions
 
 
 def test_serve_without_fastapi_is_one_line(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "fastapi", None)
-    from memexport.serve_app import serve
+    from memexport.serve.runner import serve
 
     with pytest.raises(BackendUnavailableError, match=r"^memexport serve needs (fastapi|uvicorn), which is not installed; install it with pip install 'memexport\[serve\]'$"):
         serve(tiny, ServeOptions(), port=0)
@@ -20,7 +20,7 @@ def test_serve_without_fastapi_is_one_line(monkeypatch, tiny):
 
 def test_ray_engine_without_ray_serve_is_one_line(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "ray.serve", None)
-    from memexport.serve_ray import RayServeOptions, serve_on_ray
+    from memexport.serve.ray import RayServeOptions, serve_on_ray
 
     with pytest.raises(BackendUnavailableError, match=r"--engine ray needs ray.serve, which is not installed; install it with pip install 'memexport\[ray\]'$"):
         serve_on_ray(tiny, ServeOptions(), "127.0.0.1", 0, False, RayServeOptions())

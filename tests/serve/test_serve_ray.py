@@ -18,7 +18,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
-from memexport.serve_ray import RayServeOptions, app_builder  # noqa: E402
+from memexport.serve.ray import RayServeOptions, app_builder  # noqa: E402
 from memexport.core.errors import UsageError  # noqa: E402
 from tests.serve.server import Server, multipart  # noqa: E402
 

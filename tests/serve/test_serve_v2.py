@@ -236,7 +236,8 @@ def test_decode_fast_serves_fast_decoded_scores(tiny, tmp_path, data_dir):
 def test_openvino_server_runs_one_dynamic_graph_for_every_batch_size(tiny, sample_images):
     """The batcher forms every size from 1 to max-batch-size; static shapes would recompile (~1 s) for each."""
     pytest.importorskip("openvino", reason="openvino is not installed (pip install 'memexport[openvino]')")
-    from memexport.serve import ServeOptions, load_predictor
+    from memexport.serve.options import ServeOptions
+    from memexport.serve.service import load_predictor
 
     predictor = load_predictor(tiny, ServeOptions(backend="openvino", device="cpu"))
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,16 @@ import pytest
 from typer.testing import CliRunner
 
 from memexport.cli import app
-from memexport.core.errors import UsageError
+from memexport.core.errors import BackendUnavailableError, UsageError
 from memexport.runtime.preprocess import preprocess
 from memexport.runtime.triton_python import decode_rows
-from memexport.triton import TritonOptions, triton_repo_from_artifacts
-from memexport.triton_check import ModelRepositoryError, check_triton_repo, parse_config, tensors
+from memexport.triton.writer import TritonOptions, triton_repo_from_artifacts
+from memexport.triton.check import ModelRepositoryError, check_triton_repo, parse_config, tensors
 from tests.conftest import have, needs_openvino
 from tests.models import scorer_metadata, write_tiny_scorer
 
 pytestmark = pytest.mark.skipif(not have("tritonclient"), reason="tritonclient is not installed (pip install 'memexport[triton]')")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,19 @@ def test_tensorrt_plan_records_where_it_runs_and_caps_the_batch_at_its_profile(t
     assert tensors(scorer, "input") == {"image": ("TYPE_FP32", (3, 32, 32))}
 
 
+def test_writing_without_the_triton_extra_is_one_line_and_replaces_nothing(tmp_path, tiny, monkeypatch):
+    """The configs are Triton's ModelConfig messages: without tritonclient the writer stops before touching the folder."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "keep.txt").write_text("mine")
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc.model_config_pb2", None)  # import -> ImportError
+    with pytest.raises(BackendUnavailableError) as caught:
+        triton_repo_from_artifacts([tiny], repo, overwrite=True)
+    assert str(caught.value) == ("writing a Triton config.pbtxt needs tritonclient.grpc.model_config_pb2, which is not installed; "
+                                 "install it with pip install 'memexport[triton]'")
+    assert sorted(p.name for p in repo.iterdir()) == ["keep.txt"] and (repo / "keep.txt").read_text() == "mine"
+
+
 def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"
@@ -139,11 +153,11 @@ def edit(path: Path, old: str, new: str) -> None:
 MISTAKES = {
     # (file, text, replacement, words the one line must hold: the field)
     "misspelt field": ("tiny-scorer_onnx", "max_batch_size: 16", "max_batch_sise: 16", "max_batch_sise"),
-    "dim off by one": ("tiny-scorer_onnx", "dims: [ 3, 227, 227 ]", "dims: [ 3, 227, 226 ]", "input 'image' dims"),
-    "wrong ensemble key": ("tiny-scorer", 'input_map { key: "image" value: "pixels" }', 'input_map { key: "input" value: "pixels" }', "input_map: key 'input'"),
-    "preferred batch over the max": ("tiny-scorer_preprocess", "preferred_batch_size: [ 4, 8, 16 ]", "preferred_batch_size: [ 4, 8, 32 ]", "preferred_batch_size"),
+    "dim off by one": ("tiny-scorer_onnx", "dims: [3, 227, 227]", "dims: [3, 227, 226]", "input 'image' dims"),
+    "wrong ensemble key": ("tiny-scorer", 'key: "image"\n      value: "pixels"', 'key: "input"\n      value: "pixels"', "input_map: key 'input'"),
+    "preferred batch over the max": ("tiny-scorer_preprocess", "preferred_batch_size: [4, 8, 16]", "preferred_batch_size: [4, 8, 32]", "preferred_batch_size"),
     "folder and name differ": ("tiny-scorer_preprocess", 'name: "tiny-scorer_preprocess"', 'name: "preprocess"', "name: 'preprocess'"),
-    "wrong data type": ("tiny-scorer_onnx", "data_type: TYPE_FP32 dims: [ 3, 227, 227 ]", "data_type: TYPE_FP16 dims: [ 3, 227, 227 ]", "data_type"),
+    "wrong data type": ("tiny-scorer_onnx", "data_type: TYPE_FP32\n  dims: [3, 227, 227]", "data_type: TYPE_FP16\n  dims: [3, 227, 227]", "data_type"),
     "bad enum": ("tiny-scorer_onnx", "kind: KIND_CPU", "kind: KIND_TPU", "KIND_TPU"),
 }
 

@@ -13,26 +13,29 @@ For each artifact it writes three models, named after the artifact's model (``re
   ``python_scorer`` ``resmem_python``, a Python-back-end stand-in over memexport's runtime for
   servers without the ONNX Runtime back end.
 
+Each ``config.pbtxt`` is built as Triton's own ``ModelConfig`` message and written in protobuf's text
+format (:mod:`memexport.triton.schema`, the ``triton`` extra), the schema the checker parses with.
 Dims come from the artifact's own graph, without the batch dimension. The Python models find
 memexport through the ``MEMEXPORT_SYS_PATH`` parameter (folders added with
 ``site.addsitedir`` before anything else on ``sys.path``), because the Python back end's stub
-ignores ``PYTHONPATH``. :func:`memexport.triton_check.check_triton_repo` checks the result.
+ignores ``PYTHONPATH``. :func:`memexport.triton.check.check_triton_repo` checks the result.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from memexport.core.errors import UsageError
 from memexport.runtime.triton_python import ARTIFACT_KEY, PREPROCESS_KEY, SYS_PATH_KEY
-from memexport.triton_artifacts import ONNXRUNTIME, OPENVINO, PYTHON, TENSORRT, ArtifactFacts, artifact_facts
+from memexport.triton import schema
+from memexport.triton.artifacts import ONNXRUNTIME, OPENVINO, PYTHON, TENSORRT, ArtifactFacts, artifact_facts
 
+PURPOSE = "writing a Triton config.pbtxt"
 PREPROCESS_OUTPUT = "pixels"
 ENSEMBLE_INPUT, ENSEMBLE_OUTPUT = "image", "score"
 SCORER_SUFFIX = {ONNXRUNTIME: "onnx", OPENVINO: "openvino", TENSORRT: "plan", PYTHON: "python"}
@@ -119,100 +122,119 @@ def default_sys_path() -> tuple[str, ...]:
     return tuple(dict.fromkeys(os.path.abspath(paths[key]) for key in ("purelib", "platlib")))
 
 
-def q(text: str) -> str:
-    """A protobuf text-format string literal."""
-    return json.dumps(str(text))
+def _pb():
+    """Triton's ``model_config_pb2`` (the ``triton`` extra): every config is built as its ``ModelConfig``."""
+    return schema.model_config_pb2(PURPOSE)
 
 
-def dims(values: Sequence[int]) -> str:
-    return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
+def new_config(name: str, max_batch: int, *, backend: str = "", platform: str = "") -> Any:
+    """An empty ``ModelConfig`` with its name, back end (or platform) and ``max_batch_size``."""
+    config = _pb().ModelConfig(name=name, max_batch_size=max_batch)
+    if platform:
+        config.platform = platform
+    if backend:
+        config.backend = backend
+    return config
 
 
-def tensor(name: str, data_type: str, shape: Sequence[int], reshape: Sequence[int] | None = None) -> str:
-    extra = f" reshape: {{ shape: {dims(reshape)} }}" if reshape is not None else ""
-    return f"  {{ name: {q(name)} data_type: {data_type} dims: {dims(shape)}{extra} }}"
+def add_tensor(tensors: Any, name: str, data_type: str, shape: Sequence[int], reshape: Sequence[int] | None = None) -> None:
+    """Append one ``ModelInput``/``ModelOutput`` to ``tensors`` (``data_type``: ``TYPE_FP32``...)."""
+    tensor = tensors.add(name=name, data_type=_pb().DataType.Value(data_type), dims=[int(v) for v in shape])
+    if reshape is not None:
+        tensor.reshape.SetInParent()  # an empty reshape (to []) is still a reshape
+        tensor.reshape.shape.extend(int(v) for v in reshape)
 
 
-def parameters(values: dict[str, str]) -> str:
-    return "".join(f"parameters {{ key: {q(k)} value: {{ string_value: {q(v)} }} }}\n" for k, v in values.items())
+def set_parameters(config: Any, values: dict[str, str]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = value
 
 
-def batching(options: TritonOptions, max_batch: int) -> str:
+def set_batching(config: Any, options: TritonOptions, max_batch: int) -> None:
     preferred = sorted({s for s in (max_batch // 4, max_batch // 2, max_batch) if s >= 2}) or [max_batch]
-    return f"dynamic_batching {{ preferred_batch_size: {dims(preferred)} max_queue_delay_microseconds: {options.max_queue_delay_us} }}\n"
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
 
 
-def io_block(inputs: list[str], outputs: list[str]) -> str:
-    return "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
+def add_instances(config: Any, count: int, kind: str) -> None:
+    config.instance_group.add(count=count, kind=_pb().ModelInstanceGroup.Kind.Value(kind))
 
 
-def scorer_io(facts: ArtifactFacts) -> str:
+def scorer_io(config: Any, facts: ArtifactFacts) -> None:
     """The scoring model's tensors; an output of one value per image is served as ``[1]`` (reshaped)."""
     meta = facts.metadata
-    out = tensor(meta.output_name, "TYPE_FP32", facts.output_dims) if facts.output_dims else \
-        tensor(meta.output_name, "TYPE_FP32", [1], reshape=[])
-    return io_block([tensor(meta.input_name, "TYPE_FP32", facts.input_dims)], [out])
+    add_tensor(config.input, meta.input_name, "TYPE_FP32", facts.input_dims)
+    if facts.output_dims:
+        add_tensor(config.output, meta.output_name, "TYPE_FP32", facts.output_dims)
+    else:
+        add_tensor(config.output, meta.output_name, "TYPE_FP32", [1], reshape=[])
 
 
-def warmup(facts: ArtifactFacts, max_batch: int) -> str:
+def add_warmup(config: Any, facts: ArtifactFacts, max_batch: int) -> None:
     """Zero batches at 1 and at the largest size, so the first requests do not pay for engine builds."""
-    sizes = dict.fromkeys((1, max_batch))
-    entries = [
-        f"  {{ name: \"zeros_batch_{size}\" batch_size: {size} inputs {{ key: {q(facts.metadata.input_name)} value: "
-        f"{{ data_type: TYPE_FP32 dims: {dims(facts.input_dims)} zero_data: true }} }} }}"
-        for size in sizes
-    ]
-    return "model_warmup [\n" + ",\n".join(entries) + "\n]\n"
+    for size in dict.fromkeys((1, max_batch)):
+        warmup = config.model_warmup.add(name=f"zeros_batch_{size}", batch_size=size)
+        sample = warmup.inputs[facts.metadata.input_name]
+        sample.data_type = _pb().TYPE_FP32
+        sample.dims.extend(facts.input_dims)
+        sample.zero_data = True
 
 
-def tensorrt_accelerator(options: TritonOptions) -> str:
+def add_tensorrt_accelerator(config: Any, options: TritonOptions) -> None:
     """ONNX Runtime's TensorRT execution provider, with its engine cache (one build, reused by every instance)."""
+    assert options.tensorrt is not None
     values = {"precision_mode": options.tensorrt.upper(), "max_workspace_size_bytes": str(1 << 30),
               "trt_engine_cache_enable": "1", "trt_engine_cache_path": options.trt_cache}
-    params = " ".join(f"parameters {{ key: {q(k)} value: {q(v)} }}" for k, v in values.items())
-    return f"optimization {{ execution_accelerators {{ gpu_execution_accelerator: [ {{ name: \"tensorrt\" {params} }} ] }} }}\n"
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters.update(values)
 
 
-def scorer_config(name: str, backend: str, facts: ArtifactFacts, options: TritonOptions, max_batch: int) -> str:
-    """``config.pbtxt`` of the scoring model on ``backend``."""
-    head = f"name: {q(name)}\n" + (f"platform: {q(backend)}\n" if backend == TENSORRT else f"backend: {q(backend)}\n")
+def scorer_config(name: str, backend: str, facts: ArtifactFacts, options: TritonOptions, max_batch: int) -> Any:
+    """The ``ModelConfig`` of the scoring model on ``backend``."""
+    config = new_config(name, max_batch, platform=TENSORRT) if backend == TENSORRT else new_config(name, max_batch, backend=backend)
     if backend != PYTHON:
-        head += f"default_model_filename: {q(facts.path.name)}\n"
+        config.default_model_filename = facts.path.name
+    scorer_io(config, facts)
     kind = "KIND_GPU" if backend == TENSORRT or (backend == ONNXRUNTIME and options.device == "gpu") else "KIND_CPU"
-    text = head + f"max_batch_size: {max_batch}\n" + scorer_io(facts)
-    text += f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]\n" + batching(options, max_batch)
+    add_instances(config, options.instances, kind)
+    set_batching(config, options, max_batch)
     if backend == ONNXRUNTIME and options.tensorrt:
-        text += tensorrt_accelerator(options)
+        add_tensorrt_accelerator(config, options)
     notes = dict(facts.notes)
     notes.pop("MEMEXPORT_MAX_BATCH", None)
     if backend == OPENVINO and notes.get("MEMEXPORT_INFERENCE_PRECISION") == "bf16":
         notes["HINT_BF16"] = "YES"  # the guard verified the INT8 IR with its other layers in BF16
     if backend == PYTHON:
         notes = {ARTIFACT_KEY: facts.path.name, SYS_PATH_KEY: os.pathsep.join(options.sys_path or default_sys_path())}
-    return text + parameters(notes) + warmup(facts, max_batch)
+    set_parameters(config, notes)
+    add_warmup(config, facts, max_batch)
+    return config
 
 
-def preprocess_config(name: str, facts: ArtifactFacts, options: TritonOptions, max_batch: int) -> str:
-    """``config.pbtxt`` of the Python preprocessing model: encoded images ``[1]`` (TYPE_STRING) to the model input."""
-    text = f"name: {q(name)}\nbackend: \"python\"\nmax_batch_size: {max_batch}\n"
-    text += io_block([tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])], [tensor(PREPROCESS_OUTPUT, "TYPE_FP32", facts.input_dims)])
-    text += f"instance_group [ {{ count: {options.instances} kind: KIND_CPU }} ]\n" + batching(options, max_batch)
-    values = {PREPROCESS_KEY: facts.metadata.preprocess.to_json(), SYS_PATH_KEY: os.pathsep.join(options.sys_path or default_sys_path())}
-    return text + parameters(values)
+def preprocess_config(name: str, facts: ArtifactFacts, options: TritonOptions, max_batch: int) -> Any:
+    """The ``ModelConfig`` of the Python preprocessing model: encoded images ``[1]`` (TYPE_STRING) to the model input."""
+    config = new_config(name, max_batch, backend=PYTHON)
+    add_tensor(config.input, ENSEMBLE_INPUT, "TYPE_STRING", [1])
+    add_tensor(config.output, PREPROCESS_OUTPUT, "TYPE_FP32", facts.input_dims)
+    add_instances(config, options.instances, "KIND_CPU")
+    set_batching(config, options, max_batch)
+    set_parameters(config, {PREPROCESS_KEY: facts.metadata.preprocess.to_json(),
+                            SYS_PATH_KEY: os.pathsep.join(options.sys_path or default_sys_path())})
+    return config
 
 
-def ensemble_config(name: str, preprocess: str, scorer: str, facts: ArtifactFacts, max_batch: int) -> str:
-    """``config.pbtxt`` of the ensemble: ``image`` BYTES ``[-1, 1]`` -> preprocess -> score -> ``score`` FP32 ``[-1, 1]``."""
+def ensemble_config(name: str, preprocess: str, scorer: str, facts: ArtifactFacts, max_batch: int) -> Any:
+    """The ``ModelConfig`` of the ensemble: ``image`` BYTES ``[-1, 1]`` -> preprocess -> score -> ``score`` FP32 ``[-1, 1]``."""
     meta = facts.metadata
-    steps = [
-        f"    {{ model_name: {q(preprocess)} model_version: -1 input_map {{ key: {q(ENSEMBLE_INPUT)} value: {q(ENSEMBLE_INPUT)} }} "
-        f"output_map {{ key: {q(PREPROCESS_OUTPUT)} value: {q(PREPROCESS_OUTPUT)} }} }}",
-        f"    {{ model_name: {q(scorer)} model_version: -1 input_map {{ key: {q(meta.input_name)} value: {q(PREPROCESS_OUTPUT)} }} "
-        f"output_map {{ key: {q(meta.output_name)} value: {q(ENSEMBLE_OUTPUT)} }} }}",
-    ]
-    text = f"name: {q(name)}\nplatform: \"ensemble\"\nmax_batch_size: {max_batch}\n"
-    text += io_block([tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])], [tensor(ENSEMBLE_OUTPUT, "TYPE_FP32", [1])])
-    return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    config = new_config(name, max_batch, platform="ensemble")
+    add_tensor(config.input, ENSEMBLE_INPUT, "TYPE_STRING", [1])
+    add_tensor(config.output, ENSEMBLE_OUTPUT, "TYPE_FP32", [1])
+    steps = config.ensemble_scheduling.step
+    steps.add(model_name=preprocess, model_version=-1, input_map={ENSEMBLE_INPUT: ENSEMBLE_INPUT},
+              output_map={PREPROCESS_OUTPUT: PREPROCESS_OUTPUT})
+    steps.add(model_name=scorer, model_version=-1, input_map={meta.input_name: PREPROCESS_OUTPUT},
+              output_map={meta.output_name: ENSEMBLE_OUTPUT})
+    return config
 
 
 def place(source: Path, target: Path) -> None:
@@ -230,11 +252,11 @@ def model_names(facts: ArtifactFacts, options: TritonOptions) -> tuple[str, str,
     return model, f"{model}_preprocess", f"{model}_{SCORER_SUFFIX[backend]}"
 
 
-def write_model(repo: Path, name: str, config: str, files: Sequence[Path] = (), model_py: str | None = None) -> Path:
-    """One model folder: ``config.pbtxt`` and version ``1`` holding ``files`` (and ``model.py``)."""
+def write_model(repo: Path, name: str, config: Any, files: Sequence[Path] = (), model_py: str | None = None) -> Path:
+    """One model folder: ``config.pbtxt`` (``config``, a ``ModelConfig``) and version ``1`` holding ``files`` (and ``model.py``)."""
     folder = repo / name
     (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(config, encoding="utf-8")
+    (folder / "config.pbtxt").write_text(schema.render(config), encoding="utf-8")
     for source in files:
         place(source, folder / "1" / source.name)
     if model_py is not None:
@@ -276,10 +298,12 @@ def triton_repo_from_artifacts(artifacts: Sequence[Path | str], repo: Path | str
     Raises:
         UsageError: No artifacts, two for one model name, or a non-empty ``repo`` without ``overwrite``.
         ArtifactError: A missing, unreadable or tampered artifact.
+        BackendUnavailableError: ``tritonclient[grpc]`` (Triton's ``ModelConfig``) is not installed.
     """
     repo = Path(repo)
     if not artifacts:
         raise UsageError("pass at least one artifact with -m")
+    _pb()  # a missing `triton` extra fails here, before anything is read or replaced
     facts = [artifact_facts(path) for path in artifacts]
     seen: dict[str, Path] = {}
     for fact in facts:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import have
-from tests.triton_server import ROOT, TritonServer, triton_env
+from tests.triton.server import ROOT, TritonServer, triton_env
 
 RESMEM = ROOT / "artifacts" / "resmem.onnx"
 ENV, WHY = triton_env()
@@ -33,7 +33,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from memexport.triton import TritonOptions, triton_repo_from_artifacts
+    from memexport.triton.writer import TritonOptions, triton_repo_from_artifacts
 
     work = tmp_path_factory.mktemp("triton")
     # The stub's own site-packages (numpy<2, memexport editable) named explicitly, as a user would.

@@ -3,9 +3,9 @@
 Requests wait in an :class:`asyncio.Queue`; one task takes them in arrival order and joins them
 into a batch of up to ``max_batch`` images, waiting at most ``max_delay_s`` after the first for
 more, then runs the batch in a single worker thread so the event loop never blocks. How many
-requests may wait is bounded by the caller (:class:`memexport.serve.Service` admits at most
+requests may wait is bounded by the caller (:class:`memexport.serve.service.Service` admits at most
 ``max_queue`` requests; past it they get 503), so this queue never needs to refuse or drop one.
-Under Ray Serve, ``@serve.batch`` does this job instead (:mod:`memexport.serve_ray`).
+Under Ray Serve, ``@serve.batch`` does this job instead (:mod:`memexport.serve.ray`).
 """
 
 from __future__ import annotations

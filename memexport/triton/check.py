@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from memexport.core.errors import MemexportError
-from memexport.core.optional import require
+from memexport.triton import schema
+
+PURPOSE = "checking a Triton config.pbtxt"
 
 # The file each back end loads from a version folder when ``default_model_filename`` is not set.
-FP32 = 11  # DataType.TYPE_FP32 in Triton's model_config.proto
 DEFAULT_FILES = {"onnxruntime": "model.onnx", "openvino": "model.xml", "tensorrt": "model.plan", "python": "model.py"}
 
 
@@ -41,10 +42,9 @@ def parse_config(path: Path) -> Any:
     Raises:
         ModelRepositoryError: One line with the file, line, column and the parser's message.
     """
-    pb = require("tritonclient.grpc.model_config_pb2", "triton", "checking a Triton config.pbtxt")
-    text_format = require("google.protobuf.text_format", "triton", "checking a Triton config.pbtxt")
+    text_format = schema.text_format(PURPOSE)
     try:
-        return text_format.Parse(path.read_text(encoding="utf-8"), pb.ModelConfig())
+        return schema.parse(path.read_text(encoding="utf-8"), PURPOSE)
     except text_format.ParseError as error:
         raise ModelRepositoryError([f"{path}:{error}; fix the field name or value (see Triton's model_config.proto)"]) from None
 
@@ -62,7 +62,7 @@ def backend_of(config: Any) -> str:
 
 def tensors(config: Any, kind: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (data type, dims)}`` of a config's inputs or outputs (``kind``: ``input``/``output``)."""
-    pb = require("tritonclient.grpc.model_config_pb2", "triton", "checking a Triton config.pbtxt")
+    pb = schema.model_config_pb2(PURPOSE)
     return {t.name: (pb.DataType.Name(t.data_type), tuple(t.dims)) for t in getattr(config, kind)}
 
 
@@ -197,7 +197,7 @@ def served_dims(tensor: Any) -> tuple[int, ...]:
 
 def artifact_problems(path: Path, config: Any, artifact: Path) -> list[str]:
     """The scoring model's input and output against the artifact's own graph and metadata."""
-    from memexport.triton_artifacts import artifact_facts
+    from memexport.triton.artifacts import artifact_facts
 
     try:
         facts = artifact_facts(artifact)
@@ -208,7 +208,7 @@ def artifact_problems(path: Path, config: Any, artifact: Path) -> list[str]:
         found = {t.name: t for t in getattr(config, kind)}
         if name not in found:
             problems.append(f"{path}: {kind}: no tensor named {name!r}, the {kind} of {artifact.name} (config has {', '.join(found) or 'none'}); rename it")
-        elif found[name].data_type != FP32:
+        elif found[name].data_type != schema.model_config_pb2(PURPOSE).TYPE_FP32:
             problems.append(f"{path}: {kind} {name!r} data_type: memexport artifacts take and give FP32 (FP16 and INT8 ones too); use TYPE_FP32")
         elif served_dims(found[name]) != want:
             problems.append(f"{path}: {kind} {name!r} dims: {list(served_dims(found[name]))} but {artifact.name} has {list(want)} "

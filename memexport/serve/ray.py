@@ -1,6 +1,6 @@
 """``memexport serve --engine ray``: the same app under Ray Serve, batched by ``@serve.batch``.
 
-Each replica loads the artifact once (integrity first) and serves :func:`memexport.serve_app.build_app`
+Each replica loads the artifact once (integrity first) and serves :func:`memexport.serve.app.build_app`
 through ``@serve.ingress``, so answers are byte for byte those of the plain server. Every image of a
 request is one call to a ``@serve.batch`` method, so batches form across requests, in images, up to
 ``--max-batch-size`` or ``--max-delay-ms``. Each replica admits ``--max-queue`` requests as the plain
@@ -24,7 +24,8 @@ import numpy as np
 
 from memexport.core.errors import UsageError
 from memexport.core.optional import require
-from memexport.serve import ServeOptions, Service, check_host, resolve_token
+from memexport.serve.options import ServeOptions, check_host, resolve_token
+from memexport.serve.service import Service
 
 _SERVICE: Optional[Service] = None  # the replica's service: one per replica process
 
@@ -83,13 +84,13 @@ class RayServeOptions:
 def deployment(model: Path, options: ServeOptions, ray_options: RayServeOptions) -> Any:
     """The bound Ray Serve application: one ``MemexportServer`` deployment per ``ray_options``."""
     serve = require("ray.serve", "ray", "memexport serve --engine ray")
-    from memexport.serve_app import build_app
+    from memexport.serve.app import build_app
 
     @serve.deployment(name="memexport", **ray_options.deployment_options(options))
     @serve.ingress(build_app(current_service))
     class MemexportServer:
         def __init__(self, model: Path, options: ServeOptions) -> None:
-            import memexport.serve_ray as here
+            import memexport.serve.ray as here
 
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="memexport-infer")
             service = Service(model, options)
@@ -134,7 +135,7 @@ def serve_on_ray(model: Path, options: ServeOptions, host: str, port: int, insec
 def app_builder(args: dict[str, Any]) -> Any:
     """Ray Serve application builder, for ``serve run`` and KubeRay's ``RayService``.
 
-    ``import_path: memexport.serve_ray:app_builder`` with ``args``: ``model`` (the artifact's path on
+    ``import_path: memexport.serve.ray:app_builder`` with ``args``: ``model`` (the artifact's path on
     the nodes), optional ``replicas`` or ``autoscale`` (``MIN:MAX``), and any :class:`ServeOptions`
     field by name (``max_batch_size: 16``...). The token comes from ``MEMEXPORT_SERVE_TOKEN``.
 

@@ -1,6 +1,6 @@
 """The KServe V2 (Open Inference Protocol) REST subset ``memexport serve`` speaks, as pure functions.
 
-Bodies in, bodies out, no web framework: the server (:mod:`memexport.serve`) only moves bytes.
+Bodies in, bodies out, no web framework: the server (:mod:`memexport.serve.app`) only moves bytes.
 JSON tensors and the binary tensor data extension are both read (``Inference-Header-Content-Length``
 splits the JSON header from the raw tensors; ``binary_data_size`` sizes each input), whatever the
 Content-Type says, so ``tritonclient.http`` works unchanged. The model takes one input per request:

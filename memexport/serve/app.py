@@ -1,0 +1,130 @@
+"""The FastAPI app ``memexport serve`` runs, on uvicorn (:mod:`memexport.serve.runner`) or under Ray Serve.
+
+Routes only move bytes between HTTP and :class:`~memexport.serve.service.Service`; the V2 wire format is
+:mod:`memexport.serve.v2`, the gate in front of the routes :mod:`memexport.serve.gate`. Responses are
+built by hand (no response models), so the JSON is exactly the protocol's. The page at ``/`` is the
+resource file ``page.html`` beside this module.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations, and `Request`
+# is imported inside build_app (fastapi is optional), where only evaluated annotations can see it.
+import functools
+from importlib import resources
+from typing import Any, Callable, Optional
+
+from memexport.core.optional import require
+from memexport.core.version import __version__
+from memexport.serve.gate import Gate, error_response
+from memexport.serve.service import Service
+from memexport.serve.v2 import HEADER_LENGTH, RequestError, infer_response, parse_infer, server_metadata
+
+# /score: at most this many files per request (the body cap bounds their bytes).
+MAX_FILES = 256
+
+
+def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = None) -> Any:
+    """The app; ``service`` returns the live :class:`Service` (per process: under Ray, per replica)."""
+    fastapi = require("fastapi", "serve", "memexport serve")
+    from fastapi import Request
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+
+    app = fastapi.FastAPI(title="memexport", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Gate, service=service)
+    app.add_exception_handler(RequestError, lambda request, exc: error_response(exc))
+    app.add_exception_handler(HTTPException, lambda request, exc: error_response(RequestError(exc.status_code, str(exc.detail))))
+    # Anything else is the server's fault, still answered in the protocol's shape, on one line.
+    app.add_exception_handler(Exception, lambda request, exc: error_response(RequestError(500, f"internal error: {type(exc).__name__}: {exc}")))
+
+    @app.get("/v2")
+    async def server() -> Response:
+        return JSONResponse(server_metadata(__version__))
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        state = service()
+        ok = state.ready and not state.draining
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def metadata(model: str, version: Optional[str] = None) -> Response:
+        service().check_model(model, version)
+        return JSONResponse(service().metadata())
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: Optional[str] = None) -> Response:
+        service().check_model(model, version)
+        return JSONResponse({"name": model, "ready": True})
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: Optional[str] = None) -> Response:
+        state = service()
+        state.check_model(model, version)
+        state.admit()
+        try:
+            body = await request.body()
+            parsed = await state.offload(parse_infer, body, request.headers.get(HEADER_LENGTH), state.predictor.metadata.input_shape)
+            scores = await state.infer(parsed)
+        finally:
+            state.release()
+        content, headers = infer_response(state.model_name, parsed, scores)
+        return Response(content, headers=headers)
+
+    @app.post("/score")
+    async def score(request: Request) -> Response:
+        state = service()
+        state.admit()
+        try:
+            files = await read_files(request)
+            results = await state.score_files(files)
+        finally:
+            state.release()
+        return JSONResponse(results)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service().metrics.render(), media_type=service().metrics.content_type)
+
+    @app.get("/")
+    async def page() -> Response:
+        return HTMLResponse(page_html())
+
+    return app
+
+
+async def read_files(request: Any) -> list[tuple[str, bytes]]:
+    """The uploaded files of a multipart ``/score`` request as ``(name, bytes)``; names are labels, never paths."""
+    require("multipart", "serve", "POST /score")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError(400, "send the images as multipart/form-data, e.g. curl -F file=@photo.jpg")
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the multipart parser raises its own types on malformed bodies
+        raise RequestError(400, f"malformed multipart body ({' '.join(str(exc).split())[:120]}); send files as form fields") from None
+    try:
+        files = [(str(value.filename or key), await value.read()) for key, value in form.multi_items() if hasattr(value, "filename")]
+    finally:
+        await form.close()
+    if not files:
+        raise RequestError(400, "no files in the request; send images as form files, e.g. curl -F file=@photo.jpg")
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def page_html() -> str:
+    """The single page ``GET /`` serves: drop or pick photos, see them ranked by score (through ``POST /score``).
+
+    Self-contained (no external scripts, styles or fonts), so it works offline and behind any proxy.
+    Thumbnails are the browser's own copies of the files (object URLs): images never come back from
+    the server. A token field appears for servers started with ``--token``. Read once from the package.
+    """
+    return resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")

@@ -64,7 +64,7 @@ class InferRequest:
 
 def server_metadata(version: str) -> dict[str, Any]:
     """``GET /v2``."""
-    return {"name": "memexport", "version": version, "extensions": ["binary_tensor_data"]}
+    return {"name": "memexport", "version": version, "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
 
 
 def model_metadata(model: str, platform: str, input_shape: Sequence[int]) -> dict[str, Any]:

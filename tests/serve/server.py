@@ -17,10 +17,12 @@ from typing import Any, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+GRPC_LISTENING = re.compile(r"gRPC listening on ([\d.]+:\d+)")
 
 
 class Server:
-    """A running server process; ``url`` is ``host:port`` (tritonclient's form), ``base`` the http URL."""
+    """A running server process; ``url`` is ``host:port`` (tritonclient's form), ``base`` the http URL,
+    ``grpc_url`` the gRPC ``host:port`` when started with ``--grpc-port`` (else ``None``)."""
 
     def __init__(self, artifact: Path, *args: str, token: Optional[str] = None, ready_timeout: float = 120.0) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -39,6 +41,8 @@ class Server:
         self.base = f"http://{self.url}"
         self.token = token
         self.wait_ready(ready_timeout)
+        # printed before the HTTP line (the gRPC server starts in the app's lifespan)
+        self.grpc_url = next((m.group(1) for m in map(GRPC_LISTENING.search, list(self.lines)) if m), None)
 
     def _read(self) -> None:
         assert self.process.stdout is not None

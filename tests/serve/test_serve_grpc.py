@@ -202,6 +202,21 @@ def test_bad_requests_get_status_codes(client, stub, server, sample_images):
     assert client.infer(MODEL, [image_input([blob])]).as_numpy("score").shape == (1, 1)
 
 
+def test_example_client_over_grpc(server, predictor, sample_images, tmp_path):
+    script = ROOT / "examples" / "v2_client.py"
+    run = subprocess.run([sys.executable, str(script), "--protocol", "grpc", "--url", server.grpc_url, "--model", MODEL, *map(str, sample_images)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = [line.rsplit(",", 1) for line in run.stdout.splitlines()]
+    assert [path for path, _ in rows] == [str(p) for p in sample_images]
+    np.testing.assert_array_equal(np.array([float(s) for _, s in rows], np.float32), predictor.score(sample_images))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    run = subprocess.run([sys.executable, str(script), "--protocol", "grpc", "--url", server.grpc_url, "--model", MODEL, str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stdout == "" and len(run.stderr.splitlines()) == 1 and "row 0" in run.stderr
+
+
 def call_later(delay: float, call, out: list) -> threading.Thread:
     def run() -> None:
         time.sleep(delay)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="memexport[serve] is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (test extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from tests.serve.server import running  # noqa: E402
+from tests.serve.server import image_tensor, running  # noqa: E402
 
 MODEL = "tiny-scorer"
 
@@ -22,17 +21,8 @@ def server(tiny: Path):
     yield from running(tiny, "--max-batch-size", "4", "--max-delay-ms", "3", "--max-queue", "9", "--timeout", "12.5")
 
 
-@pytest.fixture()
-def client(server):
-    triton = httpclient.InferenceServerClient(server.url)
-    yield triton
-    triton.close()
-
-
 def image_input(blobs: list[bytes]):
-    tensor = httpclient.InferInput("image", [len(blobs), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array(blobs, dtype=object).reshape(-1, 1), binary_data=True)
-    return tensor
+    return image_tensor(httpclient, blobs)
 
 
 def test_config_says_what_the_server_does(client):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc  #
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
-from tests.serve.server import ROOT, Server, running  # noqa: E402
+from tests.serve.server import ROOT, Server, check_example_client, image_tensor, running  # noqa: E402
 
 MODEL = "tiny-scorer"
 BODY_CAP_MB = 8
@@ -36,12 +35,6 @@ SHARED_IMAGES = ROOT.parent / "shared" / "images"
 @pytest.fixture(scope="module")
 def server(tiny: Path):
     yield from running(tiny, "--grpc-port", "0", "--max-batch-size", "4", "--max-delay-ms", "2", "--max-body-mb", str(BODY_CAP_MB))
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny: Path):
-    with Predictor(tiny) as scorer:
-        yield scorer
 
 
 @pytest.fixture()
@@ -58,10 +51,7 @@ def stub(server):
 
 
 def image_input(blobs: list[bytes]):
-    data = np.array(blobs, dtype=object).reshape(len(blobs), 1)
-    tensor = grpcclient.InferInput("image", list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    return tensor
+    return image_tensor(grpcclient, blobs)
 
 
 def pixels_input(batch: np.ndarray):
@@ -203,18 +193,7 @@ def test_bad_requests_get_status_codes(client, stub, server, sample_images):
 
 
 def test_example_client_over_grpc(server, predictor, sample_images, tmp_path):
-    script = ROOT / "examples" / "v2_client.py"
-    run = subprocess.run([sys.executable, str(script), "--protocol", "grpc", "--url", server.grpc_url, "--model", MODEL, *map(str, sample_images)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    rows = [line.rsplit(",", 1) for line in run.stdout.splitlines()]
-    assert [path for path, _ in rows] == [str(p) for p in sample_images]
-    np.testing.assert_array_equal(np.array([float(s) for _, s in rows], np.float32), predictor.score(sample_images))
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"nope")
-    run = subprocess.run([sys.executable, str(script), "--protocol", "grpc", "--url", server.grpc_url, "--model", MODEL, str(bad)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and run.stdout == "" and len(run.stderr.splitlines()) == 1 and "row 0" in run.stderr
+    check_example_client(server.grpc_url, MODEL, sample_images, predictor.score(sample_images), tmp_path, "--protocol", "grpc")
 
 
 def call_later(delay: float, call, out: list) -> threading.Thread:
@@ -297,13 +276,6 @@ def test_cli_refusals_are_one_line(tiny):
     assert busy.returncode == 2, busy.stdout + busy.stderr
     errors = [line for line in busy.stderr.splitlines() if "listening on" not in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: --grpc-port {port}: cannot listen on 127.0.0.1:{port}"), busy.stderr
-
-
-@pytest.fixture(scope="module")
-def resmem_artifact(request: pytest.FixtureRequest) -> Path:
-    """``make demo``'s artifacts/resmem.onnx when present, else the session's own export."""
-    shared = ROOT / "artifacts" / "resmem.onnx"
-    return shared if shared.is_file() else request.getfixturevalue("resmem_onnx")
 
 
 @pytest.mark.slow

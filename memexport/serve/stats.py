@@ -7,13 +7,13 @@
 * per batcher entry (:meth:`Statistics.execution`, from :class:`memexport.serve.batching.Batcher` or Ray's
   ``@serve.batch``): ``queue`` (waiting for a batch, the batching delay included) and the batch's
   ``compute_input`` (joining the entries into one tensor and reaching the inference thread),
-  ``compute_infer`` (the back end's ``infer``) and ``compute_output`` (back on the event loop, the scores split);
+  ``compute_infer`` (the back end's ``infer``) and ``compute_output`` (the scores back on the event loop);
   a request larger than ``--max-batch-size`` is queued as several entries, each counted;
 * per execution: ``batch_stats`` by batch size, ``inference_count`` (images scored), ``execution_count``
   (inference calls) and ``last_inference`` (ms since the epoch).
 
-Durations are ``time.perf_counter_ns`` differences; parsing, decoding and the network lie in ``success``
-but in no queue or compute figure. :func:`model_statistics` builds Triton's ``ModelStatistics`` message,
+Durations are ``time.perf_counter_ns`` differences. Decoding lies in ``success`` but in no queue or
+compute figure; parsing and the network lie in none (they come before the request reaches the model). :func:`model_statistics` builds Triton's ``ModelStatistics`` message,
 the one source of both the REST (``/v2/models/{m}/stats``) and the gRPC (``ModelStatistics``) answers.
 """
 
@@ -65,7 +65,7 @@ class Snapshot:
     compute_input: Duration = Duration()
     compute_infer: Duration = Duration()
     compute_output: Duration = Duration()
-    # batch size -> (executions, input, infer, output) as Durations sharing the execution count
+    # batch size -> (compute input, infer, output) of its executions, each Duration counting the executions
     batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
     inference_count: int = 0
     execution_count: int = 0

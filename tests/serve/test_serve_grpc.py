@@ -182,6 +182,10 @@ def test_bad_requests_get_status_codes(client, stub, server, sample_images):
     assert code == "INVALID_ARGUMENT" and "unknown output 'logits'" in message
     too_big = np.zeros((int(BODY_CAP_MB * 2**20 / (4 * 3 * 227 * 227)) + 1, 3, 227, 227), np.float32)
     assert status_of(lambda: client.infer(MODEL, [pixels_input(too_big)]))[0] == "RESOURCE_EXHAUSTED"
+    # gRPC's own compression: capped after inflating (zeros shrink to a few KB on the wire)
+    code, message = status_of(lambda: client.infer(MODEL, [pixels_input(too_big)], compression_algorithm="gzip"))
+    assert code == "RESOURCE_EXHAUSTED" and "Decompressed message larger than max" in message
+    assert client.infer(MODEL, [pixels_input(too_big[:1])], compression_algorithm="gzip").as_numpy("score").shape == (1, 1)
     code, message = status_of(lambda: client.get_model_repository_index())
     assert code == "UNIMPLEMENTED" and message == "RepositoryIndex is not served by memexport; see docs/serving.md for the RPCs it serves"
     with pytest.raises(grpc.RpcError) as caught:

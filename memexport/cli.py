@@ -596,6 +596,7 @@ def serve_cmd(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond loopback needs --token or --insecure."),
     port: int = typer.Option(8000, "--port", help="Port (0: any free port, printed at start)."),
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="Also serve the V2 gRPC protocol on this port, same --host (0: any free port; default: off)."),
     max_batch_size: int = typer.Option(16, "--max-batch-size", help="Images per inference call the batcher forms."),
     max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", help="How long a request waits for others to batch with."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests accepted at once; past it, 503 with Retry-After."),
@@ -612,7 +613,8 @@ def serve_cmd(
     decode: Optional[str] = typer.Option(None, "--decode", help=DECODE_HELP),
     fast: bool = typer.Option(False, "--fast", help=FAST_HELP),
 ) -> None:
-    """Serve an artifact over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics.
+    """Serve an artifact over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics;
+    with --grpc-port, the V2 gRPC protocol too.
 
     SIGTERM or Ctrl-C stops accepting (503), answers every accepted request, then exits.
     """
@@ -627,6 +629,11 @@ def serve_cmd(
     options = ServeOptions(decode=decode or "exact", backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                            max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
                            token=resolve_token(token), check_integrity=integrity_check)
+    if engine == "ray" and grpc_port is not None:
+        from memexport.core.errors import UsageError
+
+        raise UsageError("--grpc-port is not served with --engine ray: Ray Serve's gRPC proxy listens on every interface and "
+                         "cannot keep the loopback rule; use the local engine for gRPC (see docs/serving.md)")
     if engine == "ray":
         from memexport.serve.ray import RayServeOptions, serve_on_ray
 
@@ -638,7 +645,7 @@ def serve_cmd(
         raise UsageError("--ray-address, --replicas and --autoscale need --engine ray" if engine == "local" else f"--engine must be local or ray, got {engine!r}")
     from memexport.serve.runner import serve
 
-    serve(model, options, host, port, insecure, err)
+    serve(model, options, host, port, insecure, err, grpc_port=grpc_port)
 
 
 def _print_cpu(cpu: dict) -> None:

@@ -44,3 +44,19 @@ def test_optional_is_none_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     assert optional("ray") is None
     assert optional("json") is not None
+
+
+def test_import_and_serve_help_need_neither_grpc_nor_tritonclient():
+    """gRPC, tritonclient and protobuf (the serve extra's protocol half) are imported only where needed."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "for name in ('grpc', 'tritonclient', 'google.protobuf'): sys.modules[name] = None\n"
+        "import memexport, memexport.cli, memexport.serve.app, memexport.serve.runner, memexport.serve.grpc.server\n"
+        "sys.argv = ['memexport', 'serve', '--help']\n"
+        "try:\n    memexport.cli.main()\nexcept SystemExit as stop:\n    assert stop.code in (0, None), stop.code\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "--grpc-port" in out.stdout

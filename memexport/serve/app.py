@@ -14,7 +14,9 @@ from typing import Any, Callable, Optional
 
 from memexport.core.optional import require
 from memexport.core.version import __version__
+from memexport.serve.extensions import add_extension_routes
 from memexport.serve.gate import Gate, error_response
+from memexport.serve.lookup import SingleModel
 from memexport.serve.service import Service
 from memexport.serve.v2 import HEADER_LENGTH, RequestError, infer_response, parse_infer, server_metadata
 
@@ -35,6 +37,8 @@ def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = Non
     app.add_exception_handler(HTTPException, lambda request, exc: error_response(RequestError(exc.status_code, str(exc.detail))))
     # Anything else is the server's fault, still answered in the protocol's shape, on one line.
     app.add_exception_handler(Exception, lambda request, exc: error_response(RequestError(500, f"internal error: {type(exc).__name__}: {exc}")))
+    # Triton's statistics and model-config extensions; first, so /v2/models/stats is not taken for a model's name.
+    add_extension_routes(app, SingleModel(service))
 
     @app.get("/v2")
     async def server() -> Response:

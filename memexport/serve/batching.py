@@ -11,12 +11,16 @@ Under Ray Serve, ``@serve.batch`` does this job instead (:mod:`memexport.serve.r
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
 
-Entry = tuple[np.ndarray, "asyncio.Future[np.ndarray]"]
+from memexport.serve.stats import Statistics, run_timed
+
+# (rows, their future, when they were queued: perf_counter_ns)
+Entry = tuple[np.ndarray, "asyncio.Future[np.ndarray]", int]
 
 
 class Batcher:
@@ -27,14 +31,16 @@ class Batcher:
         max_batch: Images per inference call at most; larger requests are split into parts.
         max_delay_s: How long the first request of a batch waits for company.
         on_batch: Called on the event loop with each batch's size (for metrics).
+        stats: Where each scored batch's queue and compute times go (Triton's statistics; default none).
     """
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_s: float,
-                 on_batch: Callable[[int], None] = lambda size: None) -> None:
+                 on_batch: Callable[[int], None] = lambda size: None, stats: Optional[Statistics] = None) -> None:
         self._infer = infer
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._on_batch = on_batch
+        self._stats = stats
         self._queue: asyncio.Queue[Entry] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="memexport-infer")
         self._task: Optional[asyncio.Task[None]] = None
@@ -65,7 +71,7 @@ class Batcher:
     async def _submit(self, batch: np.ndarray) -> np.ndarray:
         """Queue one part; the caller's cancellation never loses it (the future is shielded)."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((batch, future))
+        self._queue.put_nowait((batch, future, time.perf_counter_ns()))
         return await asyncio.shield(future)
 
     async def _run(self) -> None:
@@ -92,17 +98,18 @@ class Batcher:
         return entries, None
 
     async def _score(self, entries: list[Entry]) -> None:
-        batch = entries[0][0] if len(entries) == 1 else np.concatenate([e[0] for e in entries])
-        self._on_batch(len(batch))
+        self._on_batch(sum(len(e[0]) for e in entries))
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, batch)
+            scores, timing, started = await run_timed(self._executor, self._infer, [e[0] for e in entries])
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, none hangs
-            for _, future in entries:
+            for _, future, _ in entries:
                 if not future.done():
                     future.set_exception(exc)
             return
         start = 0
-        for rows, future in entries:
+        for rows, future, _ in entries:
             if not future.done():
                 future.set_result(scores[start : start + len(rows)])
             start += len(rows)
+        if self._stats is not None:
+            self._stats.execution(len(scores), [started - queued for _, _, queued in entries], timing)

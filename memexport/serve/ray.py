@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from memexport.core.errors import UsageError
 from memexport.core.optional import require
 from memexport.serve.options import ServeOptions, check_host, resolve_token
 from memexport.serve.service import Service
+from memexport.serve.stats import run_timed
 
 _SERVICE: Optional[Service] = None  # the replica's service: one per replica process
 
@@ -99,12 +101,15 @@ def deployment(model: Path, options: ServeOptions, ray_options: RayServeOptions)
             here._SERVICE = self.service = service
 
         async def infer(self, batch: np.ndarray) -> np.ndarray:
-            return np.asarray(await asyncio.gather(*(self.score_one(row) for row in batch)), dtype=np.float32)
+            queued = time.perf_counter_ns()
+            return np.asarray(await asyncio.gather(*(self.score_one((row, queued)) for row in batch)), dtype=np.float32)
 
         @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.max_delay_ms / 1000)
-        async def score_one(self, rows: list[np.ndarray]) -> list[float]:
-            self.service.metrics.batch_size.observe(len(rows))
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self.service.predictor.infer, np.stack(rows))
+        async def score_one(self, items: list[tuple[np.ndarray, int]]) -> list[float]:
+            """Each item is one image and when it was queued (each image is one entry of the statistics)."""
+            self.service.metrics.batch_size.observe(len(items))
+            scores, timing, started = await run_timed(self._executor, self.service.predictor.infer, [row[None] for row, _ in items])
+            self.service.stats.execution(len(items), [started - queued for _, queued in items], timing)
             return scores.tolist()
 
     return MemexportServer.bind(Path(model).resolve(), options)

@@ -8,15 +8,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
+from memexport.core.errors import MemexportError
 from memexport.core.optional import require
 from memexport.serve.app import build_app
+from memexport.serve.lookup import SingleModel
 from memexport.serve.options import ServeOptions, check_host
 from memexport.serve.service import Service
 
 
 def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
-          on_listen: Callable[[str], None] = print) -> None:
+          on_listen: Callable[[str], None] = print, grpc_port: Optional[int] = None) -> None:
     """Serve ``model`` on uvicorn until SIGTERM or Ctrl-C, then finish what was accepted.
+
+    With ``grpc_port``, the V2 gRPC protocol too, on the same host and service (:mod:`memexport.serve.grpc`),
+    stopped after the drain.
 
     Raises:
         UsageError: A non-loopback host without a token or ``insecure`` (see :func:`check_host`).
@@ -26,15 +31,31 @@ def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int
     from memexport.runtime.registry import backend_for
 
     backend_for(model, options.backend)  # an unknown artifact type fails before the server starts
+    if grpc_port is not None:
+        from memexport.serve.grpc.server import check_available
+
+        check_available()
     state: dict[str, Service] = {}
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         state["service"] = Service(model, options)
+        grpc_server = None
+        if grpc_port is not None:
+            from memexport.serve.grpc.server import start_grpc
+
+            try:
+                grpc_server = await start_grpc(SingleModel(lambda: state["service"]), options, host, grpc_port, on_listen)
+            except MemexportError as error:  # the port cannot be bound: one line, as a loading failure
+                server.report_failure(error)
+                yield
+                return
         loading = asyncio.ensure_future(state["service"].start())
         loading.add_done_callback(lambda task: task.cancelled() or task.exception() is None or server.report_failure(task.exception()))
         yield
         loading.cancel()
+        if grpc_server is not None:  # after the drain: nothing accepted is left, only probes may be cut
+            await grpc_server.stop(options.timeout_s)
         await state["service"].stop()
 
     app = build_app(lambda: state["service"], lifespan)

@@ -21,6 +21,7 @@ import numpy as np
 from memexport.core.errors import InputImageError
 from memexport.serve.metrics import Metrics
 from memexport.serve.options import ServeOptions
+from memexport.serve.stats import Statistics, recorded
 from memexport.serve.v2 import IMAGE, InferRequest, RequestError, check_version, model_metadata
 
 
@@ -61,6 +62,7 @@ class Service:
         self.model_path = Path(model)
         self.options = options
         self.metrics = Metrics()
+        self.stats = Statistics()
         self.predictor: Any = None
         self.ready = False
         self.draining = False
@@ -87,7 +89,7 @@ class Service:
 
         await asyncio.get_running_loop().run_in_executor(None, self.load)
         self._batcher = Batcher(self.predictor.infer, self.options.max_batch_size, self.options.max_delay_ms / 1000,
-                                self.metrics.batch_size.observe)
+                                self.metrics.batch_size.observe, self.stats)
         self._batcher.start()
         self.activate(self._batcher.submit)
 
@@ -179,6 +181,7 @@ class Service:
         self.metrics.images.inc(len(scores))
         return scores
 
+    @recorded
     async def infer(self, request: InferRequest) -> np.ndarray:
         """All or nothing: one bad image row fails the request with one line per bad row."""
         if request.input_name != IMAGE:
@@ -189,6 +192,7 @@ class Service:
             raise RequestError(400, "\n".join(bad))
         return await self.score(np.stack(items))
 
+    @recorded
     async def score_files(self, files: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
         """``/score``: every good file scored, every bad one reported, in the order sent."""
         items = await self.decode([data for _, data in files], [name for name, _ in files])

@@ -64,7 +64,7 @@ class InferRequest:
 
 def server_metadata(version: str) -> dict[str, Any]:
     """``GET /v2``."""
-    return {"name": "memexport", "version": version, "extensions": ["binary_tensor_data"]}
+    return {"name": "memexport", "version": version, "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
 
 
 def model_metadata(model: str, platform: str, input_shape: Sequence[int]) -> dict[str, Any]:
@@ -99,6 +99,15 @@ def parse_infer(body: bytes, header_length: str | None, input_shape: Sequence[in
         RequestError: 400 naming what is wrong and what was expected.
     """
     header, binary = _split(body, header_length)
+    return parse_header(header, binary, input_shape)
+
+
+def parse_header(header: dict[str, Any], binary: bytes, input_shape: Sequence[int]) -> InferRequest:
+    """Parse a request's JSON header and the binary data after it (gRPC requests come here as the same pair).
+
+    Raises:
+        RequestError: 400 naming what is wrong and what was expected.
+    """
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RequestError(400, f"expected exactly one input, {IMAGE!r} (BYTES [N,1]) or {PIXELS!r} (FP32 [N,{','.join(map(str, input_shape))}])")

@@ -17,10 +17,12 @@ from typing import Any, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+GRPC_LISTENING = re.compile(r"gRPC listening on ([\d.]+:\d+)")
 
 
 class Server:
-    """A running server process; ``url`` is ``host:port`` (tritonclient's form), ``base`` the http URL."""
+    """A running server process; ``url`` is ``host:port`` (tritonclient's form), ``base`` the http URL,
+    ``grpc_url`` the gRPC ``host:port`` when started with ``--grpc-port`` (else ``None``)."""
 
     def __init__(self, artifact: Path, *args: str, token: Optional[str] = None, ready_timeout: float = 120.0) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -39,6 +41,8 @@ class Server:
         self.base = f"http://{self.url}"
         self.token = token
         self.wait_ready(ready_timeout)
+        # printed before the HTTP line (the gRPC server starts in the app's lifespan)
+        self.grpc_url = next((m.group(1) for m in map(GRPC_LISTENING.search, list(self.lines)) if m), None)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -100,6 +104,36 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def image_tensor(client: Any, blobs: list[bytes]) -> Any:
+    """The ``image`` input (BYTES ``[N, 1]``) holding ``blobs``, for ``client``: ``tritonclient.http`` (as binary
+    data) or ``tritonclient.grpc`` (raw contents, its only layout)."""
+    import numpy as np
+
+    data = np.array(blobs, dtype=object).reshape(len(blobs), 1)
+    tensor = client.InferInput("image", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data, **({"binary_data": True} if client.__name__.endswith(".http") else {}))
+    return tensor
+
+
+def check_example_client(url: str, model: str, photos: list[Path], expected: Any, tmp_path: Path, *args: str) -> None:
+    """``examples/v2_client.py`` (with ``args``, e.g. ``--protocol grpc``) prints ``expected`` for ``photos``,
+    exactly; with an undecodable file after a good one it prints nothing and one error line naming its row."""
+    import numpy as np
+
+    script = ROOT / "examples" / "v2_client.py"
+    run = subprocess.run([sys.executable, str(script), *args, "--url", url, "--model", model, *map(str, photos)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = [line.rsplit(",", 1) for line in run.stdout.splitlines()]
+    assert [path for path, _ in rows] == [str(p) for p in photos]
+    np.testing.assert_array_equal(np.array([float(s) for _, s in rows], np.float32), expected)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    run = subprocess.run([sys.executable, str(script), *args, "--url", url, "--model", model, str(photos[0]), str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stdout == "" and len(run.stderr.splitlines()) == 1 and "row 1" in run.stderr
 
 
 def multipart(files: list[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:

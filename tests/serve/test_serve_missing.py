@@ -24,3 +24,12 @@ def test_ray_engine_without_ray_serve_is_one_line(monkeypatch, tiny):
 
     with pytest.raises(BackendUnavailableError, match=r"--engine ray needs ray.serve, which is not installed; install it with pip install 'memexport\[ray\]'$"):
         serve_on_ray(tiny, ServeOptions(), "127.0.0.1", 0, False, RayServeOptions())
+
+
+@pytest.mark.parametrize("missing", ["grpc", "tritonclient.grpc.service_pb2_grpc"])
+def test_grpc_port_without_grpc_is_one_line(monkeypatch, tiny, missing):
+    monkeypatch.setitem(sys.modules, missing, None)
+    from memexport.serve.runner import serve
+
+    with pytest.raises(BackendUnavailableError, match=rf"^memexport serve --grpc-port needs {missing}, which is not installed; install it with pip install 'memexport\[serve\]'$"):
+        serve(tiny, ServeOptions(), port=0, grpc_port=0)

@@ -69,6 +69,13 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
         assert status == 200 and [row["file"] for row in json.loads(answer)] == [p.name for p in sample_images[:2]]
         metrics = server.get("/metrics")[2].decode()
         assert 'memexport_batch_size_bucket{le="4.0"}' in metrics
+        # Triton's statistics from the replica's @serve.batch: each image one entry; and the model config
+        stats = client.get_inference_statistics(MODEL)["model_stats"][0]
+        images = len(sample_images) + 2
+        assert stats["inference_count"] == images == stats["inference_stats"]["queue"]["count"]
+        assert (stats["inference_stats"]["success"]["count"], stats["inference_stats"]["fail"]["count"]) == (2, 1)
+        assert all(1 <= b["batch_size"] <= 4 for b in stats["batch_stats"]) and stats["execution_count"] >= images / 4
+        assert client.get_model_config(MODEL)["max_batch_size"] == 4
         client.close()
         # Full (--max-queue 1, a request waiting for its batch): the app's own 503, with Retry-After.
         waiting: list = []

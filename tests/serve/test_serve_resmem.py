@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +14,6 @@ pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
 from tests.serve.server import ROOT, running  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def resmem_artifact(request: pytest.FixtureRequest) -> Path:
-    """``make demo``'s artifacts/resmem.onnx when present, else the session's own export."""
-    shared = ROOT / "artifacts" / "resmem.onnx"
-    return shared if shared.is_file() else request.getfixturevalue("resmem_onnx")
 
 
 @pytest.mark.slow

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
 from tests.runtime.hostile_images import png_declaring  # noqa: E402
-from tests.serve.server import ROOT, multipart, running  # noqa: E402
+from tests.serve.server import check_example_client, image_tensor, multipart, running  # noqa: E402
 
 MODEL = "tiny-scorer"
 BODY_CAP_MB = 8
@@ -31,24 +29,8 @@ def server(tiny: Path):
     yield from running(tiny, "--max-batch-size", "4", "--max-delay-ms", "2", "--max-body-mb", str(BODY_CAP_MB))
 
 
-@pytest.fixture(scope="module")
-def predictor(tiny: Path):
-    with Predictor(tiny) as scorer:
-        yield scorer
-
-
-@pytest.fixture()
-def client(server):
-    triton = httpclient.InferenceServerClient(server.url)
-    yield triton
-    triton.close()
-
-
 def image_input(blobs: list[bytes]):
-    data = np.array(blobs, dtype=object).reshape(len(blobs), 1)
-    tensor = httpclient.InferInput("image", list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data, binary_data=True)
-    return tensor
+    return image_tensor(httpclient, blobs)
 
 
 def scores_of(result) -> np.ndarray:
@@ -190,18 +172,7 @@ def test_metrics_count_requests_batches_images_and_errors(server, client, sample
 
 
 def test_example_client(server, predictor, sample_images, tmp_path):
-    script = ROOT / "examples" / "v2_client.py"
-    run = subprocess.run([sys.executable, str(script), "--url", server.url, "--model", MODEL, *map(str, sample_images)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    rows = [line.rsplit(",", 1) for line in run.stdout.splitlines()]
-    assert [path for path, _ in rows] == [str(p) for p in sample_images]
-    np.testing.assert_array_equal(np.array([float(s) for _, s in rows], np.float32), predictor.score(sample_images))
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"nope")
-    run = subprocess.run([sys.executable, str(script), "--url", server.url, "--model", MODEL, str(sample_images[0]), str(bad)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and run.stdout == "" and len(run.stderr.splitlines()) == 1 and "row 1" in run.stderr
+    check_example_client(server.url, MODEL, sample_images, predictor.score(sample_images), tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -41,6 +41,11 @@ def as_dict(path: Path) -> dict[str, str]:
     return {row[0]: row[2] for row in rows(path)[1:]}
 
 
+def errors_of(path: Path) -> dict[str, str]:
+    """An errors CSV (``path,error``) as ``{path: error}``."""
+    return {row[0]: row[1] for row in rows(path)[1:]}
+
+
 def test_pool_sizes_leave_room_for_reads_and_fit_the_nodes():
     assert pool_for([2.0], 0, "m.onnx", RayOptions()) == Pool(1, 1.0, 0.0)  # 1 CPU left for read tasks
     assert pool_for([2.0], 0, "m.onnx", RayOptions(reserve_cpus=0)) == Pool(1, 2.0, 0.0)  # paths only: no reads
@@ -91,8 +96,8 @@ def test_same_rows_and_errors_as_the_local_engine_on_hostile_files(tiny, tmp_pat
     # Same columns, row for row (rows arrive in block order on Ray): the run is named on each.
     assert sorted((r[0], r[1], *r[3:]) for r in ray_rows[1:]) == sorted((r[0], r[1], *r[3:]) for r in local_rows[1:])
     assert {tuple(r[3:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32", "exact")}
-    errors = as_dict(errors_path_for(tmp_path / "ray.csv"))
-    assert errors == as_dict(errors_path_for(tmp_path / "local.csv"))
+    errors = errors_of(errors_path_for(tmp_path / "ray.csv"))
+    assert errors == errors_of(errors_path_for(tmp_path / "local.csv"))
     assert {Path(p).name: text.split(":")[0] for p, text in errors.items()} == BAD_REASONS
     assert (remote.scored, remote.failures, remote.total) == (local.scored, local.failures, local.total)
     assert (remote.backend, remote.precision) == (local.backend, local.precision) == ("onnxruntime", "fp32")

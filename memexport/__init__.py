@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 from memexport.core.errors import MemexportError
 from memexport.core.version import __version__
 
-__all__ = ["MemexportError", "Predictor", "__version__"]
+__all__ = ["MemexportError", "MultiPredictor", "Predictor", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from memexport.runtime.multi import MultiPredictor
     from memexport.runtime.predictor import Predictor
 
 
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from memexport.runtime.predictor import Predictor
 
         return Predictor
+    if name == "MultiPredictor":
+        from memexport.runtime.multi import MultiPredictor
+
+        return MultiPredictor
     raise AttributeError(f"module 'memexport' has no attribute {name!r}")

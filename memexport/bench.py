@@ -79,7 +79,9 @@ class BenchRecord:
     for (an INT8 artifact asked for ``bf16`` computes its other layers in BF16). The fidelity
     fields compare this path's scores on the fidelity folder with ONNX Runtime FP32's.
     ``stage`` is ``None`` for inference timings and ``model``, ``decode`` or ``e2e`` for the records of
-    :func:`bench_end_to_end`, whose ``decode`` names the decode mode (``exact``, ``fast``).
+    :func:`bench_end_to_end`, whose ``decode`` names the decode mode (``exact``, ``fast``), ``pipeline``
+    the decoding scheme (``overlap``, ``phases``) and ``run`` the artifacts, back ends and precisions
+    pipelined together (the same on every record of one run).
     """
 
     model: str
@@ -109,6 +111,8 @@ class BenchRecord:
     keeps_ranking: bool | None = None
     stage: str | None = None
     decode: str | None = None
+    pipeline: str | None = None
+    run: str | None = None
 
     @property
     def precision_label(self) -> str:
@@ -469,76 +473,105 @@ def ratio_table(records: Sequence[BenchRecord]) -> list[str]:
 
 
 def bench_end_to_end(
-    artifact: Path, folder: Path, batch_size: int = 16, workers: int | None = None, device: str = "cpu",
+    artifact: Any, folder: Path, batch_size: int = 16, workers: int | None = None, device: str = "cpu",
     iterations: int = 20, warmup: int = 3, progress: Callable[[str], None] = lambda _: None,
-    backend: str | None = None, precision: str | None = None, decode: str = "exact",
+    backend: str | None = None, precision: str | None = None, decode: str = "exact", pipeline: str = "overlap",
 ) -> list[BenchRecord]:
-    """The ``predict`` pipeline's throughput next to the model's own, in one run.
+    """The ``predict`` pipeline's throughput next to each model's own, in one run.
 
-    Three records for one artifact, back end and precision at one batch size, timed one after the
-    other in this order (``stage``):
+    For one artifact (or several, one per model, as ``predict -m A -m B`` scores them) at one batch
+    size, back end and precision each, timed one after the other in this order (``stage``):
 
-    * ``model``: inference only, on an already preprocessed batch of real images (as :func:`bench_runner`);
-    * ``decode``: the decoding pool alone (read, decode, resize, crop) over every image in ``folder``;
-    * ``e2e``: the whole pipeline over every image (decode in the pool while the model scores
-      the previous batch), as ``memexport predict`` runs it minus the CSV writes.
+    * ``model``: each artifact's inference alone, on an already preprocessed batch of real images
+      (as :func:`bench_runner`); one record per artifact;
+    * ``decode``: the decoding pool alone (read, decode, resize once, crop for every model) over every image in ``folder``;
+    * ``e2e``: the whole pipeline over every image, under ``pipeline``'s scheme, as ``memexport predict``
+      runs it minus the CSV writes.
 
     For the ``decode`` and ``e2e`` records the percentiles are of the wall time between
     consecutive batches; ``images_per_s`` is images over total wall time. When both stages
-    share the cores, the best the pipeline can do is :func:`pipeline_bound` of the first two.
+    share the cores, the best the pipeline can do is :func:`pipeline_bound` of the two stages'.
+    With several artifacts the ``decode`` and ``e2e`` records name every model, artifact, back end
+    and precision joined by ``+``; every record of one call shares its ``run``.
 
     Args:
-        artifact: ``.onnx``, ``.xml`` or engine file.
+        artifact: ``.onnx``, ``.xml`` or engine file, an :class:`~memexport.runtime.multi.Artifact`, or
+            a list of them (one per model).
         folder: Folder of images (e.g. ``make camera-photos``).
         batch_size: Images per inference call (default 16).
         workers: Decoding threads (default: as ``predict``, :func:`~memexport.runtime.batch.split_cpus`).
         device: ``cpu``, ``cuda`` or ``auto`` (default ``cpu``).
-        iterations: Timed calls for the ``model`` record (default 20).
+        iterations: Timed calls for each ``model`` record (default 20).
         warmup: Untimed calls first (default 3).
         progress: Called with a short line before each stage (default: silent).
-        backend: Back end (default ``None``: by suffix).
-        precision: Precision to ask it for (default ``None``: its exact default).
+        backend: Back end for the artifacts that name none (default ``None``: by suffix).
+        precision: Precision to ask for, where the artifact names none (default ``None``: the exact default).
         decode: ``exact`` (default) or ``fast``.
+        pipeline: ``overlap`` (default) or ``phases``: see :mod:`memexport.runtime.decoding`.
     """
     from memexport.runtime.batch import split_cpus
+    from memexport.runtime.decoding import check_pipeline
     from memexport.runtime.files import collect_images
-    from memexport.runtime.predictor import Predictor
-    from memexport.runtime.registry import runner_for
+    from memexport.runtime.multi import Artifact, MultiPredictor
 
+    many = artifact if isinstance(artifact, (list, tuple)) else [artifact]
+    artifacts = [Artifact.of(one, backend, precision) for one in many]
+    check_pipeline(pipeline)
     paths = collect_images([folder]).paths
     if not paths:
         raise UsageError(f"{folder}: no images to benchmark; create some with `make camera-photos`")
     workers = split_cpus()[0] if workers is None else workers
-    with runner_for(artifact, RunnerOptions(device=device), backend, precision=precision) as runner, \
-            Predictor(runner, batch_size=batch_size, decode=decode) as predictor:
-        assert runner.metadata is not None
-        run_device = runner_device(runner)
-        progress(f"timing {artifact} on {runner.backend} {runner.precision}: inference at batch {batch_size}")
-        model_options = BenchOptions(batch_sizes=(batch_size,), iterations=iterations, warmup=warmup, images=folder)
-        model_record = bench_runner(runner, str(artifact), model_options, run_device)[0]
-        records = [replace(model_record, stage="model", decode=decode, precision_option=precision)]
-        progress(f"reading {len(paths)} images once, untimed, so both stages start from a warm page cache")
-        for path in paths:
-            try:
-                path.read_bytes()
-            except OSError:
-                pass
+    run = " + ".join(f"{a.path} {a.backend or 'default'} {a.precision or 'default'}" for a in artifacts)
+    with ExitStack() as stack:
+        runners = [stack.enter_context(a.runner(RunnerOptions(device=device))) for a in artifacts]
+        multi = stack.enter_context(MultiPredictor(runners, batch_size, decode=decode))
+        records = []
+        for one, runner in zip(artifacts, runners):
+            progress(f"timing {one.path} on {runner.backend} {runner.precision}: inference at batch {batch_size}")
+            model_options = BenchOptions(batch_sizes=(batch_size,), iterations=iterations, warmup=warmup, images=folder)
+            timed = bench_runner(runner, str(one.path), model_options, runner_device(runner))[0]
+            records.append(replace(timed, stage="model", decode=decode, precision_option=one.precision, pipeline=pipeline, run=run))
+        _warm_page_cache(paths, progress)
+        shared = _shared_record(records)
         for stage in ("decode", "e2e"):
-            progress(f"timing {stage} over {len(paths)} images with {workers} decoding threads, {decode} decode")
-            timed = _pipeline_record(predictor, paths, batch_size, workers, infer=stage == "e2e")
-            records.append(replace(model_record, **timed, stage=stage, decode=decode, precision_option=precision))
+            progress(f"timing {stage} over {len(paths)} images with {workers} decoding threads, {decode} decode, {pipeline} pipeline")
+            records.append(replace(shared, **_pipeline_record(multi, paths, batch_size, workers, stage == "e2e", pipeline), stage=stage))
     return records
 
 
-def _pipeline_record(predictor: Any, paths: Sequence[Path], batch_size: int, workers: int, infer: bool) -> dict[str, Any]:
-    """The timing fields of one pass of the decoding pool over ``paths`` (scoring each batch when ``infer``)."""
-    from memexport.runtime.batch import decoded_batches
+def _warm_page_cache(paths: Sequence[Path], progress: Callable[[str], None]) -> None:
+    """Read every image once, untimed, so that both timed stages start from a warm page cache."""
+    progress(f"reading {len(paths)} images once, untimed, so both stages start from a warm page cache")
+    for path in paths:
+        try:
+            path.read_bytes()
+        except OSError:
+            pass
+
+
+def _shared_record(models: Sequence[BenchRecord]) -> BenchRecord:
+    """The template of a run's ``decode`` and ``e2e`` records: its one ``model`` record, or with several
+    models every model, artifact, back end and precision joined by ``+`` (a value all share, once)."""
+    if len(models) == 1:
+        return models[0]
+
+    def joined(values: Sequence[Any]) -> Any:
+        return values[0] if len(set(values)) == 1 else "+".join(str(v) for v in values)
+
+    return replace(models[0], model=joined([r.model for r in models]), artifact=joined([r.artifact for r in models]),
+                   backend=joined([r.backend for r in models]), precision=joined([r.precision for r in models]),
+                   precision_option=joined([r.precision_option for r in models]), vram_mb=None, vram_estimate_mb=None)
+
+
+def _pipeline_record(multi: Any, paths: Sequence[Path], batch_size: int, workers: int, infer: bool, pipeline: str) -> dict[str, Any]:
+    """The timing fields of one pass of the decoding pool over ``paths`` (scoring each batch with every model when ``infer``)."""
+    from memexport.runtime.decoding import decoded_batches
 
     intervals, count = [], 0
     started = last = time.perf_counter()
-    for batch in decoded_batches(predictor, paths, batch_size, workers):
+    for batch in decoded_batches(multi, paths, batch_size, workers, pipeline):
         if infer:
-            predictor.score_batch(batch)
+            multi.score_batch(batch)
         count += len(batch)
         now = time.perf_counter()
         intervals.append((now - last) * 1000.0)
@@ -549,27 +582,33 @@ def _pipeline_record(predictor: Any, paths: Sequence[Path], batch_size: int, wor
     return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "images_per_s": count / total, "peak_rss_mb": peak_rss_mb(), "iterations": len(ms)}
 
 
-def pipeline_bound(model_images_per_s: float, decode_images_per_s: float) -> float:
+def pipeline_bound(model_images_per_s: float | Sequence[float], decode_images_per_s: float) -> float:
     """The most images/s a pipeline can reach when decoding and inference share the same cores:
-    ``1 / (1/model + 1/decode)``, each stage's images/s alone on all cores."""
-    return 1.0 / (1.0 / model_images_per_s + 1.0 / decode_images_per_s)
+    ``1 / (1/decode + sum_i 1/model_i)``, each stage's images/s alone on all cores (one model, or
+    each of several models scoring every decoded image)."""
+    models = [model_images_per_s] if isinstance(model_images_per_s, (int, float)) else list(model_images_per_s)
+    return 1.0 / (1.0 / decode_images_per_s + sum(1.0 / m for m in models))
 
 
 def end_to_end_ratios(records: Sequence[BenchRecord]) -> list[str]:
-    """Per record of :func:`bench_end_to_end`: ``decode`` and ``e2e`` throughput against the ``model``
-    record of the same run, and for ``e2e`` the bound :func:`pipeline_bound` and its share of it."""
+    """Per record of :func:`bench_end_to_end`: ``decode`` and ``e2e`` throughput against the run's
+    ``model`` records (against the models in turn, ``1 / sum_i 1/model_i``, with several), and for ``e2e``
+    the bound :func:`pipeline_bound` and its share of it."""
+    def run_of(r: BenchRecord) -> tuple:
+        return (r.run or (r.artifact, r.backend, r.precision_option), r.decode, r.batch_size, r.pipeline)
+
     lines = []
     for record in records:
-        same = [r for r in records if (r.artifact, r.backend, r.precision_option, r.decode, r.batch_size)
-                == (record.artifact, record.backend, record.precision_option, record.decode, record.batch_size)]
-        model = next((r for r in same if r.stage == "model"), None)
+        same = [r for r in records if run_of(r) == run_of(record)]
+        models = [r.images_per_s for r in same if r.stage == "model"]
         decode = next((r for r in same if r.stage == "decode"), None)
-        if model is None or record is model:
+        if not models or record.stage == "model":
             lines.append("")
             continue
-        text = f"{record.images_per_s / model.images_per_s:.2f}x model"
+        together = 1.0 / sum(1.0 / m for m in models)
+        text = f"{record.images_per_s / together:.2f}x {'model' if len(models) == 1 else 'models'}"
         if record.stage == "e2e" and decode is not None:
-            bound = pipeline_bound(model.images_per_s, decode.images_per_s)
+            bound = pipeline_bound(models, decode.images_per_s)
             text += f", bound {bound:.2f} img/s, {record.images_per_s / bound:.2f}x bound"
         lines.append(text)
     return lines

@@ -57,6 +57,8 @@ BACKEND_HELP = "onnxruntime (the exact FP32 default for .onnx), openvino (CPU; .
 PRECISION_HELP = "OpenVINO: fp32 (exact, the default) or bf16 (AMX/AVX512-BF16 CPUs only; see `memexport doctor`)."
 DECODE_HELP = ("exact (the default: the original code's pixels) or fast (JPEGs decoded at a DCT scale, ~2.3x less CPU on 12 MP photos; "
                "Spearman >= 0.999 against exact, checked by `verify --decode fast`).")
+PIPELINE_HELP = ("How decoding shares the cores with inference: overlap (the default: decoding runs ahead while the model scores) or "
+                 "phases (a chunk decoded with every core, then scored with every core); the scores are the same.")
 FAST_HELP = ("The fastest path that keeps the ranking here, no calibration needed: OpenVINO BF16 on a CPU with a BF16 unit, "
              "else the fastest exact back end; an INT8 artifact's own precision; always --decode fast. "
              "--backend/--precision/--decode override it.")
@@ -98,16 +100,24 @@ def _model_label(model: str) -> str:
     return f"{model} ({spec.output_meaning})" if spec else model
 
 
+def _scored_by(summary: Any) -> str:
+    """`` with resmem (memorability) (onnxruntime fp32, exact decode)``, or with several models each
+    one's name, meaning, back end and precision, then the decode they share."""
+    if len(summary.runs) > 1:
+        each = ", ".join(f"{_model_label(model)} on {backend} {precision}" for model, (backend, precision, _) in summary.runs.items())
+        return f" with {each}; {summary.decode} decode"
+    scored_by = f" with {_model_label(summary.model)}" if summary.model else ""
+    return f"{scored_by} ({summary.backend} {summary.precision}, {summary.decode} decode)"
+
+
 def _summary_lines(summary: Any, output: Path) -> list[str]:
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(summary.failures.items()))
-    scored_by = f" with {_model_label(summary.model)}" if summary.model else ""
     lines = [
-        f"scored {summary.scored} images into {output}{scored_by} ({summary.backend} {summary.precision}, {summary.decode} decode); {summary.failed} failed"
+        f"scored {summary.scored} images into {output}{_scored_by(summary)}; {summary.failed} failed"
         + (f" ({reasons}), see {summary.errors_path}" if summary.failed else "")
         + (f"; {summary.images_per_s:.1f} images/s" if summary.elapsed_s > 0 and summary.total else "")
     ]
-    if summary.fast_label:
-        lines.append(summary.fast_label)
+    lines.extend(summary.fast_label.splitlines())
     if summary.skipped:
         lines.append(f"{summary.skipped} images were already scored in {output} and skipped (--resume)")
     if summary.dropped_torn_row:
@@ -116,6 +126,26 @@ def _summary_lines(summary: Any, output: Path) -> list[str]:
         shown = ", ".join(str(p) for p in summary.duplicates[:5]) + (" ..." if len(summary.duplicates) > 5 else "")
         lines.append(f"{len(summary.duplicates)} duplicate inputs were scored once: {shown}")
     return lines
+
+
+def _predict_artifacts(models: List[Path], options: Any, fast: bool, decode: Optional[str]) -> tuple[list, list]:
+    """``predict``'s artifacts, each with its back end and precision (``--fast``: resolved per artifact),
+    and what ``--fast`` resolved to for each (empty without it)."""
+    from memexport.runtime.multi import Artifact
+
+    if not fast:
+        return [Artifact.of(m, options.backend, options.precision) for m in models], []
+    from memexport.runtime.fastpath import resolve_fast
+
+    paths = [resolve_fast(m, options.backend, options.precision, decode, options.device) for m in models]
+    return [Artifact(Path(m), p.backend, p.precision) for m, p in zip(models, paths)], paths
+
+
+def _fast_labels(summary: Any, paths: list) -> str:
+    """What ``--fast`` resolved to, once the runners named what they compute: one line per model."""
+    if len(summary.runs) <= 1:
+        return paths[0].label(summary.backend, summary.precision)
+    return "\n".join(f"{model}: {path.label(backend, precision)}" for (model, (backend, precision, _)), path in zip(summary.runs.items(), paths))
 
 
 def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_actor: float, output_format: str) -> Callable[..., Any]:
@@ -143,8 +173,9 @@ def _predict_engine(engine: str, address: Optional[str], actors: int, cpus_per_a
 @command("predict")
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and folders (folders recursively, sorted)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, .xml (OpenVINO IR, with its .bin) or .plan/.engine (TensorRT)."),
-    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,model,score,backend,precision,decode (--format parquet: a folder of Parquet parts)."),
+    model: List[Path] = typer.Option(..., "--model", "-m", help="Artifact: .onnx, .xml (OpenVINO IR, with its .bin) or .plan/.engine (TensorRT); "
+                                     "repeat for several models (one artifact each): every photo is decoded once and scored by each."),
+    output: Path = typer.Option(Path("scores.csv"), "-o", "--output", help="CSV with header path,model,score,backend,precision,decode, one row per image and model (--format parquet: a folder of Parquet parts)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose/--no-exif-transpose", help="Honour EXIF orientation (the original code does not)."),
@@ -161,7 +192,8 @@ def predict_cmd(
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     decode: Optional[str] = typer.Option(None, "--decode", help=DECODE_HELP),
-    fast: bool = typer.Option(False, "--fast", help=FAST_HELP),
+    fast: bool = typer.Option(False, "--fast", help=FAST_HELP + " With several -m, resolved per artifact."),
+    pipeline: str = typer.Option("overlap", "--pipeline", help=PIPELINE_HELP),
 ) -> None:
     """Score images into a CSV (path,model,score,backend,precision,decode), incrementally. Bad inputs go to <stem>.errors.csv.
 
@@ -193,22 +225,18 @@ def predict_cmd(
     from memexport.verify import unverified_warning
 
     options = PredictOptions(batch_size, device, exif_transpose, workers, resume, overwrite, follow_symlinks, integrity_check, backend, precision,
-                             decode or "exact")
-    path = None
-    if fast:
+                             decode or "exact", pipeline=pipeline)
+    artifacts, fast_paths = _predict_artifacts(model, options, fast, decode)
+    if fast_paths:
         from dataclasses import replace
 
-        from memexport.runtime.fastpath import resolve_fast
-
-        path = resolve_fast(model, backend, precision, decode, device)
-        options = replace(options, backend=path.backend, precision=path.precision, decode=path.decode)
+        options = replace(options, decode=fast_paths[0].decode)  # the same for every artifact: decode or "fast"
     job = _predict_engine(engine, ray_address, actors, cpus_per_actor, output_format)
-    warning = unverified_warning(model)
-    if warning:
+    for warning in filter(None, map(unverified_warning, model)):
         err(warning)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        summary = job(model, paths, output, options, progress)
+        summary = job(artifacts if len(artifacts) > 1 else artifacts[0], paths, output, options, progress)
     except Interrupted as stop:
         if "bar" in bar:
             bar["bar"].__exit__(None, None, None)
@@ -224,8 +252,8 @@ def predict_cmd(
             bar["bar"].__exit__(None, None, None)
     for line in summary.warnings:
         err(line)
-    if path is not None:
-        summary.fast_label = path.label(summary.backend, summary.precision)
+    if fast_paths:
+        summary.fast_label = _fast_labels(summary, fast_paths)
     for line in _summary_lines(summary, output):
         typer.echo(line)
     if summary.failed:
@@ -287,6 +315,7 @@ def bench_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw images/s against Spearman (with --fidelity) and p50/p99 latency per path into this PNG (pip install 'memexport[plot]')."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the records as CSV, one row per record, every field."),
     decode: Optional[List[str]] = typer.Option(None, "--decode", help="--end-to-end: decode mode(s) to time; repeat to compare (default exact). " + DECODE_HELP),
+    pipeline: Optional[List[str]] = typer.Option(None, "--pipeline", help="--end-to-end: pipeline scheme(s) to time; repeat to compare (default overlap). " + PIPELINE_HELP),
 ) -> None:
     """Latency (p50/p90/p99), images/s and peak RSS per artifact, back end, precision and batch size, with the CPU's matrix units."""
     from memexport.bench import BenchOptions, bench_artifacts, bench_paths
@@ -299,13 +328,16 @@ def bench_cmd(
             raise UsageError("--plot compares paths and does not draw --end-to-end stages; drop one (--csv works with both)")
         require_matplotlib()  # before the run, not after minutes of timing
     if end_to_end is not None:
-        # model = inference alone, decode = the decoding pool alone, e2e = both overlapped, as predict runs.
+        # model = inference alone, decode = the decoding pool alone, e2e = both, under the scheme predict runs.
         paths = bench_paths(model, tuple(backend or ()), tuple(precision or ()), err)
-        records = _end_to_end_records(paths, end_to_end, parse_batch_sizes(batch_sizes), decode or ["exact"], workers, device, iterations, warmup)
+        records = _end_to_end_records(paths, end_to_end, parse_batch_sizes(batch_sizes), decode or ["exact"], pipeline or ["overlap"], workers,
+                                      device, iterations, warmup)
         _write_bench_outputs(records, json_out, None, csv_out)
         return
-    if decode:
-        raise UsageError("--decode applies to --end-to-end (inference timings start from decoded images); add --end-to-end FOLDER or drop it")
+    given = [name for name, value in (("--decode", decode), ("--pipeline", pipeline)) if value]
+    if given:
+        raise UsageError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --end-to-end (inference timings start from decoded images); "
+                         "add --end-to-end FOLDER or drop it")
     options = BenchOptions(
         parse_batch_sizes(batch_sizes), iterations, warmup, torch_baseline, device, images,
         backends=tuple(backend or ()), precisions=tuple(precision or ()), fidelity=fidelity, rounds=rounds,
@@ -331,25 +363,60 @@ def _write_bench_outputs(records: list, json_out: Optional[Path], plot: Optional
         typer.echo(f"wrote {plot}" + ("" if any(r.spearman is not None for r in records) else " (no --fidelity: speed and latency only)"))
 
 
-def _end_to_end_records(paths: list, folder: Path, sizes: tuple[int, ...], decodes: List[str], workers: Optional[int],
+def _end_to_end_records(paths: list, folder: Path, sizes: tuple[int, ...], decodes: List[str], pipelines: List[str], workers: Optional[int],
                         device: str, iterations: int, warmup: int) -> list:
-    """``bench --end-to-end``: model, decode and e2e records per path, batch size and decode mode, printed as a table."""
+    """``bench --end-to-end``: model, decode and e2e records per run, batch size, decode mode and scheme, printed as a table."""
     from memexport.bench import bench_end_to_end, end_to_end_ratios
     from memexport.runtime.cpu import cpu_units
+    from memexport.runtime.decoding import check_pipeline
+    from memexport.runtime.multi import Artifact
     from memexport.runtime.preprocess import check_decode
 
     for mode in decodes:
         check_decode(mode)
-    records = [r for artifact, name, prec in paths for b in sizes for mode in dict.fromkeys(decodes)
-               for r in bench_end_to_end(artifact, folder, b, workers, device, iterations, warmup, err, name, prec, mode)]
+    for scheme in pipelines:
+        check_pipeline(scheme)
+    runs = _end_to_end_runs([Artifact(Path(artifact), name, prec) for artifact, name, prec in paths])
+    records = [r for run in runs for b in sizes for mode in dict.fromkeys(decodes) for scheme in dict.fromkeys(pipelines)
+               for r in bench_end_to_end(run, folder, b, workers, device, iterations, warmup, err, decode=mode, pipeline=scheme)]
     typer.echo(f"cpu: {cpu_units().label()}")
-    typer.echo(f"{'artifact':26} {'backend':12} {'prec':9} {'decode':6} {'stage':6} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
+    typer.echo(f"{'artifact':26} {'backend':12} {'prec':9} {'decode':6} {'stage':6} {'scheme':7} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>8} {'rss MB':>7}  ratio")
     for record, ratio in zip(records, end_to_end_ratios(records)):
         typer.echo(
-            f"{Path(record.artifact).name[-26:]:26} {record.backend:12} {record.precision_label:9} {record.decode:6} {record.stage:6} {record.batch_size:>5} "
-            f"{record.p50_ms:>9.2f} {record.p90_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
+            f"{Path(record.artifact).name[-26:]:26} {record.backend:12} {record.precision_label:9} {record.decode:6} {record.stage:6} {record.pipeline:7} "
+            f"{record.batch_size:>5} {record.p50_ms:>9.2f} {record.p90_ms:>9.2f} {record.images_per_s:>8.2f} {record.peak_rss_mb:>7.0f}  {ratio}"
         )
+    models = dict.fromkeys(m for r in records if r.stage == "model" for m in [r.model])
+    typer.echo("scores: " + "; ".join(_model_label(m) for m in models))
+    typer.echo(f"pipeline: {', '.join(dict.fromkeys(pipelines))} (overlap: decoding runs ahead while the models score; "
+               "phases: a chunk decoded with every core, then scored with every core)")
     return records
+
+
+def _end_to_end_runs(artifacts: list) -> list[list]:
+    """The pipelines ``bench --end-to-end`` times: each artifact alone when they are all of one model
+    (comparing back ends, precisions or artifacts), or one pipeline of them all, as ``predict -m A -m B``
+    runs it, when they are one artifact per model.
+
+    Raises:
+        UsageError: Several models with more than one artifact, back end or precision for one of them.
+    """
+    from collections import Counter
+
+    from memexport.core.errors import UsageError
+    from memexport.runtime.peek import recorded_model
+
+    models = [recorded_model(a.path) or str(a.path) for a in artifacts]
+    if len(set(models)) <= 1:
+        return [[a] for a in artifacts]
+    repeated = [m for m, n in Counter(models).items() if n > 1]
+    if repeated:
+        raise UsageError(
+            f"--end-to-end with several models pipelines one artifact, back end and precision per model, as predict does; "
+            f"{repeated[0]} came {Counter(models)[repeated[0]]} times (an artifact given twice, or several --backend/--precision); "
+            "compare paths of one model in a run of its own"
+        )
+    return [artifacts]
 
 
 def _print_bench_table(records: list) -> None:

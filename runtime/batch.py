@@ -6,8 +6,11 @@ Guarantees, whatever happens to the process:
   so a crash, Ctrl-C or ``kill -9`` keeps every batch finished before it. A tear can only cut
   the last row; ``resume`` drops it (every complete row ends with ``\\n``).
 * ``resume`` skips images whose path already has a complete row, so a killed run continued
-  with ``resume`` scores every image exactly once.
-* A bad input never stops the run: it gets one ``path,error`` row in ``<stem>.errors.csv``,
+  with ``resume`` scores every image exactly once. With several models it skips, per model, the
+  images that model already scored (a file of a subset of the run's models resumes; one holding a
+  model the run does not score is refused), and decodes an image when any model still lacks it.
+* A bad input never stops the run: it gets one ``path,error`` row in ``<stem>.errors.csv``
+  (one per image, however many models score it),
   written incrementally the same way. Errors are recomputed on every run (resumed or not):
   images that failed are retried, so that file always lists the current failures once each.
 * Every row names the model, back end, precision and decode mode that computed its score
@@ -25,11 +28,13 @@ Guarantees, whatever happens to the process:
   read against the current directory.
 
 Decoding runs in a pool of threads (Pillow and numpy release the GIL while decoding and
-resizing) that overlaps inference; each worker decodes and preprocesses one image at a time
-down to the model's input (227x227: 0.6 MB), so at most ``2 * batch_size + 4 * workers`` model
-inputs wait in memory plus one full-size decode per worker (49 MB for a 12 MP photo decoded
-exactly: Pillow keeps RGB in 4 bytes a pixel; 3 MB with ``decode="fast"``), whatever the folder's size. Cores are shared between
-decoding and the back end by :func:`split_cpus`.
+resizing) that overlaps inference or alternates with it (:mod:`memexport.runtime.decoding`,
+``PredictOptions.pipeline``); each worker decodes and resizes one image at a time, once for every
+model, down to each model's input (227x227: 0.6 MB a model), so at most
+``2 * batch_size + 4 * workers`` images' inputs wait in memory plus one full-size decode per worker
+(49 MB for a 12 MP photo decoded exactly: Pillow keeps RGB in 4 bytes a pixel; 3 MB with
+``decode="fast"``), whatever the folder's size. Cores are shared between decoding and the back end by
+:func:`split_cpus`.
 """
 
 from __future__ import annotations
@@ -39,21 +44,19 @@ import io
 import math
 import os
 import time
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TextIO
-
-import numpy as np
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TextIO, Union
 
 from memexport.core.atomic import fsync_dir
-from memexport.core.errors import InputImageError, Interrupted, UsageError
-from memexport.runtime.files import Collected, collect_images
-from memexport.runtime.predictor import Item, Predictor, group_batches
-from memexport.runtime.preprocess import check_decode
+from memexport.core.errors import Interrupted, UsageError
 from memexport.runtime.base import RunnerOptions
-from memexport.runtime.registry import runner_for
+from memexport.runtime.decoding import check_pipeline, decoded_batches
+from memexport.runtime.files import Collected, collect_images
+from memexport.runtime.multi import Artifact, MultiPredictor
+from memexport.runtime.preprocess import check_decode
 
 SCORES_HEADER = ("path", "score")
 # What computed each score, after the two columns every reader relies on.
@@ -112,6 +115,9 @@ class PredictOptions:
             see :mod:`memexport.runtime.preprocess`) (default ``exact``).
         threads: The back end's intra-op threads (default ``None``: :func:`split_cpus` decides,
             with the decoding threads).
+        pipeline: How decoding shares the cores with inference: ``overlap`` (default: decoding runs
+            ahead while the back end scores) or ``phases`` (a chunk decoded with every core, then
+            scored with every core); see :mod:`memexport.runtime.decoding`.
     """
 
     batch_size: int = 16
@@ -126,6 +132,7 @@ class PredictOptions:
     precision: str | None = None
     decode: str = "exact"
     threads: int | None = None
+    pipeline: str = "overlap"
 
 
 @dataclass
@@ -133,7 +140,7 @@ class PredictSummary:
     """Outcome of a batch job.
 
     Attributes:
-        scored: Images scored in this run.
+        scored: Images scored in this run (by at least one model).
         failures: Count of failed inputs by reason (``empty``, ``truncated``, ``symlink-outside``, ...).
         duplicates: Inputs naming a file already listed (each file is scored once).
         skipped: Images already scored in ``output`` and skipped by ``resume``.
@@ -142,15 +149,17 @@ class PredictSummary:
         errors_path: Where per-file errors were written, if any failed.
         elapsed_s: Wall time of the scoring loop.
         interrupted: Whether Ctrl-C or SIGTERM stopped the run early.
-        backend: The back end that computed the scores (``onnxruntime``, ``openvino``, ``tensorrt``).
+        backend: The back end that computed the (first model's) scores (``onnxruntime``, ``openvino``, ``tensorrt``).
         precision: The precision it computed them in (``fp32``, ``bf16``, ``int8``...; ``int8-unverified``
             when outside the precision the artifact's calibration verified).
         warnings: One-line warnings about the run (such as why it is unverified), for the caller to show.
         decode: How the images were decoded (``exact``, ``fast``).
         workers: Decoding threads used (0: inline; the Ray engine's actors decode their own).
         threads: The back end's threads (0: its own default).
-        fast_label: What ``--fast`` resolved to, for the summary line (empty: not asked for).
-        model: The model whose scores these are (the artifact's recorded name).
+        fast_label: What ``--fast`` resolved to, for the summary (one line per model; empty: not asked for).
+        model: The model whose scores these are (the artifact's recorded name; the first model's, with several).
+        runs: ``(backend, precision, decode)`` by model, for every model of the run, in order.
+        pipeline: The decoding scheme (``overlap``, ``phases``).
     """
 
     scored: int = 0
@@ -170,6 +179,8 @@ class PredictSummary:
     threads: int = 0
     fast_label: str = ""
     model: str = ""
+    runs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    pipeline: str = "overlap"
 
     @property
     def failed(self) -> int:
@@ -200,6 +211,42 @@ def absolute(path: str | os.PathLike) -> Path:
 
 
 @dataclass(frozen=True)
+class Held:
+    """What an existing output already holds, whatever its format (a CSV, or Parquet parts).
+
+    Attributes:
+        scored: ``(path key, model)`` of every complete row (model ``""`` in rows that name none).
+        model_runs: ``(model, (backend, precision, decode))`` of the rows that name their run.
+        named: Whether its rows name their model (files written before the model column do not).
+    """
+
+    scored: frozenset[tuple[str, str]] = frozenset()
+    model_runs: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
+    named: bool = True
+
+    @property
+    def models(self) -> frozenset[str]:
+        """The models its rows name."""
+        return frozenset(model for _, model in self.scored if model)
+
+    def keys_of(self, model: str) -> frozenset[str]:
+        """Path keys already scored by ``model`` (every row, in a file without the model column)."""
+        return frozenset(key for key, named in self.scored if named in ("", model))
+
+    def keys_of_all(self, models: Sequence[str] | None) -> frozenset[str]:
+        """Path keys that every one of ``models`` already scored, which a run skips altogether
+        (``None``: the models are not known yet, so any row counts)."""
+        if models is None:
+            return frozenset(key for key, _ in self.scored)
+        keys = [self.keys_of(model) for model in models]
+        return frozenset.intersection(*keys) if keys else frozenset()
+
+    def runs_of(self, model: str) -> frozenset[tuple[str, ...]]:
+        """The ``(backend, precision, decode)`` runs of ``model``'s rows (and of rows that name no model)."""
+        return frozenset(run for named, run in self.model_runs if named in ("", model))
+
+
+@dataclass(frozen=True)
 class ScoresFile:
     """What an existing scores CSV holds.
 
@@ -214,6 +261,7 @@ class ScoresFile:
             files; ``decode`` is ``exact`` for files written before it was a column).
         models: The models the rows name (empty for files written before the model column).
         scored: ``(path key, model)`` of every complete row (model ``""`` in files without the column).
+        model_runs: ``(model, run)`` of the complete rows that name a run.
     """
 
     keys: frozenset[str]
@@ -224,10 +272,16 @@ class ScoresFile:
     runs: frozenset[tuple[str, ...]] = frozenset()
     models: frozenset[str] = frozenset()
     scored: frozenset[tuple[str, str]] = frozenset()
+    model_runs: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
+
+    @property
+    def held(self) -> Held:
+        """What the file holds, as every engine's resume reads it."""
+        return Held(self.scored, self.model_runs, "model" in self.columns)
 
     def keys_of(self, model: str) -> frozenset[str]:
         """Path keys already scored by ``model`` (every row, in a file without the model column)."""
-        return frozenset(key for key, named in self.scored if named in ("", model))
+        return self.held.keys_of(model)
 
 
 HEADERS = (SCORES_HEADER, SCORES_HEADER + OLD_RUN_COLUMNS, SCORES_HEADER + RUN_COLUMNS, CSV_HEADER)
@@ -275,6 +329,7 @@ def read_scores_file(output: Path) -> ScoresFile:
     reader = csv.reader(lines(), strict=True)
     scored: set[tuple[str, str]] = set()
     runs: set[tuple[str, ...]] = set()
+    model_runs: set[tuple[str, tuple[str, ...]]] = set()
     columns: tuple[str, ...] = CSV_HEADER
     valid_chars, has_header, row_number = 0, False, 0
     while True:
@@ -293,6 +348,7 @@ def read_scores_file(output: Path) -> ScoresFile:
         if facts is not None and _valid_score(facts[0]):
             scored.add((path_key(row[0]), facts[1]))  # type: ignore[index]
             runs.update([facts[2]] if facts[2] else [])
+            model_runs.update([(facts[1], facts[2])] if facts[2] else [])
             valid_chars = position
             continue
         if position >= len(text):
@@ -304,7 +360,7 @@ def read_scores_file(output: Path) -> ScoresFile:
     valid_bytes = len(text[:valid_chars].encode("utf-8", "surrogateescape"))
     keys = frozenset(key for key, _ in scored)
     models = frozenset(model for _, model in scored if model)
-    return ScoresFile(keys, valid_bytes, len(raw), has_header, columns, frozenset(runs), models, frozenset(scored))
+    return ScoresFile(keys, valid_bytes, len(raw), has_header, columns, frozenset(runs), models, frozenset(scored), frozenset(model_runs))
 
 
 # --------------------------------------------------------------------------- writing
@@ -341,86 +397,16 @@ _MISSING_DETAIL = {
 }
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-def safe_item(name: str, make: Callable[[], np.ndarray]) -> Item:
-    """``make()``, or the :class:`InputImageError` it raised; any other exception also becomes
-    an error naming ``name`` (reason ``internal-error``), so a bug costs one image, never the run."""
-    try:
-        return make()
-    except InputImageError as error:
-        return error
-    except Exception as exc:  # noqa: BLE001 - a bug must cost one image, never the run
-        return InputImageError(name, "internal-error", f"unexpected {type(exc).__name__}: {exc}; please report it")
-
-
-def _safe_preprocess(predictor: Predictor, path: Path) -> Item:
-    return safe_item(str(path), lambda: predictor.preprocess(path))
-
-
-def decoded_batches(
-    predictor: Predictor, paths: Sequence[Path], batch_size: int, workers: int
-) -> Iterator[list[tuple[Path, Item]]]:
-    """Preprocess ``paths`` in parallel and group them, in input order, into batches.
-
-    Each batch holds up to ``batch_size`` decoded images plus the failures met on the way.
-    Workers keep decoding while the caller runs inference on the previous batch; at most
-    ``2 * batch_size + 4 * workers`` results wait in memory.
-
-    Args:
-        predictor: Supplies preprocessing (thread-safe).
-        paths: Image files, in the order to report them.
-        batch_size: Decoded images per batch.
-        workers: Decoding threads; 0 decodes in the calling thread.
-    """
-    items = _decoded(predictor, paths, batch_size, workers)
-    try:
-        yield from group_batches(items, batch_size)
-    finally:
-        items.close()  # stops the decode pool at once when the caller stops early
-
-
-def _decoded(predictor: Predictor, paths: Sequence[Path], batch_size: int, workers: int) -> Iterator[tuple[Path, Item]]:
-    """``(path, preprocessed array or error)`` in input order, from a bounded pool of decode threads."""
-    if workers <= 0:
-        for path in paths:
-            yield path, _safe_preprocess(predictor, path)
-        return
-    window = 2 * batch_size + 4 * workers
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memexport-decode")
-    queue: deque[tuple[Path, Future]] = deque()
-    todo = iter(paths)
-    try:
-
-        def fill() -> None:
-            while len(queue) < window:
-                path = next(todo, None)
-                if path is None:
-                    return
-                queue.append((path, pool.submit(_safe_preprocess, predictor, path)))
-
-        fill()
-        while queue:
-            path, future = queue.popleft()
-            item = future.result()
-            fill()
-            yield path, item
-    finally:
-        # On Ctrl-C or an inference error: drop queued work, let running decodes finish.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # --------------------------------------------------------------------------- the job
 
 
-def _prepare_output(output: Path, options: PredictOptions, summary: PredictSummary) -> frozenset[str]:
-    """Check ``output`` against resume/overwrite; repair a torn tail; return keys already scored."""
+def _prepare_output(output: Path, options: PredictOptions, summary: PredictSummary) -> Held:
+    """Check ``output`` against resume/overwrite; repair a torn tail; return what it already holds."""
     if output.is_dir():
         raise UsageError(f"{output}: is a folder; pass a .csv file name with -o")
     exists = output.exists() and output.stat().st_size > 0
     if not exists or options.overwrite:
-        return frozenset()
+        return Held()
     if not options.resume:
         raise UsageError(
             f"{output} already exists; pass --resume to continue it (already scored images are skipped) "
@@ -434,7 +420,7 @@ def _prepare_output(output: Path, options: PredictOptions, summary: PredictSumma
             handle.flush()
             os.fsync(handle.fileno())
         summary.dropped_torn_row = True
-    return state.keys
+    return state.held
 
 
 def run_label(run: Sequence[str]) -> str:
@@ -442,13 +428,14 @@ def run_label(run: Sequence[str]) -> str:
     return f"{' '.join(run[:2])}, {run[2]} decode" if len(run) > 2 else " ".join(run)
 
 
-def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str, ...]) -> None:
+def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str, ...], model: str = "") -> None:
     """Refuse to resume an output whose scores another back end, precision or decode mode computed.
 
     Args:
         output: The scores output (named in the message).
         runs: The ``(backend, precision, decode)`` its rows already hold.
         run: What this run computes.
+        model: The model whose rows these are, named in the message (default ``""``: a one-model run).
 
     Raises:
         UsageError: ``runs`` holds another run; one line naming both and the fix.
@@ -456,8 +443,9 @@ def check_same_run(output: Path, runs: Iterable[tuple[str, ...]], run: tuple[str
     other = sorted(r for r in runs if tuple(r) != tuple(run))
     if other:
         seen = "; ".join(run_label(r) for r in other)
+        whose, this = (f"{model} scores", f"{model} with {run_label(run)}") if model else ("scores", run_label(run))
         raise UsageError(
-            f"{output} holds scores computed by {seen}; this run computes {run_label(run)}, and one ranking must not mix them; "
+            f"{output} holds {whose} computed by {seen}; this run computes {this}, and one ranking must not mix them; "
             f"pass the same --backend, --precision and --decode to resume it, or --overwrite to start again"
         )
 
@@ -481,6 +469,35 @@ def check_same_models(output: Path, models: Iterable[str], scoring: Iterable[str
         )
 
 
+def check_resumable(output: Path, held: Held, runs: Mapping[str, tuple[str, ...]], models: Sequence[str] | None = None) -> None:
+    """Refuse to add this run's rows to ``output`` unless every row it holds is one of this run's
+    models, computed by that model's back end, precision and decode mode (every engine's resume).
+
+    Args:
+        output: The scores output (named in the messages).
+        held: What it holds (:class:`Held`).
+        runs: ``(backend, precision, decode)`` by model, for the models this run scores (or, on Ray,
+            those its actors have named so far).
+        models: Every model this run scores (default ``None``: those of ``runs``).
+
+    Raises:
+        UsageError: One line naming what it holds, what this run computes and the fix.
+    """
+    models = list(runs) if models is None else list(models)
+    check_same_models(output, held.models, models)
+    if not held.named and held.scored and len(models) > 1:
+        raise UsageError(
+            f"{output} was written before the model column, so its scores name no model; a run of several models "
+            f"({', '.join(models)}) must not add to it; resume it with its own model's artifact, or pass another -o"
+        )
+    for model, run in runs.items():
+        check_same_run(output, held.runs_of(model), run, model if len(models) > 1 else "")
+
+
+Row = tuple
+"""A score row for a sink: ``(path, score, model[, (backend, precision, decode)])``."""
+
+
 class CsvScores:
     """``scores.csv`` as a sink for :class:`ResultWriter`: ``path,model,score,backend,precision,decode``
     rows, scores to 8 decimals; into a file written before the model column, its own columns.
@@ -488,25 +505,25 @@ class CsvScores:
     Args:
         output: The CSV.
         append: Keep its rows (``resume``).
-        run: ``(backend, precision, decode)`` written on every row (default ``None``: none).
-        model: The model named on every row (default ``""``).
+        runs: ``(backend, precision, decode)`` by model, written on each model's rows (default none).
         columns: The file's header (default :data:`CSV_HEADER`; an older file's when resumed).
     """
 
-    def __init__(self, output: Path, append: bool, run: tuple[str, ...] | None = None, model: str = "",
+    def __init__(self, output: Path, append: bool, runs: Mapping[str, tuple[str, ...]] | None = None,
                  columns: tuple[str, ...] = CSV_HEADER) -> None:
         self.columns = tuple(columns)
-        self.fields = {"model": model, **dict(zip(RUN_COLUMNS, tuple(run or ())))}
+        self.runs = dict(runs or {})
         self.appender = _CsvAppender(output, self.columns, append=append)
 
-    def write(self, rows: Sequence[tuple]) -> None:
-        """Append ``(path, score[, model])`` rows; a row's own model, when given, names it (several-model runs)."""
+    def write(self, rows: Sequence[Row]) -> None:
+        """Append ``(path, score, model[, run])`` rows: a row's own run, when given, is written on it
+        (the Ray engine's rows carry what their actor computed), else its model's from ``runs``."""
         out = []
         for row in rows:
-            named = {**self.fields, "path": row[0], "score": f"{row[1]:.8f}"}
-            if len(row) > 2 and row[2]:
-                named["model"] = row[2]
-            out.append(tuple(named[column] for column in self.columns))
+            model = row[2] if len(row) > 2 else ""
+            run = row[3] if len(row) > 3 else self.runs.get(model, ())
+            named = {"path": row[0], "score": f"{row[1]:.8f}", "model": model, **dict(zip(RUN_COLUMNS, run))}
+            out.append(tuple(named.get(column, "") for column in self.columns))
         self.appender.write(out)
 
     def close(self) -> None:
@@ -522,7 +539,7 @@ class ResultWriter:
 
     Args:
         output: The scores output (names the errors file).
-        summary: Counts ``scored`` and ``failures`` as rows are written.
+        summary: Counts ``scored`` (images, whatever the models) and ``failures`` as rows are written.
         append: Keep the rows ``output`` already holds (``resume``).
         scores: Where scores go (default: a :class:`CsvScores` on ``output``).
     """
@@ -535,11 +552,11 @@ class ResultWriter:
         self.errors: _CsvAppender | None = None
         self.errors_file.unlink(missing_ok=True)
 
-    def write(self, scored: Sequence[tuple], failed: Sequence[tuple[str, str, str]] = ()) -> None:
-        """Append ``(path, score, ...)`` rows and ``(path, reason, detail)`` failures."""
+    def write(self, scored: Sequence[Row], failed: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Append ``(path, score, model[, run])`` rows and ``(path, reason, detail)`` failures (one per image)."""
         if scored:
             self.scores.write(scored)
-        self.summary.scored += len(scored)
+        self.summary.scored += len({row[0] for row in scored})  # one row per image and model
         if failed:
             if self.errors is None:
                 self.errors = _CsvAppender(self.errors_file, ERRORS_HEADER, append=False)
@@ -553,50 +570,52 @@ class ResultWriter:
             self.errors.close()
 
 
+def name_runs(summary: PredictSummary, runs: Mapping[str, tuple[str, str, str]]) -> None:
+    """Record ``runs`` (by model) in ``summary``: ``runs``, and the first model's in ``model``,
+    ``backend``, ``precision`` and ``decode``."""
+    summary.runs.update(runs)
+    first = next(iter(summary.runs), "")
+    if first:
+        summary.model = first
+        summary.backend, summary.precision, summary.decode = summary.runs[first]
+
+
 def csv_writer_for_run(
-    output: Path, options: PredictOptions, summary: PredictSummary, done_keys: frozenset[str], run: tuple[str, str, str],
-    model: str = "",
+    output: Path, options: PredictOptions, summary: PredictSummary, held: Held, runs: Mapping[str, tuple[str, str, str]],
+    models: Sequence[str] | None = None,
 ) -> ResultWriter:
-    """The :class:`ResultWriter` on ``output`` for scores of ``model`` computed by ``run``, once ``output``
-    is known to hold no other model's or run's scores (every engine's CSV goes through here).
+    """The :class:`ResultWriter` on ``output`` for the scores of ``runs``' models, once ``output`` is known
+    to hold no other model's or run's scores (every engine's CSV goes through here).
 
     Args:
-        output: The CSV, already checked by :func:`plan_job`.
+        output: The CSV, already checked by :func:`prepare_job`.
         options: ``resume`` keeps its rows.
-        summary: Gets ``model``, ``backend``, ``precision`` and ``decode``.
-        done_keys: Keys already in ``output`` (from :func:`plan_job`).
-        run: ``(backend, precision, decode)`` of this run, written on every new row.
-        model: The model whose scores these are (the artifact's recorded name).
+        summary: Gets the runs (see :func:`name_runs`).
+        held: What ``output`` already holds (from :func:`prepare_job`).
+        runs: ``(backend, precision, decode)`` by model (the artifacts' recorded names), written on
+            each model's new rows that do not carry their own.
+        models: Every model the run scores (default ``None``: those of ``runs``).
 
     Raises:
-        UsageError: ``output`` holds scores of another model (see :func:`check_same_models`), back end,
-            precision or decode mode (see :func:`check_same_run`).
+        UsageError: See :func:`check_resumable`.
     """
     state = read_scores_file(output) if options.resume and output.is_file() and output.stat().st_size else None
-    check_same_models(output, state.models if state else (), [model])
-    check_same_run(output, state.runs if state else (), run)
-    summary.model = model
-    summary.backend, summary.precision, summary.decode = run
-    append = bool(done_keys) or options.resume
+    check_resumable(output, state.held if state else Held(), runs, models)
+    name_runs(summary, runs)
+    append = bool(held.scored) or options.resume
     # An older file keeps its own columns (path,score or path,score,backend,precision: exact decoding,
     # checked above); every new file names the model, back end, precision and decode mode.
-    scores = CsvScores(output, append, tuple(run), model, state.columns if state is not None else CSV_HEADER)
+    scores = CsvScores(output, append, runs, state.columns if state is not None else CSV_HEADER)
     return ResultWriter(output, summary, append=append, scores=scores)
 
 
-def plan_job(
-    inputs: Sequence[Path], output: Path, options: PredictOptions, summary: PredictSummary,
-    prepare: Callable[[Path, PredictOptions, PredictSummary], frozenset[str]] = _prepare_output,
-) -> tuple[frozenset[str], Collected, list[Path]]:
-    """Check the options and ``output``, collect the inputs, and leave out those already scored.
+def prepare_job(output: Path, options: PredictOptions, summary: PredictSummary,
+                prepare: Callable[[Path, PredictOptions, PredictSummary], Held] = _prepare_output) -> Held:
+    """Check the options and ``output`` (resume, overwrite) before anything is loaded.
 
     Args:
-        prepare: Checks ``output`` against resume/overwrite and returns the keys it already
-            scores (default: the CSV's own check, which also repairs a torn last row).
-
-    Returns:
-        ``(keys already in output, collected inputs, images to score)``; ``summary`` gets the
-        duplicates, the skipped count and the total.
+        prepare: Checks ``output`` against resume/overwrite and returns what it holds (default: the
+            CSV's own check, which also repairs a torn last row).
 
     Raises:
         UsageError: Bad options, or ``output`` exists without ``resume``/``overwrite``.
@@ -605,14 +624,35 @@ def plan_job(
         raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
     if options.resume and options.overwrite:
         raise UsageError("--resume keeps the existing output and --overwrite replaces it; pass one of them")
-    done_keys = prepare(output, options, summary)
+    check_pipeline(options.pipeline)
+    return prepare(output, options, summary)
+
+
+def pending_images(inputs: Sequence[Path], options: PredictOptions, summary: PredictSummary, held: Held,
+                   models: Sequence[str] | None = None) -> tuple[Collected, list[Path]]:
+    """Collect the inputs and leave out those every one of ``models`` already scored in ``held``.
+
+    Returns:
+        ``(collected inputs, images to score)``; ``summary`` gets the duplicates, the skipped count
+        and the total.
+    """
     collected = collect_images(inputs, follow_symlinks=options.follow_symlinks)
     summary.duplicates = list(collected.duplicates)
+    done = held.keys_of_all(models)
     # Absolute from here on: rows must name the same files whatever the directory a resume runs from.
-    todo = [absolute(p) for p in collected.paths if not done_keys or path_key(p) not in done_keys]
+    todo = [absolute(p) for p in collected.paths if not done or path_key(p) not in done]
     summary.skipped = len(collected.paths) - len(todo)
     summary.total = len(todo)
-    return done_keys, collected, todo
+    return collected, todo
+
+
+def plan_job(
+    inputs: Sequence[Path], output: Path, options: PredictOptions, summary: PredictSummary,
+    prepare: Callable[[Path, PredictOptions, PredictSummary], Held] = _prepare_output, models: Sequence[str] | None = None,
+) -> tuple[Held, Collected, list[Path]]:
+    """:func:`prepare_job`, then :func:`pending_images`: ``(what output holds, collected inputs, images to score)``."""
+    held = prepare_job(output, options, summary, prepare)
+    return (held, *pending_images(inputs, options, summary, held, models))
 
 
 def upfront_failures(collected: Collected) -> list[tuple[str, str, str]]:
@@ -632,27 +672,50 @@ def interrupted(summary: PredictSummary, output: Path, started: float) -> Interr
     )
 
 
+ModelArg = Union[Path, str, Artifact, Sequence[Union[Path, str, Artifact]]]
+"""One artifact, or several (one per model), each a path or an :class:`~memexport.runtime.multi.Artifact`."""
+
+
+def artifacts_of(model: ModelArg, options: PredictOptions) -> list[Artifact]:
+    """``model`` as a list of :class:`~memexport.runtime.multi.Artifact`, ``options``' back end and
+    precision filling what each leaves open.
+
+    Raises:
+        UsageError: No artifact given.
+    """
+    models = [model] if isinstance(model, (str, os.PathLike, Artifact)) else list(model)
+    if not models:
+        raise UsageError("pass at least one artifact with -m")
+    return [Artifact.of(one, options.backend, options.precision) for one in models]
+
+
 def scores_csv_from_images(
-    model: Path, inputs: Sequence[Path], output: Path, options: PredictOptions = PredictOptions(),
+    model: ModelArg, inputs: Sequence[Path], output: Path, options: PredictOptions = PredictOptions(),
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> PredictSummary:
     """Score files and folders into ``output`` (``path,model,score,backend,precision,decode``) and ``<stem>.errors.csv`` (``path,error``).
 
+    With several artifacts (one per model) each image is decoded and resized once and scored by every
+    model (:class:`~memexport.runtime.multi.MultiPredictor`): one row per image and model.
+
     Args:
-        model: Artifact to score with (``.onnx``, ``.xml`` OpenVINO IR, or a ``.plan``/``.engine`` TensorRT engine).
+        model: Artifact to score with (``.onnx``, ``.xml`` OpenVINO IR, or a ``.plan``/``.engine``
+            TensorRT engine), or a list of them, one per model; each a path or an
+            :class:`~memexport.runtime.multi.Artifact` naming its own back end and precision.
         inputs: Files and folders (folders recursively, sorted).
         output: CSV destination.
         options: See :class:`PredictOptions`.
-        progress: Called with ``(done, total)`` after each batch (done counts scored and failed).
+        progress: Called with ``(done, total)`` after each batch (done counts images scored and failed).
 
     Returns:
         A :class:`PredictSummary`.
 
     Raises:
-        UsageError: Bad options, or ``output`` exists without ``resume``/``overwrite``.
+        UsageError: Bad options, two artifacts of one model, or ``output`` exists without ``resume``/``overwrite``
+            (or holds what this run must not add to: :func:`check_resumable`).
         Interrupted: Ctrl-C (``KeyboardInterrupt``) stopped the run; every finished row is on
             disk and ``error.summary`` says how far it got.
-        ArtifactError: The model cannot be loaded (missing, corrupt, tampered).
+        ArtifactError: A model cannot be loaded (missing, corrupt, tampered).
     """
     split_workers, split_threads = split_cpus()
     workers = split_workers if options.workers is None else options.workers
@@ -660,33 +723,52 @@ def scores_csv_from_images(
     if workers < 0 or threads < 0:
         raise UsageError(f"--workers and --threads must be >= 0, got {workers} and {threads}")
     check_decode(options.decode)
+    artifacts = artifacts_of(model, options)
     output = Path(output)
-    summary = PredictSummary(workers=workers, threads=threads)
-    done_keys, collected, todo = plan_job(inputs, output, options, summary)
-
+    summary = PredictSummary(workers=workers, threads=threads, pipeline=options.pipeline)
+    held = prepare_job(output, options, summary)
     shared = RunnerOptions(device=options.device, check_integrity=options.check_integrity, threads=threads)
-    runner = runner_for(model, shared, options.backend, precision=options.precision)
-    with runner, Predictor(runner, batch_size=options.batch_size, exif_transpose=options.exif_transpose, decode=options.decode) as predictor:
-        summary.warnings.extend([runner.unverified] if runner.unverified else [])
-        run = (runner.backend, runner.recorded_precision, options.decode)
-        writer = csv_writer_for_run(output, options, summary, done_keys, run, runner.metadata.model)
-        started = time.perf_counter()
-        batches = decoded_batches(predictor, todo, options.batch_size, workers)
-        try:
-            writer.write([], upfront_failures(collected))
-            done = 0
-            for batch in batches:
-                results = predictor.score_batch(batch)
-                writer.write(
-                    [(r.source, r.score) for r in results if r.error is None],
-                    [(r.source, r.error.reason, r.error.detail) for r in results if r.error is not None],
-                )
-                done += len(batch)
-                progress(done, summary.total)
-        except KeyboardInterrupt:
-            raise interrupted(summary, output, started) from None
-        finally:
-            batches.close()  # stops the decoding pool now, not when garbage collected
-            writer.close()
-    summary.elapsed_s = time.perf_counter() - started
+    with ExitStack() as stack:
+        runners = [stack.enter_context(artifact.runner(shared)) for artifact in artifacts]
+        multi = stack.enter_context(MultiPredictor(runners, options.batch_size, exif_transpose=options.exif_transpose, decode=options.decode))
+        summary.warnings.extend(runner.unverified for runner in runners if runner.unverified)
+        runs = {name: (runner.backend, runner.recorded_precision, options.decode) for name, runner in multi.runners.items()}
+        writer = stack.enter_context(closing(csv_writer_for_run(output, options, summary, held, runs)))
+        collected, todo = pending_images(inputs, options, summary, held, multi.names)
+        summary.elapsed_s = _score_all(multi, todo, writer, options, workers, _lacking(held, todo, multi.names), collected, progress, summary, output)
     return summary
+
+
+def _lacking(held: Held, todo: Sequence[Path], models: Sequence[str]) -> dict[str, frozenset[str]]:
+    """For a resumed run, the models that still lack each image of ``todo`` (by ``str(path)``); empty
+    when ``held`` is empty, as every model then scores every image."""
+    if not held.scored:
+        return {}
+    done = {model: held.keys_of(model) for model in models}
+    keys = {str(path): path_key(path) for path in todo}
+    return {name: frozenset(m for m in models if key not in done[m]) for name, key in keys.items()}
+
+
+def _score_all(multi: MultiPredictor, todo: Sequence[Path], writer: ResultWriter, options: PredictOptions, workers: int,
+               lacking: Mapping[str, frozenset[str]], collected: Collected, progress: Callable[[int, int], None],
+               summary: PredictSummary, output: Path) -> float:
+    """Decode ``todo`` once, score each batch with every model that lacks it, write the rows; the wall time."""
+    started = time.perf_counter()
+    batches = decoded_batches(multi, todo, options.batch_size, workers, options.pipeline)
+    wanted = (lambda path, model: model in lacking[str(path)]) if lacking else None
+    try:
+        writer.write([], upfront_failures(collected))
+        done = 0
+        for batch in batches:
+            results = multi.score_batch(batch, wanted)
+            writer.write(
+                [(r.source, score, name) for r in results if r.error is None for name, score in r.scores.items()],
+                [(r.source, r.error.reason, r.error.detail) for r in results if r.error is not None],
+            )
+            done += len(batch)
+            progress(done, summary.total)
+    except KeyboardInterrupt:
+        raise interrupted(summary, output, started) from None
+    finally:
+        batches.close()  # stops the decoding pool now, not when garbage collected
+    return time.perf_counter() - started

@@ -20,17 +20,14 @@ Explicit ``--backend``, ``--precision`` and ``--decode`` override the matching p
 
 from __future__ import annotations
 
-import json
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
-from memexport.core.errors import MemexportError
 from memexport.core.optional import optional
 from memexport.runtime.cpu import CpuUnits, cpu_units
+from memexport.runtime.metadata import ENGINE_SUFFIXES
+from memexport.runtime.peek import recorded_metadata
 from memexport.runtime.registry import backend_for
-
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
 
 @dataclass(frozen=True)
@@ -57,19 +54,9 @@ class FastPath:
 def artifact_precision(model: Path | str) -> str | None:
     """The precision recorded in an ONNX artifact's or IR's memexport metadata, without loading it
     (``None``: unreadable or none recorded; a TensorRT engine's own sidecar decides for it)."""
-    from memexport.runtime.integrity import find_metadata_entry
-    from memexport.runtime.ir_integrity import ir_metadata_value
-
-    path = Path(model)
-    try:
-        if path.suffix.lower() == ".xml":
-            value = ir_metadata_value(path)
-        else:
-            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                value = find_metadata_entry(data, path).value
-        precision = json.loads(value).get("precision") if value else None
-    except (OSError, ValueError, MemexportError, AttributeError):
+    if Path(model).suffix.lower() in ENGINE_SUFFIXES:
         return None
+    precision = (recorded_metadata(model) or {}).get("precision")
     return precision if isinstance(precision, str) else None
 
 

@@ -16,6 +16,8 @@ from memexport.core.spec import PreprocessSpec
 
 METADATA_KEY = "memexport"
 SCHEMA_VERSION = 1
+# TensorRT engines: their metadata lives in the sidecar beside them, not in the file.
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
 
 @dataclass(frozen=True)
@@ -82,3 +84,4 @@ def metadata_from_map(props: Mapping[str, str], source: Path | str) -> ArtifactM
             "export it with `memexport export`"
         )
     return ArtifactMetadata.from_json(props[METADATA_KEY], str(source))
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar, Union
+from typing import Any, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -50,7 +50,36 @@ class ScoreResult:
     error: InputImageError | None = None
 
 
-class Predictor:
+class BatchScoring:
+    """``score_iter`` for a scorer that has ``batch_size``, ``preprocess(image)`` and ``score_batch(batch)``:
+    :class:`Predictor` (one model) and :class:`~memexport.runtime.multi.MultiPredictor` (several)."""
+
+    batch_size: int
+
+    def preprocess(self, image: ImageInput) -> Any:
+        raise NotImplementedError
+
+    def score_batch(self, batch: Sequence[tuple[object, Any]]) -> list:
+        raise NotImplementedError
+
+    def score_iter(self, images: Iterable[ImageInput]) -> Iterator[Any]:
+        """Score images in order, keeping every good result and reporting every bad one.
+
+        Yields:
+            One result per input, in input order (:class:`ScoreResult`, or
+            :class:`~memexport.runtime.multi.MultiScoreResult` for several models).
+        """
+        for batch in group_batches(((describe(image), self._preprocess_or_error(image)) for image in images), self.batch_size):
+            yield from self.score_batch(batch)
+
+    def _preprocess_or_error(self, image: ImageInput) -> Any:
+        try:
+            return self.preprocess(image)
+        except InputImageError as error:
+            return error
+
+
+class Predictor(BatchScoring):
     """Score images with an exported artifact, applying the artifact's own preprocessing.
 
     Thread-safety: one Predictor may be shared by several threads; ``score`` calls run
@@ -140,21 +169,6 @@ class Predictor:
             return np.zeros((0,), dtype=np.float32)
         out = [self.infer(np.stack(arrays[i : i + self.batch_size])) for i in range(0, len(arrays), self.batch_size)]
         return np.concatenate(out)
-
-    def score_iter(self, images: Iterable[ImageInput]) -> Iterator[ScoreResult]:
-        """Score images in order, keeping every good result and reporting every bad one.
-
-        Yields:
-            One :class:`ScoreResult` per input, in input order.
-        """
-        for batch in group_batches(((describe(image), self._preprocess_or_error(image)) for image in images), self.batch_size):
-            yield from self.score_batch(batch)
-
-    def _preprocess_or_error(self, image: ImageInput) -> Item:
-        try:
-            return self.preprocess(image)
-        except InputImageError as error:
-            return error
 
     def score_batch(self, batch: Sequence[tuple[object, Item]]) -> list[ScoreResult]:
         """Score one group from :func:`group_batches` in a single inference call.

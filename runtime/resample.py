@@ -75,19 +75,39 @@ def resize_crop(pixels: np.ndarray, size: tuple[int, int], crop: int) -> np.ndar
         size: ``(height, width)`` of the resize the crop is taken from (the model spec's ``resize``).
         crop: Side of the centre crop, offset as torchvision's ``CenterCrop`` rounds it.
     """
+    top, left = centre_offset(size, crop)
+    return resize_window(pixels, size, (top, left, crop, crop))
+
+
+def centre_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
+    """``(top, left)`` of a centre ``crop`` in an image of ``size`` (height, width), rounded as
+    torchvision's ``CenterCrop`` rounds it: ``int(round((size - crop) / 2))``, Python's round-half-even."""
+    return int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+
+
+def resize_window(pixels: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+    """The ``window`` of ``pixels`` resized to ``size``, as float32 CHW in pixel units.
+
+    Only the window's rows and columns are computed: several models whose centre crops differ share one
+    window that covers them all (see :func:`memexport.runtime.preprocess.model_inputs`).
+
+    Args:
+        pixels: A shrunk image, uint8 ``HxWxC``, at least ``size`` on each side.
+        size: ``(height, width)`` of the whole resize.
+        window: ``(top, left, height, width)`` of the part of the resize to compute.
+    """
     height, width, channels = pixels.shape
-    top = int(round((size[0] - crop) / 2.0))
-    left = int(round((size[1] - crop) / 2.0))
+    top, left, rows_out, cols_out = window
     flat = pixels.reshape(height, width * channels)
-    rows = np.empty((crop, width * channels), np.float32)
-    for start, end, low, high, weights in blocks(height, size[0], top, crop):
+    rows = np.empty((rows_out, width * channels), np.float32)
+    for start, end, low, high, weights in blocks(height, size[0], top, rows_out):
         _product(weights, flat[low:high].astype(np.float32), rows[start:end])
     # Columns with the channels kept interleaved: each block's weights act on every channel alike
     # (``kron`` with the identity), which spares transposing the wide intermediate.
-    out = np.empty((crop, crop * channels), np.float32)
-    for start, end, low, high, weights in _interleaved(width, size[1], left, crop, channels):
+    out = np.empty((rows_out, cols_out * channels), np.float32)
+    for start, end, low, high, weights in _interleaved(width, size[1], left, cols_out, channels):
         _product(rows[:, low:high], weights, out[:, start:end])
-    return np.ascontiguousarray(out.reshape(crop, crop, channels).transpose(2, 0, 1))
+    return np.ascontiguousarray(out.reshape(rows_out, cols_out, channels).transpose(2, 0, 1))
 
 
 def _product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:

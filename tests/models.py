@@ -104,12 +104,14 @@ def write_tiny_cnn(path: Path | str, seed: int = 0, planted: bool = False, resid
 SCORER_WEIGHTS = np.array([0.5, 1.0, 1.5], dtype=np.float32).reshape(3, 1, 1)
 
 
-def scorer_metadata(model: str = "tiny-scorer") -> ArtifactMetadata:
+def scorer_metadata(model: str = "tiny-scorer", crop: int = 227) -> ArtifactMetadata:
+    from dataclasses import replace
+
     from memexport.core.spec import RESMEM
 
     return ArtifactMetadata(
         model=model, precision="fp32", input_name="image", output_name="score",
-        input_shape=tuple(RESMEM.input_shape), preprocess=RESMEM.preprocess, opset=17,
+        input_shape=(3, crop, crop), preprocess=replace(RESMEM.preprocess, crop=crop), opset=17,
         weights={"path": None, "seed": 0}, versions={"memexport": "test"},
     )
 
@@ -120,7 +122,7 @@ def scorer_scores(batch: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-mean))).astype(np.float32)
 
 
-def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool = False, model: str = "tiny-scorer") -> Path:
+def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool = False, model: str = "tiny-scorer", crop: int = 227) -> Path:
     """A microsecond-fast scorer taking (N, 3, 227, 227) like ResMem, with memexport metadata.
 
     Args:
@@ -128,13 +130,14 @@ def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool =
         seal: Record the integrity sha256 as ``memexport export`` does (default ``True``).
         external_data: Store the weight tensor in ``<name>.data`` beside the model (default ``False``).
         model: The model name its metadata records (default ``tiny-scorer``).
+        crop: Its centre crop of ResMem's 256x256 resize (default 227, ResMem's; 224 is ViTMem's).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from memexport.export.onnx_export import set_metadata
 
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 227, 227])
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, crop, crop])
     score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])
     nodes = [
         helper.make_node("Mul", ["image", "w"], ["weighted"]),
@@ -144,7 +147,7 @@ def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool =
     graph = helper.make_graph(nodes, "tiny_scorer", [image], [score], initializer=[numpy_helper.from_array(SCORER_WEIGHTS, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="memexport-tests")
     proto.ir_version = 8
-    set_metadata(proto, scorer_metadata(model))
+    set_metadata(proto, scorer_metadata(model, crop))
     path = Path(path)
     locations: list[str] = []
     if external_data:

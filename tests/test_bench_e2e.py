@@ -87,3 +87,46 @@ def test_predict_fast_says_what_it_resolved_to(tiny, camera, tmp_path):
     assert "(onnxruntime fp32, fast decode)" in result.stdout
     assert "--fast: onnxruntime fp32, fast decode (--backend given)" in result.stdout
     assert {tuple(r[3:]) for r in rows(out)[1:]} == {("onnxruntime", "fp32", "fast")}
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny scorers recording the names of two declared models, so the output says what each score means."""
+    from tests.models import write_tiny_scorer
+
+    folder = tmp_path_factory.mktemp("two")
+    return write_tiny_scorer(folder / "r.onnx", model="resmem"), write_tiny_scorer(folder / "f.onnx", model="falseresmem")
+
+
+def test_end_to_end_of_two_models_shares_one_decode_and_one_bound(two_models, camera):
+    records = bench_end_to_end(list(two_models), camera, batch_size=2, workers=1, iterations=2, warmup=0, decode="fast", pipeline="phases")
+    assert [(r.stage, r.model) for r in records] == [
+        ("model", "resmem"), ("model", "falseresmem"), ("decode", "resmem+falseresmem"), ("e2e", "resmem+falseresmem")]
+    assert {r.pipeline for r in records} == {"phases"} and len({r.run for r in records}) == 1
+    assert records[2].artifact == f"{two_models[0]}+{two_models[1]}" and records[2].backend == "onnxruntime"
+    first, second, decode, e2e = (r.images_per_s for r in records)
+    bound = pipeline_bound([first, second], decode)
+    assert bound == pytest.approx(1.0 / (1.0 / decode + 1.0 / first + 1.0 / second))
+    assert bound < pipeline_bound(first, decode)  # two models share what one had
+    ratios = end_to_end_ratios(records)
+    assert ratios[:2] == ["", ""] and ratios[3].endswith(f"bound {bound:.2f} img/s, {e2e / bound:.2f}x bound")
+    assert ratios[3].startswith(f"{e2e / (1.0 / (1.0 / first + 1.0 / second)):.2f}x models")
+
+
+def test_cli_end_to_end_of_two_models_prints_each_stage_per_scheme(two_models, camera, tmp_path):
+    from tests.models import write_tiny_scorer
+
+    args = ["bench", "-m", str(two_models[0]), "-m", str(two_models[1]), "--end-to-end", str(camera), "--batch-sizes", "2",
+            "--iterations", "2", "--warmup", "0", "--workers", "1"]
+    result = memexport(*args, "--pipeline", "overlap", "--pipeline", "phases")
+    assert result.returncode == 0, result.stderr
+    table = [line.split() for line in result.stdout.splitlines() if line.split()[4:5] in (["model"], ["decode"], ["e2e"])]
+    assert [(row[4], row[5]) for row in table] == [(stage, scheme) for scheme in ("overlap", "phases") for stage in ("model", "model", "decode", "e2e")]
+    assert all("x bound" in " ".join(row) for row in table if row[4] == "e2e")
+    assert "scores: resmem (memorability); falseresmem (false-alarm probability)" in result.stdout
+    assert "pipeline: overlap, phases" in result.stdout
+    another = write_tiny_scorer(tmp_path / "another.onnx", model="resmem")
+    refused = memexport(*args, "-m", str(another))
+    assert refused.returncode == 2 and "one artifact, back end and precision per model" in refused.stderr and "resmem came 2 times" in refused.stderr
+    wrong = memexport(*args, "--pipeline", "both")
+    assert wrong.returncode == 2 and "--pipeline must be one of overlap, phases" in wrong.stderr

@@ -168,3 +168,34 @@ def test_doctor_reports_backends_without_a_gpu():
 
     assert report["onnxruntime_providers"] == onnxruntime.get_available_providers()
     assert report["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_predict_several_models_decodes_once_names_each_and_resumes_per_model(tmp_path, data_dir):
+    from tests.models import write_tiny_scorer
+
+    resmem = write_tiny_scorer(tmp_path / "r.onnx", model="resmem")
+    falseresmem = write_tiny_scorer(tmp_path / "f.onnx", model="falseresmem")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("china.jpg", "flower.jpg"):
+        (folder / name).write_bytes((data_dir / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "s.csv"
+    first = memexport("predict", str(folder / "china.jpg"), "-m", str(resmem), "-o", str(out), "--device", "cpu", "--decode", "fast")
+    assert first.returncode == 0, first.stderr
+    kept = list(csv.reader(out.open()))[1]
+    both = ["predict", str(folder), "-m", str(resmem), "-m", str(falseresmem), "-o", str(out), "--device", "cpu", "--fast", "--backend", "onnxruntime"]
+    result = memexport(*both, "--resume")
+    assert result.returncode == 1, result.stderr  # one bad image
+    assert ("scored 2 images into " in result.stdout and " with resmem (memorability) on onnxruntime fp32, falseresmem (false-alarm probability) "
+            "on onnxruntime fp32; fast decode; 1 failed" in result.stdout)
+    assert "resmem: --fast: onnxruntime fp32, fast decode" in result.stdout and "falseresmem: --fast: onnxruntime fp32, fast decode" in result.stdout
+    rows = list(csv.reader(out.open()))[1:]
+    assert rows[0] == kept and sorted((Path(r[0]).name, r[1]) for r in rows) == [  # resmem's china.jpg row was not scored again
+        ("china.jpg", "falseresmem"), ("china.jpg", "resmem"), ("flower.jpg", "falseresmem"), ("flower.jpg", "resmem")]
+    assert {tuple(r[3:]) for r in rows} == {("onnxruntime", "fp32", "fast")}
+    errors = list(csv.reader((tmp_path / "s.errors.csv").open()))[1:]
+    assert [Path(r[0]).name for r in errors] == ["broken.jpg"]  # once, not once per model
+    refused = memexport("predict", str(folder), "-m", str(resmem), "-o", str(out), "--device", "cpu", "--decode", "fast", "--resume")
+    assert refused.returncode == 2
+    assert_one_line_error(refused, "holds scores of falseresmem; this run scores resmem")

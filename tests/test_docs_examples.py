@@ -1,7 +1,8 @@
 """Every code example in README.md and docs/ runs as written (the convention is docs/contributing.md).
 
 - Every ```python block runs, as written, in a fresh interpreter (this venv's) from the repository root
-  after `make demo`: `artifacts/resmem.onnx` and `tests/data` exist. A block that is only an mkdocs snippet
+  after `make demo`: `artifacts/resmem.onnx` and `tests/data` exist (and `artifacts/falseresmem.onnx`, which
+  `make test` makes, for the several-models examples). A block that is only an mkdocs snippet
   include (`--8<-- "examples/x.py"`) is not run here: the test that runs `examples/x.py` covers it, and
   every `examples/*.py` must be named by some test.
 - A ```bash block runs when every command in it is a cheap one (`CHEAP`: `memexport --help`,
@@ -12,8 +13,8 @@
 
 The examples run in a mirror of the repository root (a temporary folder of symlinks to its entries), so
 relative paths resolve as from the root while files an example writes (scores.csv) land in the temporary
-folder. A missing `artifacts/resmem.onnx` fails with the command that makes it, in CI and locally alike:
-`make test` builds it first, and a skip would let a broken example pass unnoticed wherever it is absent.
+folder. A missing artifact fails with the command that makes it, in CI and locally alike: `make test`
+builds them first, and a skip would let a broken example pass unnoticed wherever one is absent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = "artifacts/resmem.onnx"
+# Every artifact an example may use; each one's make target builds it.
+ARTIFACTS = (ARTIFACT, "artifacts/falseresmem.onnx")
 PYTHON_LANGS = frozenset({"python", "py", "python3"})
 SHELL_LANGS = frozenset({"bash", "sh", "shell"})
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
@@ -149,11 +152,12 @@ def repo_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def need_artifact(block: Block) -> None:
-    if ARTIFACT in block.code and not (ROOT / ARTIFACT).is_file():
-        pytest.fail(
-            f"{block.where} uses {ARTIFACT}, which is missing: run `make {ARTIFACT}` (or `make demo`); "
-            "`make test` builds it before the tests", pytrace=False,
-        )
+    for artifact in ARTIFACTS:
+        if artifact in block.code and not (ROOT / artifact).is_file():
+            pytest.fail(
+                f"{block.where} uses {artifact}, which is missing: run `make {artifact}`; "
+                "`make test` builds it before the tests", pytrace=False,
+            )
 
 
 def report(block: Block, kind: str, done: subprocess.CompletedProcess) -> str:
@@ -252,4 +256,10 @@ def test_a_missing_artifact_fails_with_the_command_that_makes_it(tmp_path: Path,
     block = Block(tmp_path / "README.md", 3, "python", f'Predictor("{ARTIFACT}")\n')
     with pytest.raises(pytest.fail.Exception, match=r"make artifacts/resmem\.onnx"):
         need_artifact(block)
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / ARTIFACT).write_bytes(b"")
+    need_artifact(block)  # present: no failure
+    second = Block(tmp_path / "README.md", 6, "python", 'MultiPredictor(["artifacts/resmem.onnx", "artifacts/falseresmem.onnx"])\n')
+    with pytest.raises(pytest.fail.Exception, match=r"make artifacts/falseresmem\.onnx"):
+        need_artifact(second)
     need_artifact(Block(tmp_path / "README.md", 9, "python", "print(1)\n"))  # needs nothing: no failure

@@ -19,8 +19,8 @@ from memexport.core.layers import FLOORS, drawing, floor_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# `memexport.Predictor` is the public facade: the package resolves it lazily on first use.
-FACADE = {(PACKAGE, "memexport.runtime.predictor")}
+# `memexport.Predictor` and `memexport.MultiPredictor` are the public facade: the package resolves them lazily on first use.
+FACADE = {(PACKAGE, "memexport.runtime.predictor"), (PACKAGE, "memexport.runtime.multi")}
 
 
 def package_dirs() -> dict[str, Path]:

@@ -12,13 +12,13 @@ CRASH_MARK = "crash-me"
 
 
 def install() -> None:
-    from memexport.runtime.predictor import Predictor
+    from memexport.runtime.multi import MultiPredictor
 
-    original = Predictor.preprocess
+    original = MultiPredictor.preprocess
 
     def preprocess(self, image):  # type: ignore[no-untyped-def]
         if isinstance(image, (str, os.PathLike)) and CRASH_MARK in os.fspath(image):
             os._exit(77)  # no cleanup, no exception: the process is simply gone
         return original(self, image)
 
-    Predictor.preprocess = preprocess  # type: ignore[method-assign]
+    MultiPredictor.preprocess = preprocess  # type: ignore[method-assign]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ def as_dict(path: Path) -> dict[str, str]:
     return {row[0]: row[2] for row in rows(path)[1:]}
 
 
+def errors_of(path: Path) -> dict[str, str]:
+    """An errors CSV (``path,error``) as ``{path: error}``."""
+    return {row[0]: row[1] for row in rows(path)[1:]}
+
+
 def test_pool_sizes_leave_room_for_reads_and_fit_the_nodes():
     assert pool_for([2.0], 0, "m.onnx", RayOptions()) == Pool(1, 1.0, 0.0)  # 1 CPU left for read tasks
     assert pool_for([2.0], 0, "m.onnx", RayOptions(reserve_cpus=0)) == Pool(1, 2.0, 0.0)  # paths only: no reads
@@ -57,7 +63,7 @@ def test_pool_sizes_leave_room_for_reads_and_fit_the_nodes():
 
 def test_actor_sizes_onnx_runtime_to_its_cpus(tiny):
     actor = ScoringActor(str(tiny), RayOptions(device="cpu"), threads=2)
-    session = actor.runner.session.get_session_options()
+    session = actor.runners["tiny-scorer"].session.get_session_options()
     assert (session.intra_op_num_threads, session.inter_op_num_threads) == (2, 1)
     assert actor.decoders._max_workers == 2
 
@@ -91,8 +97,8 @@ def test_same_rows_and_errors_as_the_local_engine_on_hostile_files(tiny, tmp_pat
     # Same columns, row for row (rows arrive in block order on Ray): the run is named on each.
     assert sorted((r[0], r[1], *r[3:]) for r in ray_rows[1:]) == sorted((r[0], r[1], *r[3:]) for r in local_rows[1:])
     assert {tuple(r[3:]) for r in ray_rows[1:]} == {("onnxruntime", "fp32", "exact")}
-    errors = as_dict(errors_path_for(tmp_path / "ray.csv"))
-    assert errors == as_dict(errors_path_for(tmp_path / "local.csv"))
+    errors = errors_of(errors_path_for(tmp_path / "ray.csv"))
+    assert errors == errors_of(errors_path_for(tmp_path / "local.csv"))
     assert {Path(p).name: text.split(":")[0] for p, text in errors.items()} == BAD_REASONS
     assert (remote.scored, remote.failures, remote.total) == (local.scored, local.failures, local.total)
     assert (remote.backend, remote.precision) == (local.backend, local.precision) == ("onnxruntime", "fp32")
@@ -225,6 +231,30 @@ def test_parquet_output_resumes_without_rescoring(tiny, copies, tmp_path):
     (copies / "new.jpg").write_bytes((copies / names[0]).read_bytes())
     with pytest.raises(UsageError, match="openvino bf16.*onnxruntime fp32"):
         scores_from_images_on_ray(tiny, [copies], out, PredictOptions(batch_size=8, resume=True, **CPU), output_format="parquet")
+
+
+def test_two_models_decode_once_in_each_actor_and_resume_per_model(tmp_path, data_dir):
+    from tests.models import write_tiny_scorer
+
+    pair = [write_tiny_scorer(tmp_path / "a.onnx", model="model-a"), write_tiny_scorer(tmp_path / "v.onnx", model="model-v", crop=224)]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("china.jpg", "flower.jpg", "brick.png"):
+        (folder / name).write_bytes((data_dir / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    options = PredictOptions(batch_size=2, decode="fast", **CPU)
+    scores_csv_from_images(pair, [folder], tmp_path / "local.csv", options)
+    out = tmp_path / "ray.csv"
+    scores_csv_from_images(pair[0], [folder / "china.jpg"], out, options)  # model-a already scored one photo
+    kept = rows(out)[1]
+    summary = scores_from_images_on_ray(pair, [folder], out, replace(options, resume=True, pipeline="phases"))
+    assert (summary.skipped, summary.scored, summary.failed, list(summary.runs)) == (0, 3, 1, ["model-a", "model-v"])
+    local, remote = rows(tmp_path / "local.csv")[1:], rows(out)[1:]
+    assert remote[0] == kept and len(remote) == len(local) == 6  # one row per image and model, none twice
+    expected = {(r[0], r[1]): float(r[2]) for r in local}
+    assert {(r[0], r[1]) for r in remote} == set(expected)
+    assert max(abs(float(r[2]) - expected[(r[0], r[1])]) for r in remote) <= 1e-6
+    assert [Path(r[0]).name for r in rows(errors_path_for(out))[1:]] == ["broken.jpg"]  # once, not once per model
 
 
 def test_cli_refuses_ray_options_on_the_local_engine(tiny, tmp_path):

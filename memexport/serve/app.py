@@ -46,35 +46,33 @@ def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = Non
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        state = service()
-        ok = state.ready and not state.draining
+        ok = service().ready
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def metadata(model: str, version: Optional[str] = None) -> Response:
-        service().check_model(model, version)
-        return JSONResponse(service().metadata())
+        return JSONResponse(service().check_model(model, version).metadata())
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: Optional[str] = None) -> Response:
-        service().check_model(model, version)
-        return JSONResponse({"name": model, "ready": True})
+        served = service().check_model(model, version)
+        return JSONResponse({"name": served.name, "ready": True})
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: Optional[str] = None) -> Response:
         state = service()
-        state.check_model(model, version)
+        served = state.check_model(model, version)
         state.admit()
         try:
             body = await request.body()
-            parsed = await state.offload(parse_infer, body, request.headers.get(HEADER_LENGTH), state.predictor.metadata.input_shape)
-            scores = await state.infer(parsed)
+            parsed = await state.offload(parse_infer, body, request.headers.get(HEADER_LENGTH), served.predictor.metadata.input_shape)
+            scores = await state.infer(served, parsed)
         finally:
             state.release()
-        content, headers = infer_response(state.model_name, parsed, scores)
+        content, headers = infer_response(served.name, parsed, scores)
         return Response(content, headers=headers)
 
     @app.post("/score")

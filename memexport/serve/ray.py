@@ -1,9 +1,9 @@
 """``memexport serve --engine ray``: the same app under Ray Serve, batched by ``@serve.batch``.
 
-Each replica loads the artifact once (integrity first) and serves :func:`memexport.serve.app.build_app`
+Each replica loads every artifact once (integrity first) and serves :func:`memexport.serve.app.build_app`
 through ``@serve.ingress``, so answers are byte for byte those of the plain server. Every image of a
-request is one call to a ``@serve.batch`` method, so batches form across requests, in images, up to
-``--max-batch-size`` or ``--max-delay-ms``. Each replica admits ``--max-queue`` requests as the plain
+request is one call to its model's own ``@serve.batch`` function, so batches form across requests, per
+model, in images, up to ``--max-batch-size`` or ``--max-delay-ms``. Each replica admits ``--max-queue`` requests as the plain
 server does (past it, 503 with ``Retry-After``); Ray Serve's own queue is bounded too
 (``max_queued_requests``), as a backstop: past it, Ray answers 503 itself.
 """
@@ -18,14 +18,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from memexport.core.errors import UsageError
 from memexport.core.optional import require
 from memexport.serve.options import ServeOptions, check_host, resolve_token
-from memexport.serve.service import Service
+from memexport.runtime.names import ModelArg, name_artifacts
+from memexport.serve.service import ServedModel, Service
 
 _SERVICE: Optional[Service] = None  # the replica's service: one per replica process
 
@@ -81,36 +82,47 @@ class RayServeOptions:
                 "ray_actor_options": {"num_cpus": self.cpus_per_replica}}
 
 
-def deployment(model: Path, options: ServeOptions, ray_options: RayServeOptions) -> Any:
-    """The bound Ray Serve application: one ``MemexportServer`` deployment per ``ray_options``."""
+def deployment(models: Sequence[ModelArg], options: ServeOptions, ray_options: RayServeOptions) -> Any:
+    """The bound Ray Serve application: one ``MemexportServer`` deployment per ``ray_options``, every replica
+    serving every model (named in the replica by :func:`memexport.runtime.names.name_artifacts`)."""
     serve = require("ray.serve", "ray", "memexport serve --engine ray")
     from memexport.serve.app import build_app
 
     @serve.deployment(name="memexport", **ray_options.deployment_options(options))
     @serve.ingress(build_app(current_service))
     class MemexportServer:
-        def __init__(self, model: Path, options: ServeOptions) -> None:
+        def __init__(self, models: Sequence[ModelArg], options: ServeOptions) -> None:
             import memexport.serve.ray as here
 
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="memexport-infer")
-            service = Service(model, options)
+            service = Service(name_artifacts(models), options)
             service.load()
-            service.activate(self.infer)
+            for model in service.models.values():
+                model.activate(batched_infer(model, service, options))
+            service.loaded = True
             here._SERVICE = self.service = service
 
-        async def infer(self, batch: np.ndarray) -> np.ndarray:
-            return np.asarray(await asyncio.gather(*(self.score_one(row) for row in batch)), dtype=np.float32)
-
-        @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.max_delay_ms / 1000)
-        async def score_one(self, rows: list[np.ndarray]) -> list[float]:
-            self.service.metrics.batch_size.observe(len(rows))
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self.service.predictor.infer, np.stack(rows))
-            return scores.tolist()
-
-    return MemexportServer.bind(Path(model).resolve(), options)
+    return MemexportServer.bind([ModelArg(Path(arg.path).resolve(), arg.name) for arg in models], options)
 
 
-def serve_on_ray(model: Path, options: ServeOptions, host: str, port: int, insecure: bool, ray_options: RayServeOptions,
+def batched_infer(model: ServedModel, service: Service, options: ServeOptions) -> Callable[[np.ndarray], Any]:
+    """``model``'s inference function in a replica: each image one call to its own ``@serve.batch`` function,
+    so batches form across requests, per model, on one inference thread per model."""
+    serve = require("ray.serve", "ray", "memexport serve --engine ray")
+    executor = ThreadPoolExecutor(1, thread_name_prefix=f"memexport-infer-{model.name}")
+
+    @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.max_delay_ms / 1000)
+    async def score_rows(rows: list[np.ndarray]) -> list[float]:
+        service.metrics.batch_size.observe(len(rows))
+        scores = await asyncio.get_running_loop().run_in_executor(executor, model.predictor.infer, np.stack(rows))
+        return scores.tolist()
+
+    async def infer(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(await asyncio.gather(*(score_rows(row) for row in batch)), dtype=np.float32)
+
+    return infer
+
+
+def serve_on_ray(models: Sequence[ModelArg], options: ServeOptions, host: str, port: int, insecure: bool, ray_options: RayServeOptions,
                  on_listen: Callable[[str], None] = print) -> None:
     """Run the app on Ray Serve until SIGTERM or Ctrl-C, then shut Serve down (replicas drain first)."""
     check_host(host, options.token, insecure)
@@ -122,7 +134,7 @@ def serve_on_ray(model: Path, options: ServeOptions, host: str, port: int, insec
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(model, options, ray_options), name="memexport", route_prefix="/")
+        serve.run(deployment(models, options, ray_options), name="memexport", route_prefix="/")
         on_listen(f"memexport serve: Ray Serve listening on http://{host}:{port} (ready)")
         stop.wait()
     finally:
@@ -136,23 +148,25 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Ray Serve application builder, for ``serve run`` and KubeRay's ``RayService``.
 
     ``import_path: memexport.serve.ray:app_builder`` with ``args``: ``model`` (the artifact's path on
-    the nodes), optional ``replicas`` or ``autoscale`` (``MIN:MAX``), and any :class:`ServeOptions`
-    field by name (``max_batch_size: 16``...). The token comes from ``MEMEXPORT_SERVE_TOKEN``.
+    the nodes, ``NAME=PATH``, or a list of them for several models, named as ``serve -m`` names them),
+    optional ``replicas`` or ``autoscale`` (``MIN:MAX``), and any :class:`ServeOptions` field by name
+    (``max_batch_size: 16``...). The token comes from ``MEMEXPORT_SERVE_TOKEN``.
 
     Raises:
         UsageError: No ``model``, or an argument that is not an option.
     """
     args = dict(args)
-    if "model" not in args:
-        raise UsageError("app_builder needs args.model: the artifact's path on the Ray nodes")
-    model = Path(str(args.pop("model")))
+    if not args.get("model"):
+        raise UsageError("app_builder needs args.model: the artifact's path on the Ray nodes (or a list of them)")
+    given = args.pop("model")
+    models = [ModelArg.parse(str(text)) for text in (given if isinstance(given, (list, tuple)) else [given])]
     ray_options = RayServeOptions.parse(None, int(args.pop("replicas", 0)), args.pop("autoscale", None))
     fields = {field.name: field for field in dataclasses.fields(ServeOptions) if field.name != "token"}
     unknown = sorted(set(args) - set(fields))
     if unknown:
         raise UsageError(f"unknown serve option(s) {', '.join(unknown)}; choose from model, replicas, autoscale, {', '.join(fields)}")
     values = {name: _cast(fields[name].default, value) for name, value in args.items()}
-    return deployment(model, ServeOptions(**values, token=resolve_token(None)), ray_options)
+    return deployment(models, ServeOptions(**values, token=resolve_token(None)), ray_options)
 
 
 def _cast(default: Any, value: Any) -> Any:

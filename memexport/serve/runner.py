@@ -6,7 +6,7 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from memexport.core.optional import require
 from memexport.serve.app import build_app
@@ -14,9 +14,10 @@ from memexport.serve.options import ServeOptions, check_host
 from memexport.serve.service import Service
 
 
-def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
-          on_listen: Callable[[str], None] = print) -> None:
-    """Serve ``model`` on uvicorn until SIGTERM or Ctrl-C, then finish what was accepted.
+def serve(models: Sequence[tuple[str, Path]], options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
+          insecure: bool = False, on_listen: Callable[[str], None] = print) -> None:
+    """Serve ``models`` (``(name, artifact)`` each, see :func:`memexport.runtime.names.name_artifacts`) on
+    uvicorn until SIGTERM or Ctrl-C, then finish what was accepted.
 
     Raises:
         UsageError: A non-loopback host without a token or ``insecure`` (see :func:`check_host`).
@@ -25,12 +26,13 @@ def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int
     uvicorn = require("uvicorn", "serve", "memexport serve")
     from memexport.runtime.registry import backend_for
 
-    backend_for(model, options.backend)  # an unknown artifact type fails before the server starts
+    for _, model in models:
+        backend_for(model, options.backend)  # an unknown artifact type fails before the server starts
     state: dict[str, Service] = {}
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        state["service"] = Service(model, options)
+        state["service"] = Service(models, options)
         loading = asyncio.ensure_future(state["service"].start())
         loading.add_done_callback(lambda task: task.cancelled() or task.exception() is None or server.report_failure(task.exception()))
         yield
@@ -67,7 +69,7 @@ def _make_server_class() -> type:
             for server in getattr(self, "servers", []):
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    self._on_listen(f"memexport serve: listening on http://{host}:{port} (loading the model; ready at /v2/health/ready)")
+                    self._on_listen(f"memexport serve: listening on http://{host}:{port} (loading the models; ready at /v2/health/ready)")
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             service, loop = self._service(), self._loop

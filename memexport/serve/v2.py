@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -67,9 +67,13 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": "memexport", "version": version, "extensions": ["binary_tensor_data"]}
 
 
-def model_metadata(model: str, platform: str, input_shape: Sequence[int]) -> dict[str, Any]:
-    """``GET /v2/models/{model}``: the interface shared with the Triton repository."""
-    return {
+def model_metadata(model: str, platform: str, input_shape: Sequence[int], properties: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``GET /v2/models/{model}``: the interface shared with the Triton repository.
+
+    ``properties`` (strings, as the Open Inference Protocol's ``metadata_model_response`` allows) say which
+    model and precision answer and what the score means.
+    """
+    answer: dict[str, Any] = {
         "name": model,
         "versions": [VERSION],
         "platform": platform,
@@ -79,6 +83,9 @@ def model_metadata(model: str, platform: str, input_shape: Sequence[int]) -> dic
         ],
         "outputs": [{"name": SCORE, "datatype": "FP32", "shape": [-1, 1]}],
     }
+    if properties:
+        answer["properties"] = {key: str(value) for key, value in properties.items()}
+    return answer
 
 
 def check_version(version: str | None) -> None:

@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from memexport.runtime.predictor import Predictor  # noqa: E402
 from memexport.serve.ray import RayServeOptions, app_builder  # noqa: E402
 from memexport.core.errors import UsageError  # noqa: E402
+from tests.models import write_tiny_scorer  # noqa: E402
 from tests.serve.server import Server, multipart  # noqa: E402
 
 MODEL = "tiny-scorer"
@@ -47,17 +48,19 @@ def test_replica_options_parse():
 
 
 @pytest.mark.slow
-def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
-    server = Server(tiny, "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4", "--max-queue", "1",
-                    "--max-delay-ms", "1500", ready_timeout=240)
+def test_ray_serve_answers_like_the_plain_server(tiny, sample_images, tmp_path):
+    second = write_tiny_scorer(tmp_path / "second.onnx", precision="int8", sign=-1.0)  # served as tiny-scorer_int8
+    server = Server(tiny, "-m", str(second), "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4",
+                    "--max-queue", "1", "--max-delay-ms", "1500", ready_timeout=240)
     try:
         client = httpclient.InferenceServerClient(server.url)
         data = np.array([p.read_bytes() for p in sample_images], dtype=object).reshape(-1, 1)
         tensor = httpclient.InferInput("image", list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data, binary_data=True)
-        result = client.infer(MODEL, [tensor], outputs=[httpclient.InferRequestedOutput("score", binary_data=True)])
-        with Predictor(tiny) as predictor:
-            np.testing.assert_allclose(result.as_numpy("score").reshape(-1), predictor.score(sample_images), rtol=0, atol=1e-6)
+        for name, artifact in ((MODEL, tiny), (f"{MODEL}_int8", second)):
+            result = client.infer(name, [tensor], outputs=[httpclient.InferRequestedOutput("score", binary_data=True)])
+            with Predictor(artifact) as predictor:
+                np.testing.assert_allclose(result.as_numpy("score").reshape(-1), predictor.score(sample_images), rtol=0, atol=1e-6)
         assert client.get_model_metadata(MODEL)["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1, 1]}
         bad = httpclient.InferInput("image", [1, 1], "BYTES")
         bad.set_data_from_numpy(np.array([[b"not an image"]], dtype=object), binary_data=True)
@@ -66,7 +69,8 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
         assert caught.value.status() == "400" and caught.value.message().startswith("row 0: not a recognised image")
         body, content_type = multipart([(p.name, p.read_bytes()) for p in sample_images[:2]])
         status, _, answer = server.request("POST", "/score", body, headers={"Content-Type": content_type})
-        assert status == 200 and [row["file"] for row in json.loads(answer)] == [p.name for p in sample_images[:2]]
+        assert status == 200 and [(row["file"], row["model"]) for row in json.loads(answer)] == [
+            (p.name, name) for p in sample_images[:2] for name in (MODEL, f"{MODEL}_int8")]
         metrics = server.get("/metrics")[2].decode()
         assert 'memexport_batch_size_bucket{le="4.0"}' in metrics
         client.close()
@@ -90,6 +94,7 @@ def test_app_builder_for_kuberay(tiny):
     app = app_builder(
         {"model": str(tiny), "max_batch_size": "8", "max_delay_ms": "2.5", "check_integrity": "true", "autoscale": "1:3"})
     assert isinstance(app, serve.Application)
+    assert isinstance(app_builder({"model": [str(tiny), f"second={tiny}"]}), serve.Application)
     with pytest.raises(UsageError, match="unknown serve option"):
         app_builder({"model": str(tiny), "max_batchsize": "8"})
     with pytest.raises(UsageError, match="args.model"):

@@ -516,7 +516,7 @@ def triton_repo_cmd(
     trt_cache: str = typer.Option("/tmp/memexport-trt-cache", "--trt-cache", help="TensorRT engine cache folder on the server."),
     python_scorer: bool = typer.Option(False, "--python-scorer", help="Score in Triton's Python back end with memexport's runtime (for servers without the onnxruntime back end)."),
     sys_path: Optional[List[str]] = typer.Option(None, "--sys-path", help="Folder the Python models put on sys.path (memexport, numpy<2, pillow); default: this Python's site-packages."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository memexport wrote there (written beside, then swapped in); any other non-empty folder is refused."),
 ) -> None:
     """Write a Triton model repository (ensemble + preprocessing + scoring model) per artifact, or --check one."""
     from memexport.core.errors import UsageError

@@ -36,6 +36,7 @@ from memexport.runtime.names import ModelArg, served_names
 from memexport.runtime.triton_python import ARTIFACT_KEY, PREPROCESS_KEY, SYS_PATH_KEY
 from memexport.triton import schema
 from memexport.triton.artifacts import ONNXRUNTIME, OPENVINO, PYTHON, TENSORRT, ArtifactFacts, artifact_facts
+from memexport.triton.folder import replace_repo
 
 PURPOSE = "writing a Triton config.pbtxt"
 PREPROCESS_OUTPUT = "pixels"
@@ -293,15 +294,18 @@ def triton_repo_from_artifacts(artifacts: Sequence[Path | str | ModelArg], repo:
     Args:
         artifacts: ``.onnx``, OpenVINO ``.xml`` or TensorRT ``.plan`` files from memexport (``NAME=PATH``
             names one), named as ``memexport serve`` names them (:mod:`memexport.runtime.names`).
-        repo: The repository folder (created; must be empty unless ``overwrite``).
+        repo: The repository folder (created; must be empty unless ``overwrite``). It is written beside
+            and swapped in (:mod:`memexport.triton.folder`).
         options: Batching, instances, device and accelerator (default :class:`TritonOptions`).
-        overwrite: Replace an existing non-empty folder (default ``False``).
+        overwrite: Replace an existing repository that memexport wrote (default ``False``); any other
+            non-empty folder is refused.
 
     Returns:
         The model names written (ensemble, preprocessing, scoring, per artifact).
 
     Raises:
-        UsageError: No artifacts, two that would get one name, or a non-empty ``repo`` without ``overwrite``.
+        UsageError: No artifacts, two that would get one name, or a non-empty ``repo`` without ``overwrite``
+            or not written by memexport.
         ArtifactError: A missing, unreadable or tampered artifact.
         BackendUnavailableError: ``tritonclient[grpc]`` (Triton's ``ModelConfig``) is not installed.
     """
@@ -313,14 +317,13 @@ def triton_repo_from_artifacts(artifacts: Sequence[Path | str | ModelArg], repo:
     facts = [artifact_facts(arg.path) for arg in args]
     names = served_names(args, [(fact.metadata.model, fact.metadata.precision) for fact in facts])
     check_folder_names(names, facts, options)
-    if repo.exists() and any(repo.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{repo}: folder exists and is not empty; choose a new -o or pass --overwrite")
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-    written = [model for name, fact in zip(names, facts) for model in write_artifact_models(repo, name, fact, options)]
-    (repo / "README.md").write_text(repo_readme(repo, names[0], written, options), encoding="utf-8")
-    return written
+
+    def write(folder: Path) -> list[str]:
+        written = [model for name, fact in zip(names, facts) for model in write_artifact_models(folder, name, fact, options)]
+        (folder / "README.md").write_text(repo_readme(repo, names[0], written, options), encoding="utf-8")
+        return written
+
+    return replace_repo(repo, overwrite, write)
 
 
 def check_folder_names(names: Sequence[str], facts: Sequence[ArtifactFacts], options: TritonOptions) -> None:

@@ -599,8 +599,9 @@ def serve_cmd(
     max_batch_size: int = typer.Option(16, "--max-batch-size", help="Images per inference call the batcher forms."),
     max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", help="How long a request waits for others to batch with."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests accepted at once; past it, 503 with Retry-After."),
-    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body in MiB; past it, 413."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds from acceptance to answer; past it, 504."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body in MiB, measured after inflating gzip or deflate; past it, 413."),
+    max_rows: int = typer.Option(64, "--max-rows", help="Images one request may carry (infer rows, /score files), checked before any is unpacked; past it, 413."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds from a request's arrival to its answer (reading, parsing, decoding, scoring); past it, 408 while the body still arrives, else 504."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, at most 8)."),
     token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' (default: $MEMEXPORT_SERVE_TOKEN)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
@@ -635,7 +636,7 @@ def serve_cmd(
         backend, precision, decode = path.backend, path.precision, path.decode
         err(path.label(backend or 'by suffix', precision or 'exact'))
     options = ServeOptions(decode=decode or "exact", backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
+                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), max_rows=max_rows, timeout_s=timeout, workers=workers,
                            token=resolve_token(token), check_integrity=integrity_check)
     if engine == "ray":
         from memexport.serve.ray import RayServeOptions, serve_on_ray

@@ -18,13 +18,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+import typing
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from memexport.core.errors import UsageError
 from memexport.core.optional import require
-from memexport.serve.options import ServeOptions, check_host, resolve_token
+from memexport.serve.options import TOKEN_ENV, ServeOptions, check_host, resolve_token
 from memexport.runtime.names import ModelArg, name_artifacts
 from memexport.serve.service import ServedModel, Service
 
@@ -147,32 +148,83 @@ def serve_on_ray(models: Sequence[ModelArg], options: ServeOptions, host: str, p
 def app_builder(args: dict[str, Any]) -> Any:
     """Ray Serve application builder, for ``serve run`` and KubeRay's ``RayService``.
 
-    ``import_path: memexport.serve.ray:app_builder`` with ``args``: ``model`` (the artifact's path on
-    the nodes, ``NAME=PATH``, or a list of them for several models, named as ``serve -m`` names them),
-    optional ``replicas`` or ``autoscale`` (``MIN:MAX``), and any :class:`ServeOptions` field by name
-    (``max_batch_size: 16``...). The token comes from ``MEMEXPORT_SERVE_TOKEN``.
+    ``import_path: memexport.serve.ray:app_builder`` with ``args`` as :func:`builder_options` reads them.
 
     Raises:
-        UsageError: No ``model``, or an argument that is not an option.
+        UsageError: One line for a missing ``model``, an unknown or ill-typed argument, or a server open
+            beyond this machine without a token.
+    """
+    models, options, ray_options = builder_options(args)
+    return deployment(models, options, ray_options)
+
+
+def builder_options(args: Mapping[str, Any]) -> tuple[list[ModelArg], ServeOptions, RayServeOptions]:
+    """``app_builder``'s arguments read as ``memexport serve`` reads its options, with the same access rules.
+
+    ``model`` is the artifact's path on the nodes, ``NAME=PATH``, or a list of them (named as ``serve -m``
+    names them); ``replicas`` or ``autoscale`` (``MIN:MAX``); any :class:`ServeOptions` field by name
+    (``max_batch_size: 16``...), converted to the field's type (YAML's ``"4"`` is the integer 4; a value
+    of the wrong type is refused). The token comes from ``MEMEXPORT_SERVE_TOKEN``. The builder cannot see
+    where Ray Serve's proxy listens, so it takes ``host`` (default ``0.0.0.0``: beyond this machine) and
+    ``insecure`` as ``serve --host``/``--insecure`` do: beyond loopback, a token is required.
+
+    Raises:
+        UsageError: As :func:`app_builder`.
     """
     args = dict(args)
     if not args.get("model"):
         raise UsageError("app_builder needs args.model: the artifact's path on the Ray nodes (or a list of them)")
     given = args.pop("model")
     models = [ModelArg.parse(str(text)) for text in (given if isinstance(given, (list, tuple)) else [given])]
-    ray_options = RayServeOptions.parse(None, int(args.pop("replicas", 0)), args.pop("autoscale", None))
-    fields = {field.name: field for field in dataclasses.fields(ServeOptions) if field.name != "token"}
+    host = str(args.pop("host", "0.0.0.0"))
+    insecure = typed("insecure", bool, args.pop("insecure", False))
+    ray_options = RayServeOptions.parse(None, typed("replicas", int, args.pop("replicas", 0)), args.pop("autoscale", None))
+    hints = typing.get_type_hints(ServeOptions)
+    fields = [field.name for field in dataclasses.fields(ServeOptions) if field.name != "token"]
     unknown = sorted(set(args) - set(fields))
     if unknown:
-        raise UsageError(f"unknown serve option(s) {', '.join(unknown)}; choose from model, replicas, autoscale, {', '.join(fields)}")
-    values = {name: _cast(fields[name].default, value) for name, value in args.items()}
-    return deployment(models, ServeOptions(**values, token=resolve_token(None)), ray_options)
+        raise UsageError(f"unknown serve option(s) {', '.join(unknown)}; choose from model, replicas, autoscale, host, insecure, {', '.join(fields)}")
+    options = ServeOptions(**{name: typed(name, hints[name], value) for name, value in args.items()}, token=resolve_token(None))
+    try:
+        check_host(host, options.token, insecure)
+    except UsageError:
+        raise UsageError(f"app_builder: Ray Serve listens on {host} (args.host), beyond this machine, and no token is set; set "
+                         f"{TOKEN_ENV} on every node, or args.insecure: true, or args.host: 127.0.0.1 if Serve listens on loopback") from None
+    return models, options, ray_options
 
 
-def _cast(default: Any, value: Any) -> Any:
-    """A YAML or ``key=value`` argument as the option's type (read from its default)."""
-    if isinstance(default, bool):
-        return str(value).strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, (int, float)):
-        return type(default)(value)
-    return None if value is None else str(value)
+def typed(name: str, kind: Any, value: Any) -> Any:
+    """A YAML or ``key=value`` argument as ``kind`` (``int``, ``float``, ``bool``, ``str``, or ``Optional`` of one).
+
+    Raises:
+        UsageError: One line naming the argument, the type wanted and the value given.
+    """
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    base = next(arg for arg in typing.get_args(kind) if arg is not type(None)) if optional else kind
+    if optional and (value is None or str(value).strip().lower() in ("", "none", "null")):
+        return None
+    converted = _convert(base, value)
+    if converted is None:
+        want = {bool: "true or false", int: "an integer", float: "a number"}.get(base, "a string")
+        raise UsageError(f"app_builder: args.{name} must be {want}{' or null' if optional else ''}, got {value!r}")
+    return converted
+
+
+_FLAGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _convert(base: Any, value: Any) -> Any:
+    """``value`` as ``base``, or ``None`` when it is not one (a bool is no number, 4.5 no integer)."""
+    if isinstance(value, bool):
+        return value if base is bool else None
+    text = str(value).strip()
+    if base is bool:
+        return _FLAGS.get(text.lower())
+    if base is int and isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if base in (int, float):
+        try:
+            return base(text)
+        except ValueError:
+            return None
+    return text

@@ -4,25 +4,27 @@ One :class:`Service` holds one :class:`ServedModel` per artifact, each under its
 (:mod:`memexport.runtime.names`) with its loaded :class:`~memexport.runtime.predictor.Predictor`
 and its own inference function: the plain server's :class:`~memexport.serve.batching.Batcher`, or
 Ray Serve's ``@serve.batch`` (:mod:`memexport.serve.ray`). Request images are decoded on one small
-thread pool with each model's own preprocessing. Admission is server-wide, whatever the model: at
-most ``max_queue`` requests at once (:meth:`Service.admit`), each answered within ``timeout_s`` of
-being scored (:meth:`Service.score`); the body cap and the token are the gate's
-(:mod:`memexport.serve.gate`).
+thread pool with each model's own preprocessing, and scored in pieces of at most ``max_batch_size``
+rows, so one request never holds more decoded images than that. Admission is server-wide, whatever the
+model: at most ``max_queue`` requests at once, taken once a request's body has arrived (a slow client
+holds no slot), each answered by its deadline, ``timeout_s`` from its arrival (:meth:`Service.run`).
+The token, the body caps and reading within the deadline are the gate's (:mod:`memexport.serve.gate`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from memexport.core.errors import InputImageError
 from memexport.serve.metrics import Metrics
 from memexport.serve.options import ServeOptions
-from memexport.serve.v2 import IMAGE, InferRequest, RequestError, check_version, model_metadata
+from memexport.serve.v2 import IMAGE, InferRequest, RequestError, check_version, model_metadata, parse_infer, quoted
 
 
 def load_predictor(model: Path, options: ServeOptions) -> Any:
@@ -48,13 +50,7 @@ def load_predictor(model: Path, options: ServeOptions) -> Any:
 
 
 InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
-# Longest request-supplied name quoted back in an error line.
-QUOTE_CHARS = 80
-
-
-def quoted(text: str) -> str:
-    """``repr`` of a request-supplied name, cut to :data:`QUOTE_CHARS` (an error line stays one short line)."""
-    return repr(text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "...")
+T = TypeVar("T")
 
 
 class ServedModel:
@@ -95,7 +91,8 @@ class ServedModel:
 
     @property
     def ready(self) -> bool:
-        return self._infer is not None
+        """Able to score: activated, and its inference loop (the plain server's batcher) still running."""
+        return self._infer is not None and (self.batcher is None or self.batcher.alive)
 
     @property
     def meaning(self) -> str:
@@ -114,7 +111,9 @@ class ServedModel:
         return predictor.metadata.preprocess, predictor.exif_transpose, predictor.decode
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
-        assert self._infer is not None
+        """Scores for one piece (at most ``max_batch_size`` rows); 503 at once when the loop has stopped."""
+        if not self.ready or self._infer is None:
+            raise RequestError(503, f"model {self.name!r} cannot score: its inference loop has stopped; retry on another replica")
         return await self._infer(batch)
 
     async def stop(self) -> None:
@@ -132,7 +131,7 @@ class Service:
 
     Args:
         models: ``(name, artifact)`` per model, in the order ``/score`` answers them.
-        options: :class:`ServeOptions`, shared by every model.
+        options: :class:`ServeOptions`, shared by every model; the limits hold across the whole server.
     """
 
     def __init__(self, models: Sequence[tuple[str, Path]], options: ServeOptions) -> None:
@@ -142,6 +141,7 @@ class Service:
         self.loaded = False
         self.draining = False
         self.in_flight = 0
+        self.body_bytes = 0  # request bodies held at once (being read or answered), after inflating
         self._idle = asyncio.Event()
         from memexport.runtime.batch import default_workers
 
@@ -166,6 +166,11 @@ class Service:
         """Loaded, every model able to score, and not draining (``/v2/health/ready``)."""
         return self.loaded and not self.draining and all(model.ready for model in self.models.values())
 
+    @property
+    def live(self) -> bool:
+        """No model's inference loop has died (``/v2/health/live``: a dead loop never comes back; restart)."""
+        return not self.loaded or all(model.ready for model in self.models.values())
+
     async def stop(self) -> None:
         """Stop accepting, answer everything accepted, then release the models."""
         self.draining = True
@@ -178,7 +183,7 @@ class Service:
         for model in self.models.values():
             model.close()
 
-    # -- what routes call -----------------------------------------------------------------------
+    # -- admission ------------------------------------------------------------------------------
 
     def require_loaded(self) -> None:
         if not self.loaded:
@@ -194,13 +199,24 @@ class Service:
         check_version(version)
         return model
 
-    def admit(self) -> None:
-        """Take a slot, or 503 when draining or full. Every admitted request calls :meth:`release` once."""
+    def check_room(self) -> None:
+        """503 when loading, draining or full (takes nothing: the gate asks before reading a body)."""
         self.require_loaded()
         if self.draining:
             raise RequestError(503, "the server is shutting down; retry on another replica")
         if self.in_flight >= self.options.max_queue:
             raise RequestError(503, f"the server is busy ({self.in_flight} requests queued, --max-queue {self.options.max_queue}); retry shortly")
+
+    def hold_body(self, size: int) -> None:
+        """Count ``size`` more body bytes held (negative: given back); 503 past ``max_queue`` full bodies."""
+        budget = self.options.max_queue * self.options.max_body_bytes
+        if size > 0 and self.body_bytes + size > budget:
+            raise RequestError(503, f"the server holds its limit of request bodies ({budget:,} bytes: --max-queue times --max-body-mb); retry shortly")
+        self.body_bytes += size
+
+    def admit(self) -> None:
+        """Take a slot, or 503 when loading, draining or full. Every admitted request calls :meth:`release` once."""
+        self.check_room()
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
 
@@ -209,6 +225,38 @@ class Service:
         self.metrics.queue_depth.set(self.in_flight)
         if self.in_flight == 0:
             self._idle.set()
+
+    async def run(self, deadline: float, work: Callable[[], Awaitable[T]]) -> T:
+        """``work()`` (parsing, decoding, scoring) in an admitted slot, answered by ``deadline`` (event-loop time).
+
+        Past the deadline the answer is 504; the work keeps its slot until it ends (it stops at its next
+        piece), so the queue stays bounded whatever the clients do.
+        """
+        self.admit()
+        task = asyncio.ensure_future(work())
+        task.add_done_callback(self._finished)
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(left, 0))
+        except asyncio.TimeoutError:
+            raise self.late() from None
+
+    def _finished(self, task: asyncio.Future) -> None:
+        """Work has ended: its slot is free. Its outcome is read even when nobody waits for it any more (answered
+        504), so a late failure is not reported as an exception never retrieved."""
+        self.release()
+        if not task.cancelled():
+            task.exception()
+
+    def late(self) -> RequestError:
+        return RequestError(504, f"no answer within {self.options.timeout_s:g} s of the request's arrival (--timeout; server overloaded); retry later")
+
+    def check_deadline(self, deadline: float) -> None:
+        """Stop work whose answer is already late (its client has had its 504)."""
+        if asyncio.get_running_loop().time() > deadline:
+            raise self.late()
+
+    # -- work -----------------------------------------------------------------------------------
 
     async def offload(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run ``func`` on the decoding pool, off the event loop."""
@@ -229,48 +277,60 @@ class Service:
         return list(items)
 
     async def score(self, model: ServedModel, batch: np.ndarray) -> np.ndarray:
-        """Scores for a preprocessed batch, through the model's batcher; 504 past the per-request timeout.
-
-        A timed-out request keeps its slot until its batch has run, so the queue stays bounded.
-        """
-        task = asyncio.ensure_future(model.infer(batch))
-        try:
-            scores = await asyncio.wait_for(asyncio.shield(task), self.options.timeout_s)
-        except asyncio.TimeoutError:
-            self.in_flight += 1
-            task.add_done_callback(self.release)
-            raise RequestError(504, f"no answer within {self.options.timeout_s:g} s (server overloaded); retry later") from None
+        """Scores for one preprocessed piece, through the model's batcher."""
+        scores = await model.infer(batch)
         self.metrics.images.inc(len(scores))
         return scores
 
-    async def infer(self, model: ServedModel, request: InferRequest) -> np.ndarray:
-        """All or nothing: one bad image row fails the request with one line per bad row."""
-        if request.input_name != IMAGE:
-            return await self.score(model, request.rows)
-        items = await self.decode(model, request.rows, [f"row {i}" for i in range(request.count)])
-        bad = [str(item) for item in items if isinstance(item, InputImageError)]
+    def pieces(self, count: int) -> range:
+        """Where each piece of a ``count``-row request starts: at most ``max_batch_size`` rows are decoded at once."""
+        return range(0, count, self.options.max_batch_size)
+
+    async def infer_body(self, model: ServedModel, body: bytes, header_length: Optional[str], deadline: float) -> tuple[InferRequest, np.ndarray]:
+        """An ``infer`` body parsed (off the event loop) and scored."""
+        parsed = await self.offload(functools.partial(parse_infer, max_rows=self.options.max_rows), body, header_length,
+                                    model.predictor.metadata.input_shape)
+        return parsed, await self.infer(model, parsed, deadline)
+
+    async def infer(self, model: ServedModel, request: InferRequest, deadline: float) -> np.ndarray:
+        """Decoded and scored in pieces; all or nothing: one bad image row fails the request with one line per bad row."""
+        step, scores, bad = self.options.max_batch_size, [], []
+        for start in self.pieces(request.count):
+            self.check_deadline(deadline)
+            rows = request.rows[start : start + step]
+            if request.input_name != IMAGE:
+                scores.append(await self.score(model, rows))
+                continue
+            items = await self.decode(model, rows, [f"row {i}" for i in range(start, start + len(rows))])
+            bad += [str(item) for item in items if isinstance(item, InputImageError)]
+            if not bad:  # past a bad row, decode the rest only to report every bad one
+                scores.append(await self.score(model, np.stack(items)))
         if bad:
             raise RequestError(400, "\n".join(bad))
-        return await self.score(model, np.stack(items))
+        return np.concatenate(scores)
 
-    async def score_files(self, files: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    async def score_files(self, files: Sequence[tuple[str, bytes]], deadline: float) -> list[dict[str, Any]]:
         """``/score``: one row per file and model (file order, then model order), each naming the model and what
         its score means; every good file scored, every bad one reported. Models that preprocess alike share one decode."""
         groups: dict[tuple, list[ServedModel]] = {}
         for model in self.models.values():
             groups.setdefault(model.decode_key(), []).append(model)
-        answers = await asyncio.gather(*(self._score_group(group, files) for group in groups.values()))
-        rows = {key: row for answer in answers for key, row in answer.items()}
+        rows: dict[tuple[int, str], dict[str, Any]] = {}
+        for group in groups.values():
+            for start in self.pieces(len(files)):
+                self.check_deadline(deadline)
+                rows.update(await self._score_piece(group, files[start : start + self.options.max_batch_size], start))
         return [rows[index, name] for index in range(len(files)) for name in self.models]
 
-    async def _score_group(self, group: Sequence[ServedModel], files: Sequence[tuple[str, bytes]]) -> dict[tuple[int, str], dict[str, Any]]:
+    async def _score_piece(self, group: Sequence[ServedModel], files: Sequence[tuple[str, bytes]], start: int) -> dict[tuple[int, str], dict[str, Any]]:
+        """One piece of ``/score`` files, decoded once for ``group`` (models that preprocess alike), scored by each."""
         items = await self.decode(group[0], [data for _, data in files], [name for name, _ in files])
         good = [item for item in items if not isinstance(item, InputImageError)]
         scored = await asyncio.gather(*(self.score(model, np.stack(good)) for model in group)) if good else [np.zeros(0)] * len(group)
         rows: dict[tuple[int, str], dict[str, Any]] = {}
         for model, scores in zip(group, scored):
             left = iter(scores.tolist())
-            for index, ((name, _), item) in enumerate(zip(files, items)):
+            for index, ((name, _), item) in enumerate(zip(files, items), start):
                 head = {"file": name, "model": model.name}
                 rows[index, model.name] = ({**head, "error": item.detail} if isinstance(item, InputImageError)
                                            else {**head, "meaning": model.meaning, "score": float(next(left))})

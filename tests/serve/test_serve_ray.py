@@ -18,7 +18,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
-from memexport.serve.ray import RayServeOptions, app_builder  # noqa: E402
+from memexport.serve.ray import RayServeOptions, app_builder, builder_options  # noqa: E402
 from memexport.core.errors import UsageError  # noqa: E402
 from tests.models import write_tiny_scorer  # noqa: E402
 from tests.serve.server import Server, multipart  # noqa: E402
@@ -88,9 +88,10 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images, tmp_path):
     assert server.process.returncode is not None
 
 
-def test_app_builder_for_kuberay(tiny):
+def test_app_builder_for_kuberay(tiny, monkeypatch):
     from ray import serve
 
+    monkeypatch.setenv("MEMEXPORT_SERVE_TOKEN", "s3cret")
     app = app_builder(
         {"model": str(tiny), "max_batch_size": "8", "max_delay_ms": "2.5", "check_integrity": "true", "autoscale": "1:3"})
     assert isinstance(app, serve.Application)
@@ -99,3 +100,25 @@ def test_app_builder_for_kuberay(tiny):
         app_builder({"model": str(tiny), "max_batchsize": "8"})
     with pytest.raises(UsageError, match="args.model"):
         app_builder({})
+
+
+def test_app_builder_reads_typed_options_and_applies_the_access_rules(tiny, monkeypatch):
+    """KubeRay hands every argument over as YAML: "4" is the integer 4, a bad value is one line; the builder cannot
+    see where Serve listens, so beyond loopback (its default assumption) it needs the token, as `serve --host` does."""
+    monkeypatch.setenv("MEMEXPORT_SERVE_TOKEN", "s3cret")
+    models, options, ray_options = builder_options({"model": [str(tiny), f"b={tiny}"], "workers": "4", "max_rows": 8, "timeout_s": "2.5",
+                                                    "check_integrity": "off", "backend": "openvino", "replicas": "2"})
+    assert [m.name for m in models] == [None, "b"] and ray_options.replicas == 2
+    assert (options.workers, options.max_rows, options.timeout_s, options.check_integrity, options.backend) == (4, 8, 2.5, False, "openvino")
+    assert options.token == "s3cret" and "s3cret" not in repr(options)
+    for name, value, words in (("workers", "four", "args.workers must be an integer or null"), ("max_rows", 4.5, "args.max_rows must be an integer"),
+                               ("check_integrity", "maybe", "must be true or false"), ("max_queue", True, "must be an integer"),
+                               ("max_rows", "0", "--max-rows must be >= 1")):
+        with pytest.raises(UsageError, match=words) as caught:
+            builder_options({"model": str(tiny), name: value})
+        assert "\n" not in str(caught.value)
+    monkeypatch.delenv("MEMEXPORT_SERVE_TOKEN")
+    with pytest.raises(UsageError, match="beyond this machine, and no token is set"):
+        app_builder({"model": str(tiny)})
+    assert builder_options({"model": str(tiny), "host": "127.0.0.1"})[1].token is None
+    assert builder_options({"model": str(tiny), "insecure": "true"})[1].token is None

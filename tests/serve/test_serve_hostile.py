@@ -32,7 +32,7 @@ pytest.importorskip("fastapi", reason="memexport[serve] is not installed")
 from memexport.runtime.predictor import Predictor  # noqa: E402
 from memexport.serve.options import ServeOptions  # noqa: E402
 from tests.runtime.hostile_images import png_declaring  # noqa: E402
-from tests.serve.server import RawAnswer, Server, multipart, request_head  # noqa: E402
+from tests.serve.server import ROOT, RawAnswer, Server, multipart, request_head  # noqa: E402
 
 MODEL = "tiny-scorer"
 TOKEN = "s3cret-hostile-7f"
@@ -195,7 +195,7 @@ CASES: dict[str, tuple[Case, tuple[int, ...]]] = {
     # JSON depth and types
     "nested 100,000 deep": (lambda s, i, d: send(s, nested(100_000)), (400,)),
     "nested 40 deep": (lambda s, i, d: send(s, nested(40)), (400,)),
-    "deep inside a string is fine, but no inputs": (lambda s, i, d: header_only(s, {"id": "[" * 5000, "inputs": []}), (400,)),
+    "brackets inside a string, no inputs": (lambda s, i, d: header_only(s, {"id": "[" * 5000, "inputs": []}), (400,)),
     "not JSON": (lambda s, i, d: send(s, b"{not json"), (400,)),
     "JSON array": (lambda s, i, d: send(s, b"[1, 2]"), (400,)),
     "invalid UTF-8": (lambda s, i, d: send(s, b'{"inputs": "\xff\xfe"}'), (400,)),
@@ -286,6 +286,13 @@ def check_refusal(name: str, answer: RawAnswer, allowed: tuple[int, ...]) -> Non
     assert len(answer.lines) == 1, (name, answer.lines)  # never a 100 Continue first
     if answer.status in (401, 415, 408) or "request body" in message:  # answered before the body was read: then closed
         assert answer.closed, (name, answer.lines)
+
+
+def test_docs_list_every_case():
+    text = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
+    section = text[text.index("## Hostile requests") :]
+    section = section[: section.index("\n## ", 1)]
+    assert [name for name in CASES if f"`{name}`" not in section] == []
 
 
 def test_the_suite_is_big_enough():

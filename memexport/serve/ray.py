@@ -15,18 +15,18 @@ import dataclasses
 import os
 import signal
 import threading
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-import typing
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from memexport.core.errors import UsageError
 from memexport.core.optional import require
-from memexport.serve.options import TOKEN_ENV, ServeOptions, check_host, resolve_token
 from memexport.runtime.names import ModelArg, name_artifacts
+from memexport.serve.options import TOKEN_ENV, ServeOptions, check_host, resolve_token
 from memexport.serve.service import ServedModel, Service
 
 _SERVICE: Optional[Service] = None  # the replica's service: one per replica process

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import socket
 import struct
 import threading
 import time

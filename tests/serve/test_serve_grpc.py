@@ -75,8 +75,12 @@ def test_health_and_metadata_are_rest_s(client, server, predictor):
     assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
     assert not client.is_model_ready("resmem-not-here") and not client.is_model_ready(MODEL, "2")
     status, rest = server.json("GET", f"/v2/models/{MODEL}")
+    properties = rest.pop("properties")  # REST only: KServe's gRPC ModelMetadataResponse has no such field
     assert status == 200 and client.get_model_metadata(MODEL, as_json=True) == json_format.MessageToDict(
         json_format.ParseDict(rest, service_pb2.ModelMetadataResponse()))
+    parameters = client.get_model_config(MODEL).config.parameters  # where gRPC clients read the same facts
+    assert {key: parameters[key].string_value for key in ("model", "output_meaning")} == {
+        key: properties[key] for key in ("model", "output_meaning")}
     meta = client.get_model_metadata(MODEL)
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
         ("image", "BYTES", [-1, 1]), ("pixels", "FP32", [-1, *predictor.metadata.input_shape])]

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -124,6 +125,15 @@ def image_tensor(client: Any, blobs: list[bytes]) -> Any:
     tensor = client.InferInput("image", list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data, **({"binary_data": True} if client.__name__.endswith(".http") else {}))
     return tensor
+
+
+def image_request(blobs: list[bytes], shape: list | None = None) -> tuple[bytes, str]:
+    """A binary V2 ``image`` request body (JSON header, then Triton's BYTES layout) and its header's length, as the
+    ``Inference-Header-Content-Length`` value; ``shape`` declares another one than ``[len(blobs), 1]``."""
+    binary = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape or [len(blobs), 1],
+                                     "parameters": {"binary_data_size": len(binary)}}]}).encode()
+    return header + binary, str(len(header))
 
 
 def check_example_client(url: str, model: str, photos: list[Path], expected: Any, tmp_path: Path, *args: str) -> None:

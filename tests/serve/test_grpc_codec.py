@@ -70,6 +70,20 @@ def test_malformed_requests_are_400(build, fragment):
     assert status_code(caught.value) == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("build", [
+    lambda: request("image", "BYTES", [1_000_000, 1], raw=packed([b"x"])),
+    lambda: request("image", "BYTES", [5, 1], bytes_contents=[b"x"] * 5),
+    lambda: request("pixels", "FP32", [5, *SHAPE], raw=b"\0" * 4),
+])
+def test_rows_past_max_rows_are_413_from_the_shape(build):
+    """The REST row limit, in parse_header below both protocols: judged from the declared shape before any row is
+    unpacked (a million declared rows with one sent is 413, not the 400 for a count that differs), RESOURCE_EXHAUSTED."""
+    with pytest.raises(RequestError) as caught:
+        parse(build(), max_rows=4)
+    assert caught.value.status == 413 and "at most 4 per request (--max-rows)" in str(caught.value)
+    assert status_code(caught.value) == "RESOURCE_EXHAUSTED"
+
+
 def test_two_inputs_and_counts_of_raw_contents():
     message = request("image", "BYTES", [1, 1], raw=packed([b"x"]))
     message.inputs.add(name="pixels", datatype="FP32", shape=[1, *SHAPE])

@@ -31,7 +31,7 @@ pytest.importorskip("fastapi", reason="memexport[serve] is not installed")
 from memexport.runtime.predictor import Predictor  # noqa: E402
 from memexport.serve.options import ServeOptions  # noqa: E402
 from tests.runtime.hostile_images import png_declaring  # noqa: E402
-from tests.serve.server import ROOT, RawAnswer, Server, multipart, request_head  # noqa: E402
+from tests.serve.server import ROOT, RawAnswer, Server, image_request, multipart, request_head  # noqa: E402
 
 MODEL = "tiny-scorer"
 TOKEN = "s3cret-hostile-7f"
@@ -92,14 +92,6 @@ def send(server: Server, body: bytes = b"", path: str = INFER, method: str = "PO
 
 def header_only(server: Server, header: object) -> RawAnswer:
     return send(server, json.dumps(header).encode())
-
-
-def image_request(blobs: list[bytes], shape: list | None = None) -> tuple[bytes, str]:
-    """A binary ``image`` request (header + Triton's BYTES layout) and its header length."""
-    binary = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape or [len(blobs), 1],
-                                     "parameters": {"binary_data_size": len(binary)}}]}).encode()
-    return header + binary, str(len(header))
 
 
 def send_images(server: Server, blobs: list[bytes], shape: list | None = None, **headers: str) -> RawAnswer:

@@ -578,7 +578,7 @@ def convert_cmd(
 
 @command("triton-repo")
 def triton_repo_cmd(
-    models: Optional[List[Path]] = typer.Option(None, "-m", "--model", help="Artifact (.onnx, OpenVINO .xml, TensorRT .plan); repeat for several models."),
+    models: Optional[List[str]] = typer.Option(None, "-m", "--model", help="Artifact (.onnx, OpenVINO .xml, TensorRT .plan); NAME=PATH names it; repeat for several models, named as `serve` names them."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Repository folder to write."),
     check: Optional[Path] = typer.Option(None, "--check", help="Check this repository offline instead of writing one."),
     instances: int = typer.Option(1, "--instances", help="Instances per scoring and preprocessing model."),
@@ -589,7 +589,7 @@ def triton_repo_cmd(
     trt_cache: str = typer.Option("/tmp/memexport-trt-cache", "--trt-cache", help="TensorRT engine cache folder on the server."),
     python_scorer: bool = typer.Option(False, "--python-scorer", help="Score in Triton's Python back end with memexport's runtime (for servers without the onnxruntime back end)."),
     sys_path: Optional[List[str]] = typer.Option(None, "--sys-path", help="Folder the Python models put on sys.path (memexport, numpy<2, pillow); default: this Python's site-packages."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository memexport wrote there (written beside, then swapped in); any other non-empty folder is refused."),
 ) -> None:
     """Write a Triton model repository (ensemble + preprocessing + scoring model) per artifact, or --check one."""
     from memexport.core.errors import UsageError
@@ -663,7 +663,7 @@ def doctor_cmd(
 
 @command("serve")
 def serve_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="Artifact: .onnx, an OpenVINO .xml or a TensorRT engine."),
+    models: List[str] = typer.Option(..., "--model", "-m", help="Artifact: .onnx, an OpenVINO .xml or a TensorRT engine; NAME=PATH serves it as NAME. Repeat for several models."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -673,8 +673,9 @@ def serve_cmd(
     max_batch_size: int = typer.Option(16, "--max-batch-size", help="Images per inference call the batcher forms."),
     max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", help="How long a request waits for others to batch with."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests accepted at once; past it, 503 with Retry-After."),
-    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body in MiB; past it, 413."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds from acceptance to answer; past it, 504."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body in MiB, measured after inflating gzip or deflate; past it, 413."),
+    max_rows: int = typer.Option(64, "--max-rows", help="Images one request may carry (infer rows, /score files), checked before any is unpacked; past it, 413."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds from a request's arrival to its answer (reading, parsing, decoding, scoring); past it, 408 while the body still arrives, else 504."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, at most 8)."),
     token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' (default: $MEMEXPORT_SERVE_TOKEN)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
@@ -686,39 +687,45 @@ def serve_cmd(
     decode: Optional[str] = typer.Option(None, "--decode", help=DECODE_HELP),
     fast: bool = typer.Option(False, "--fast", help=FAST_HELP),
 ) -> None:
-    """Serve an artifact over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics;
-    with --grpc-port, the V2 gRPC protocol too.
+    """Serve artifacts over HTTP: the KServe V2 protocol (tritonclient works), POST /score, a page at /, /metrics;
+    with --grpc-port, the V2 gRPC protocol too (every model by its served name).
 
-    SIGTERM or Ctrl-C stops accepting (503), answers every accepted request, then exits.
+    Each artifact is served under its model's name (several of one model: non-FP32 ones get their precision
+    appended, e.g. resmem_int8), or as NAME with -m NAME=PATH. SIGTERM or Ctrl-C stops accepting (503),
+    answers every accepted request, then exits.
     """
+    from memexport.core.errors import UsageError
+    from memexport.runtime.names import ModelArg, name_artifacts
     from memexport.serve.options import ServeOptions, resolve_token
 
+    given = [ModelArg.parse(text) for text in models]
+    # Named here, artifacts read once, clashes refused before anything starts; on a Ray cluster
+    # (--ray-address) the paths are the nodes' and each replica names them alike.
+    named = None if ray_address else name_artifacts(given)
     if fast:  # the same resolution as `predict --fast`; explicit --backend/--precision/--decode override
         from memexport.runtime.fastpath import resolve_fast
 
-        path = resolve_fast(model, backend, precision, decode, device)
+        if len(given) > 1:
+            raise UsageError("--fast picks a path for one artifact; with several -m, give --backend, --precision and --decode")
+        path = resolve_fast(given[0].path, backend, precision, decode, device)
         backend, precision, decode = path.backend, path.precision, path.decode
         err(path.label(backend or 'by suffix', precision or 'exact'))
     options = ServeOptions(decode=decode or "exact", backend=backend, precision=precision, device=device, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_s=timeout, workers=workers,
+                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), max_rows=max_rows, timeout_s=timeout, workers=workers,
                            token=resolve_token(token), check_integrity=integrity_check)
     if engine == "ray" and grpc_port is not None:
-        from memexport.core.errors import UsageError
-
         raise UsageError("--grpc-port is not served with --engine ray: Ray Serve's gRPC proxy listens on every interface and "
                          "cannot keep the loopback rule; use the local engine for gRPC (see docs/serving.md)")
     if engine == "ray":
         from memexport.serve.ray import RayServeOptions, serve_on_ray
 
-        serve_on_ray(model, options, host, port, insecure, RayServeOptions.parse(ray_address, replicas, autoscale), err)
+        serve_on_ray(given, options, host, port, insecure, RayServeOptions.parse(ray_address, replicas, autoscale), err)
         return
     if engine != "local" or ray_address or replicas or autoscale:
-        from memexport.core.errors import UsageError
-
         raise UsageError("--ray-address, --replicas and --autoscale need --engine ray" if engine == "local" else f"--engine must be local or ray, got {engine!r}")
     from memexport.serve.runner import serve
 
-    serve(model, options, host, port, insecure, err, grpc_port=grpc_port)
+    serve(named or [], options, host, port, insecure, err, grpc_port=grpc_port)
 
 
 def _print_cpu(cpu: dict) -> None:

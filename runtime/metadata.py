@@ -71,6 +71,16 @@ class ArtifactMetadata:
         """Copy with ``extra`` updated (used by calibration and conversion)."""
         return replace(self, extra={**self.extra, **updates})
 
+    @property
+    def output_meaning(self) -> str:
+        """What the ``score`` output means: the artifact's own record (``extra.output_meaning``, written at
+        export), else its model's declaration (:class:`~memexport.core.spec.ModelSpec`), else ``"score"``."""
+        from memexport.core.spec import find_spec
+
+        recorded = self.extra.get("output_meaning")
+        spec = find_spec(self.model) if not recorded else None
+        return str(recorded) if recorded else spec.output_meaning if spec is not None else "score"
+
 
 def metadata_from_map(props: Mapping[str, str], source: Path | str) -> ArtifactMetadata:
     """Parse metadata from an ONNX ``metadata_props`` map.

@@ -6,6 +6,7 @@ Each model looks like a memexport artifact: input ``image`` (N, 3, 32, 32), outp
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,8 @@ def scorer_scores(batch: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-mean))).astype(np.float32)
 
 
-def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool = False, model: str = "tiny-scorer", crop: int = 227) -> Path:
+def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool = False, model: str = "tiny-scorer", crop: int = 227,
+                      precision: str = "fp32", sign: float = 1.0, **extra: str) -> Path:
     """A microsecond-fast scorer taking (N, 3, 227, 227) like ResMem, with memexport metadata.
 
     Args:
@@ -131,6 +133,9 @@ def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool =
         external_data: Store the weight tensor in ``<name>.data`` beside the model (default ``False``).
         model: The model name its metadata records (default ``tiny-scorer``).
         crop: Its centre crop of ResMem's 256x256 resize (default 227, ResMem's; 224 is ViTMem's).
+        precision: The precision its metadata records (default ``fp32``; the graph stays FP32).
+        sign: Multiplies the weights (``-1``: the scores become ``1 - score``, so two artifacts differ).
+        extra: Records for the metadata's ``extra`` (``output_meaning="..."``).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -144,10 +149,10 @@ def write_tiny_scorer(path: Path | str, seal: bool = True, external_data: bool =
         helper.make_node("ReduceMean", ["weighted"], ["mean"], axes=[1, 2, 3], keepdims=0),
         helper.make_node("Sigmoid", ["mean"], ["score"]),
     ]
-    graph = helper.make_graph(nodes, "tiny_scorer", [image], [score], initializer=[numpy_helper.from_array(SCORER_WEIGHTS, "w")])
+    graph = helper.make_graph(nodes, "tiny_scorer", [image], [score], initializer=[numpy_helper.from_array(SCORER_WEIGHTS * np.float32(sign), "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="memexport-tests")
     proto.ir_version = 8
-    set_metadata(proto, scorer_metadata(model, crop))
+    set_metadata(proto, dataclasses.replace(scorer_metadata(model, crop), precision=precision).with_extra(**extra))
     path = Path(path)
     locations: list[str] = []
     if external_data:

@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional
 from memexport.core.optional import require
 from memexport.core.version import __version__
 from memexport.serve.extensions import add_extension_routes
-from memexport.serve.gate import Gate, error_response
-from memexport.serve.lookup import SingleModel
+from memexport.serve.gate import Gate, deadline_of, error_response
+from memexport.serve.lookup import Registry
 from memexport.serve.service import Service
-from memexport.serve.v2 import HEADER_LENGTH, RequestError, infer_response, parse_infer, server_metadata
+from memexport.serve.v2 import HEADER_LENGTH, RequestError, infer_response, server_metadata
 
-# /score: at most this many files per request (the body cap bounds their bytes).
-MAX_FILES = 256
+# /score answers each file under its name, cut to this many characters (a name is a label, never echoed in full).
+MAX_NAME = 255
 
 
 def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = None) -> Any:
@@ -29,16 +29,19 @@ def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = Non
     fastapi = require("fastapi", "serve", "memexport serve")
     from fastapi import Request
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import HTMLResponse, JSONResponse, Response
 
     app = fastapi.FastAPI(title="memexport", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Gate, service=service)
     app.add_exception_handler(RequestError, lambda request, exc: error_response(exc))
     app.add_exception_handler(HTTPException, lambda request, exc: error_response(RequestError(exc.status_code, str(exc.detail))))
+    app.add_exception_handler(ClientDisconnect, lambda request, exc: error_response(RequestError(400, "the client went away before its body arrived")))
     # Anything else is the server's fault, still answered in the protocol's shape, on one line.
     app.add_exception_handler(Exception, lambda request, exc: error_response(RequestError(500, f"internal error: {type(exc).__name__}: {exc}")))
+    models = Registry(service)  # every route finds a model by its served name here (404 naming the served ones)
     # Triton's statistics and model-config extensions; first, so /v2/models/stats is not taken for a model's name.
-    add_extension_routes(app, SingleModel(service))
+    add_extension_routes(app, models)
 
     @app.get("/v2")
     async def server() -> Response:
@@ -46,51 +49,42 @@ def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = Non
 
     @app.get("/v2/health/live")
     async def live() -> Response:
-        return JSONResponse({"live": True})
+        ok = service().live
+        return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        state = service()
-        ok = state.ready and not state.draining
+        ok = service().ready
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def metadata(model: str, version: Optional[str] = None) -> Response:
-        service().check_model(model, version)
-        return JSONResponse(service().metadata())
+        return JSONResponse(models.service_for(model, version).metadata())
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: Optional[str] = None) -> Response:
-        service().check_model(model, version)
-        return JSONResponse({"name": model, "ready": True})
+        served = models.service_for(model, version)
+        ok = service().model_ready(served)
+        return JSONResponse({"name": served.name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: Optional[str] = None) -> Response:
-        state = service()
-        state.check_model(model, version)
-        state.admit()
-        try:
-            body = await request.body()
-            parsed = await state.offload(parse_infer, body, request.headers.get(HEADER_LENGTH), state.predictor.metadata.input_shape)
-            scores = await state.infer(parsed)
-        finally:
-            state.release()
-        content, headers = infer_response(state.model_name, parsed, scores)
+        state, served = service(), models.service_for(model, version)
+        body = await request.body()  # through the gate: within the deadline, inflated, capped; no slot held yet
+        deadline = deadline_of(request.scope)
+        parsed, scores = await state.run(deadline, lambda: state.infer_body(served, body, request.headers.get(HEADER_LENGTH), deadline))
+        content, headers = infer_response(served.name, parsed, scores)
         return Response(content, headers=headers)
 
     @app.post("/score")
     async def score(request: Request) -> Response:
         state = service()
-        state.admit()
-        try:
-            files = await read_files(request)
-            results = await state.score_files(files)
-        finally:
-            state.release()
-        return JSONResponse(results)
+        files = await read_files(request, state.options.max_rows)
+        deadline = deadline_of(request.scope)
+        return JSONResponse(await state.run(deadline, lambda: state.score_files(files, deadline)))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -103,19 +97,26 @@ def build_app(service: Callable[[], Service], lifespan: Optional[Callable] = Non
     return app
 
 
-async def read_files(request: Any) -> list[tuple[str, bytes]]:
-    """The uploaded files of a multipart ``/score`` request as ``(name, bytes)``; names are labels, never paths."""
+async def read_files(request: Any, max_files: int) -> list[tuple[str, bytes]]:
+    """The uploaded files of a multipart ``/score`` request as ``(name, bytes)``; names are labels, never paths.
+
+    Raises:
+        RequestError: 400 for a body that is not multipart or not well formed; 413 past ``max_files`` (``--max-rows``).
+    """
     require("multipart", "serve", "POST /score")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError(400, "send the images as multipart/form-data, e.g. curl -F file=@photo.jpg")
     try:
-        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+        form = await request.form(max_files=max_files, max_fields=max_files)
     except RequestError:
         raise
     except Exception as exc:  # noqa: BLE001 - the multipart parser raises its own types on malformed bodies
+        if "Too many files" in str(exc):
+            raise RequestError(413, f"more than {max_files} files; this server takes at most {max_files} per request (--max-rows): "
+                                    "split it into smaller requests") from None
         raise RequestError(400, f"malformed multipart body ({' '.join(str(exc).split())[:120]}); send files as form fields") from None
     try:
-        files = [(str(value.filename or key), await value.read()) for key, value in form.multi_items() if hasattr(value, "filename")]
+        files = [(str(value.filename or key)[:MAX_NAME], await value.read()) for key, value in form.multi_items() if hasattr(value, "filename")]
     finally:
         await form.close()
     if not files:

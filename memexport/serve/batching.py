@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from memexport.serve.stats import Statistics, run_timed
+from memexport.serve.v2 import RequestError
 
 # (rows, their future, when they were queued: perf_counter_ns)
 Entry = tuple[np.ndarray, "asyncio.Future[np.ndarray]", int]
@@ -47,6 +48,19 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._fail_waiting)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop still runs (readiness turns 503 once it has died)."""
+        return self._task is not None and not self._task.done()
+
+    def _fail_waiting(self, _: object) -> None:
+        """The loop ended (stopped, or died of a fault): nothing queued would ever be answered, so fail it now."""
+        while not self._queue.empty():
+            _, future, _ = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(RequestError(503, "the inference loop has stopped; retry on another replica"))
 
     async def stop(self) -> None:
         """Stop the loop; callers first wait until every accepted request is answered."""

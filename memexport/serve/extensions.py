@@ -5,8 +5,8 @@
 * ``GET /v2/models/{m}/config`` (and ``/versions/1/config``): the model's ``ModelConfig``
   (:mod:`memexport.serve.model_config`),
 
-both in Triton's REST JSON form (:func:`memexport.serve.protos.triton_json`). Models are found only through
-:class:`~memexport.serve.lookup.Models`. Without the generated modules (``tritonclient[grpc]``, in the ``serve``
+both in Triton's REST JSON form (:func:`memexport.serve.protos.triton_json`), each model under its served name
+with its own figures. Models are found only through :class:`~memexport.serve.lookup.Models`. Without the generated modules (``tritonclient[grpc]``, in the ``serve``
 extra) these routes answer ``501`` with the install line; everything else keeps working.
 """
 
@@ -38,11 +38,11 @@ def add_extension_routes(app: Any, models: Models) -> None:
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def model_statistics(model: str, version: Optional[str] = None) -> Response:
-        service = models.service_for(model, version)
-        return answer(lambda: statistics_of([service]))
+        served = models.service_for(model, version)
+        return answer(lambda: statistics_of([served]))
 
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def config(model: str, version: Optional[str] = None) -> Response:
-        service = models.service_for(model, version)
-        return answer(lambda: model_config(service))
+        served = models.service_for(model, version)
+        return answer(lambda: model_config(served))

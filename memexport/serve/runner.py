@@ -6,22 +6,23 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from memexport.core.errors import MemexportError
 from memexport.core.optional import require
 from memexport.serve.app import build_app
-from memexport.serve.lookup import SingleModel
+from memexport.serve.lookup import Registry
 from memexport.serve.options import ServeOptions, check_host
 from memexport.serve.service import Service
 
 
-def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
-          on_listen: Callable[[str], None] = print, grpc_port: Optional[int] = None) -> None:
-    """Serve ``model`` on uvicorn until SIGTERM or Ctrl-C, then finish what was accepted.
+def serve(models: Sequence[tuple[str, Path]], options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
+          insecure: bool = False, on_listen: Callable[[str], None] = print, grpc_port: Optional[int] = None) -> None:
+    """Serve ``models`` (``(name, artifact)`` each, see :func:`memexport.runtime.names.name_artifacts`) on
+    uvicorn until SIGTERM or Ctrl-C, then finish what was accepted.
 
     With ``grpc_port``, the V2 gRPC protocol too, on the same host and service (:mod:`memexport.serve.grpc`),
-    stopped after the drain.
+    every model by its served name, stopped after the drain.
 
     Raises:
         UsageError: A non-loopback host without a token or ``insecure`` (see :func:`check_host`).
@@ -30,7 +31,8 @@ def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int
     uvicorn = require("uvicorn", "serve", "memexport serve")
     from memexport.runtime.registry import backend_for
 
-    backend_for(model, options.backend)  # an unknown artifact type fails before the server starts
+    for _, model in models:
+        backend_for(model, options.backend)  # an unknown artifact type fails before the server starts
     if grpc_port is not None:
         from memexport.serve.grpc.server import check_available
 
@@ -39,13 +41,13 @@ def serve(model: Path, options: ServeOptions, host: str = "127.0.0.1", port: int
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        state["service"] = Service(model, options)
+        state["service"] = Service(models, options)
         grpc_server = None
         if grpc_port is not None:
             from memexport.serve.grpc.server import start_grpc
 
             try:
-                grpc_server = await start_grpc(SingleModel(lambda: state["service"]), options, host, grpc_port, on_listen)
+                grpc_server = await start_grpc(Registry(lambda: state["service"]), options, host, grpc_port, on_listen)
             except MemexportError as error:  # the port cannot be bound: one line, as a loading failure
                 server.report_failure(error)
                 yield
@@ -88,7 +90,7 @@ def _make_server_class() -> type:
             for server in getattr(self, "servers", []):
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    self._on_listen(f"memexport serve: listening on http://{host}:{port} (loading the model; ready at /v2/health/ready)")
+                    self._on_listen(f"memexport serve: listening on http://{host}:{port} (loading the models; ready at /v2/health/ready)")
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             service, loop = self._service(), self._loop

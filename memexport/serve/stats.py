@@ -1,9 +1,11 @@
-"""Triton's statistics extension for one served model: a thread-safe recorder and its ``ModelStatistics`` message.
+"""Triton's statistics extension: a thread-safe recorder per served model and its ``ModelStatistics`` message.
 
-:class:`Statistics` counts what Triton counts, fed by the scoring path itself:
+Each served model (:class:`~memexport.serve.service.ServedModel`) has its own :class:`Statistics`, so
+``/v2/models/{m}/stats`` counts only what model ``m`` did. It counts what Triton counts, fed by the scoring path itself:
 
 * per request (:func:`recorded`, around :meth:`memexport.serve.service.Service.infer`, HTTP and gRPC alike):
-  ``success``/``fail`` counts and durations, from the parsed request reaching the model to its scores;
+  ``success``/``fail`` counts and durations, from the parsed request reaching the model to its scores
+  a ``/score`` request counts once for every model it answers;
 * per batcher entry (:meth:`Statistics.execution`, from :class:`memexport.serve.batching.Batcher` or Ray's
   ``@serve.batch``): ``queue`` (waiting for a batch, the batching delay included) and the batch's
   ``compute_input`` (joining the entries into one tensor and reaching the inference thread),
@@ -25,7 +27,7 @@ import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -73,7 +75,7 @@ class Snapshot:
 
 
 class Statistics:
-    """A thread-safe recorder of one model's statistics (one per :class:`~memexport.serve.service.Service`)."""
+    """A thread-safe recorder of one model's statistics (one per :class:`~memexport.serve.service.ServedModel`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -128,20 +130,26 @@ async def run_timed(executor: Executor, infer: Callable[[np.ndarray], np.ndarray
     return scores, Timing(begun - start, ended - begun, time.perf_counter_ns() - ended), start
 
 
-def recorded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Record each call of a :class:`Service` coroutine method as one request in ``self.stats`` (failed if it raises)."""
+def recorded(recorders: Callable[..., Iterable[Statistics]]) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Record each call of a :class:`Service` coroutine method as one request (failed if it raises) in every
+    recorder ``recorders(self, *args)`` names: the model a request is for, or every model ``/score`` answers."""
 
-    @functools.wraps(method)
-    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
-        start, ok = time.perf_counter_ns(), False
-        try:
-            result = await method(self, *args, **kwargs)
-            ok = True
-            return result
-        finally:
-            self.stats.request(ok, time.perf_counter_ns() - start)
+    def decorate(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(method)
+        async def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+            start, ok = time.perf_counter_ns(), False
+            try:
+                result = await method(self, *args, **kwargs)
+                ok = True
+                return result
+            finally:
+                took = time.perf_counter_ns() - start
+                for stats in recorders(self, *args):
+                    stats.request(ok, took)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def model_statistics(pb: Any, name: str, version: str, figures: Snapshot) -> Any:
@@ -162,13 +170,14 @@ def model_statistics(pb: Any, name: str, version: str, figures: Snapshot) -> Any
     return stats
 
 
-def statistics_of(services: Sequence[Any]) -> Any:
-    """Triton's ``ModelStatisticsResponse`` for ``services`` (each a loaded
-    :class:`~memexport.serve.service.Service`, version ``1``): the one source of the REST and gRPC answers.
+def statistics_of(models: Sequence[Any]) -> Any:
+    """Triton's ``ModelStatisticsResponse`` for ``models`` (each a loaded
+    :class:`~memexport.serve.service.ServedModel`, under its served name, version ``1``): the one source of
+    the REST and gRPC answers.
 
     Raises:
         BackendUnavailableError: ``tritonclient[grpc]`` is missing (the ``serve`` extra).
     """
     pb = protos.service_pb2("the statistics extension")
-    return pb.ModelStatisticsResponse(model_stats=[model_statistics(pb, service.model_name, VERSION, service.stats.snapshot())
-                                                   for service in services])
+    return pb.ModelStatisticsResponse(model_stats=[model_statistics(pb, model.name, VERSION, model.stats.snapshot())
+                                                   for model in models])

@@ -16,9 +16,10 @@ or ``binary_data_output`` on the request).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from memexport.core.errors import MemexportError
 VERSION = "1"
 IMAGE, PIXELS, SCORE = "image", "pixels", "score"
 HEADER_LENGTH = "inference-header-content-length"
+# A V2 request nests a few levels (pixels sent as nested lists: 7); far deeper is an attack on the parser.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 class RequestError(MemexportError):
@@ -67,9 +72,13 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": "memexport", "version": version, "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
 
 
-def model_metadata(model: str, platform: str, input_shape: Sequence[int]) -> dict[str, Any]:
-    """``GET /v2/models/{model}``: the interface shared with the Triton repository."""
-    return {
+def model_metadata(model: str, platform: str, input_shape: Sequence[int], properties: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``GET /v2/models/{model}``: the interface shared with the Triton repository.
+
+    ``properties`` (strings, as the Open Inference Protocol's ``metadata_model_response`` allows) say which
+    model and precision answer and what the score means.
+    """
+    answer: dict[str, Any] = {
         "name": model,
         "versions": [VERSION],
         "platform": platform,
@@ -79,6 +88,9 @@ def model_metadata(model: str, platform: str, input_shape: Sequence[int]) -> dic
         ],
         "outputs": [{"name": SCORE, "datatype": "FP32", "shape": [-1, 1]}],
     }
+    if properties:
+        answer["properties"] = {key: str(value) for key, value in properties.items()}
+    return answer
 
 
 def check_version(version: str | None) -> None:
@@ -87,26 +99,33 @@ def check_version(version: str | None) -> None:
         raise RequestError(404, f"model version {version!r} not found; this server has version {VERSION}")
 
 
-def parse_infer(body: bytes, header_length: str | None, input_shape: Sequence[int]) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, input_shape: Sequence[int], *, max_rows: int) -> InferRequest:
     """Parse an ``infer`` body (JSON, or JSON header + binary tensors).
 
+    Nothing is unpacked before the header's own ``shape`` has been checked against ``max_rows``, so a
+    small request cannot declare a million rows and have them built.
+
     Args:
-        body: The whole request body.
+        body: The whole request body (already inflated).
         header_length: The ``Inference-Header-Content-Length`` header, if sent.
         input_shape: The model's per-image input shape (for ``pixels``).
+        max_rows: Rows one request may carry (``--max-rows``).
 
     Raises:
-        RequestError: 400 naming what is wrong and what was expected.
+        RequestError: 400 naming what is wrong and what was expected; 413 past ``max_rows``.
     """
     header, binary = _split(body, header_length)
-    return parse_header(header, binary, input_shape)
+    return parse_header(header, binary, input_shape, max_rows=max_rows)
 
 
-def parse_header(header: dict[str, Any], binary: bytes, input_shape: Sequence[int]) -> InferRequest:
+def parse_header(header: dict[str, Any], binary: bytes, input_shape: Sequence[int], *, max_rows: int) -> InferRequest:
     """Parse a request's JSON header and the binary data after it (gRPC requests come here as the same pair).
 
+    The row limit lives here, below both protocols: the input's ``shape`` is checked against ``max_rows``
+    before any row is unpacked, for REST and gRPC alike.
+
     Raises:
-        RequestError: 400 naming what is wrong and what was expected.
+        RequestError: 400 naming what is wrong and what was expected; 413 past ``max_rows``.
     """
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -114,15 +133,30 @@ def parse_header(header: dict[str, Any], binary: bytes, input_shape: Sequence[in
     spec = inputs[0]
     name = spec.get("name")
     if name == IMAGE:
-        rows: Any = _image_rows(spec, binary)
+        rows: Any = _image_rows(spec, binary, max_rows)
     elif name == PIXELS:
-        rows = _pixel_rows(spec, binary, tuple(input_shape))
+        rows = _pixel_rows(spec, binary, tuple(input_shape), max_rows)
     else:
-        raise RequestError(400, f"unknown input {name!r}; expected {IMAGE!r} or {PIXELS!r}")
+        raise RequestError(400, f"unknown input {quoted(name)}; expected {IMAGE!r} or {PIXELS!r}")
     if len(rows) == 0:
         raise RequestError(400, f"input {name!r} has no rows; send at least one")
-    request_id = header.get("id")
-    return InferRequest(name, rows, None if request_id is None else str(request_id), _binary_output(header))
+    return InferRequest(name, rows, _request_id(header), _binary_output(header))
+
+
+def quoted(value: Any, limit: int = 60) -> str:
+    """``repr`` of a request-supplied value, cut short: an error line quotes, it never echoes a body back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
+def json_depth(text: bytes) -> int:
+    """How deeply ``text``'s arrays and objects nest, counted without parsing (strings skipped), so JSON
+    nested far too deep is refused before the parser recurses into it."""
+    outside = _JSON_STRING.sub(b'""', text).translate(None, _NOT_BRACKET)
+    if not outside:
+        return 0
+    steps = np.frombuffer(outside, np.uint8)
+    return int(np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1)).max())
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -135,27 +169,60 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
         except ValueError:
             size = -1
         if not 0 <= size <= len(body):
-            raise RequestError(400, f"Inference-Header-Content-Length {header_length!r} is not a length within the {len(body)}-byte body")
+            raise RequestError(400, f"Inference-Header-Content-Length {quoted(header_length)} is not a length within the {len(body)}-byte body")
+    depth = json_depth(body[:size])
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(400, f"request header nests {depth} levels deep; a V2 request needs a few, this server reads at most {MAX_JSON_DEPTH}")
     try:
         header = json.loads(body[:size])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise RequestError(400, f"request header is not valid JSON ({' '.join(str(exc).split())[:120]}); send a V2 inference request") from None
     if not isinstance(header, dict):
         raise RequestError(400, "request header must be a JSON object with an 'inputs' list")
     return header, body[size:]
 
 
-def _shape(spec: dict[str, Any]) -> list[int]:
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent: empty); anything else is a 400 naming where it was."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(400, f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(400, f"{where} must be true or false, got {quoted(value)}")
+    return value
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _request_id(header: dict[str, Any]) -> str | None:
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError(400, f"'id' must be a string, got {type(request_id).__name__}")
+    return request_id
+
+
+def _shape(spec: dict[str, Any], max_rows: int) -> list[int]:
+    """The input's ``shape``, its row count checked against ``max_rows`` before anything is unpacked."""
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise RequestError(400, f"input {spec.get('name')!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not shape or not all(_is_count(d) for d in shape):
+        raise RequestError(400, f"input {quoted(spec.get('name'))}: shape must be a list of non-negative integers, got {quoted(shape)}")
+    if shape[0] > max_rows:
+        raise RequestError(413, f"input {quoted(spec.get('name'))} has {shape[0]} rows; this server takes at most {max_rows} per request "
+                                "(--max-rows): split it into smaller requests")
     return shape
 
 
 def _binary_size(spec: dict[str, Any]) -> int | None:
-    size = (spec.get("parameters") or {}).get("binary_data_size")
-    if size is not None and (not isinstance(size, int) or size < 0):
-        raise RequestError(400, f"input {spec.get('name')!r}: binary_data_size must be a non-negative integer, got {size!r}")
+    size = _object(spec.get("parameters"), f"input {quoted(spec.get('name'))}: parameters").get("binary_data_size")
+    if size is not None and not _is_count(size):
+        raise RequestError(400, f"input {quoted(spec.get('name'))}: binary_data_size must be a non-negative integer, got {quoted(size)}")
     return size
 
 
@@ -164,30 +231,31 @@ def _take(spec: dict[str, Any], binary: bytes) -> bytes | None:
     size = _binary_size(spec)
     if size is None:
         if binary:
-            raise RequestError(400, f"{len(binary)} binary bytes follow the header but input {spec.get('name')!r} has no binary_data_size")
+            raise RequestError(400, f"{len(binary)} binary bytes follow the header but input {quoted(spec.get('name'))} has no binary_data_size")
         return None
     if size != len(binary):
-        raise RequestError(400, f"input {spec.get('name')!r}: binary_data_size is {size} but {len(binary)} bytes follow the header")
+        raise RequestError(400, f"input {quoted(spec.get('name'))}: binary_data_size is {size} but {len(binary)} bytes follow the header")
     return binary
 
 
-def _image_rows(spec: dict[str, Any], binary: bytes) -> list[bytes]:
+def _image_rows(spec: dict[str, Any], binary: bytes, max_rows: int) -> list[bytes]:
     if spec.get("datatype") != "BYTES":
-        raise RequestError(400, f"input {IMAGE!r} must be BYTES, got {spec.get('datatype')!r}")
-    shape = _shape(spec)
+        raise RequestError(400, f"input {IMAGE!r} must be BYTES, got {quoted(spec.get('datatype'))}")
+    shape = _shape(spec, max_rows)
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise RequestError(400, f"input {IMAGE!r} must have shape [N,1] (one encoded image per row), got {shape}")
+        raise RequestError(400, f"input {IMAGE!r} must have shape [N,1] (one encoded image per row), got {quoted(shape)}")
     raw = _take(spec, binary)
-    rows = _unpack_bytes(raw) if raw is not None else _json_bytes(spec.get("data"))
+    rows = _unpack_bytes(raw, shape[0]) if raw is not None else _json_bytes(spec.get("data"))
     if len(rows) != shape[0]:
         raise RequestError(400, f"input {IMAGE!r}: shape says {shape[0]} rows but {len(rows)} elements were sent")
     return rows
 
 
-def _unpack_bytes(raw: bytes) -> list[bytes]:
-    """Triton's BYTES layout: each element a 4-byte little-endian length, then that many bytes."""
+def _unpack_bytes(raw: bytes, count: int) -> list[bytes]:
+    """Triton's BYTES layout: each element a 4-byte little-endian length, then that many bytes; at most ``count``
+    elements are taken (more is the 400 the caller gives for a count that differs from the shape)."""
     rows, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(rows) <= count:
         if offset + 4 > len(raw):
             raise RequestError(400, f"input {IMAGE!r}: binary data ends inside an element's 4-byte length")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -201,18 +269,21 @@ def _unpack_bytes(raw: bytes) -> list[bytes]:
 
 def _json_bytes(data: Any) -> list[bytes]:
     """BYTES as JSON: a (possibly nested) list of strings, taken as UTF-8."""
-    flat = np.asarray(data if data is not None else [], dtype=object).reshape(-1).tolist()
+    flat = np.asarray(data, dtype=object).reshape(-1).tolist() if isinstance(data, list) else [] if data is None else [data]
     if not all(isinstance(item, str) for item in flat):
         raise RequestError(400, f"input {IMAGE!r}: JSON data must be strings; send images as binary data (binary_data=True)")
-    return [item.encode("utf-8") for item in flat]
+    try:
+        return [item.encode("utf-8") for item in flat]
+    except UnicodeEncodeError:
+        raise RequestError(400, f"input {IMAGE!r}: JSON data holds text that is not valid UTF-8; send images as binary data") from None
 
 
-def _pixel_rows(spec: dict[str, Any], binary: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
+def _pixel_rows(spec: dict[str, Any], binary: bytes, input_shape: tuple[int, ...], max_rows: int) -> np.ndarray:
     if spec.get("datatype") != "FP32":
-        raise RequestError(400, f"input {PIXELS!r} must be FP32, got {spec.get('datatype')!r}")
-    shape = _shape(spec)
+        raise RequestError(400, f"input {PIXELS!r} must be FP32, got {quoted(spec.get('datatype'))}")
+    shape = _shape(spec, max_rows)
     if len(shape) != 1 + len(input_shape) or tuple(shape[1:]) != input_shape:
-        raise RequestError(400, f"input {PIXELS!r} must have shape [N,{','.join(map(str, input_shape))}], got {shape}")
+        raise RequestError(400, f"input {PIXELS!r} must have shape [N,{','.join(map(str, input_shape))}], got {quoted(shape)}")
     raw = _take(spec, binary)
     expected = int(np.prod(shape))
     if raw is not None:
@@ -222,7 +293,7 @@ def _pixel_rows(spec: dict[str, Any], binary: bytes, input_shape: tuple[int, ...
     else:
         try:
             array = np.asarray(spec.get("data"), dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise RequestError(400, f"input {PIXELS!r}: JSON data must be numbers") from None
         if array.size != expected:
             raise RequestError(400, f"input {PIXELS!r}: shape {shape} needs {expected} numbers, got {array.size}")
@@ -234,14 +305,19 @@ def _pixel_rows(spec: dict[str, Any], binary: bytes, input_shape: tuple[int, ...
 
 def _binary_output(header: dict[str, Any]) -> bool:
     """Binary ``score`` when the output asks for it, else the request-wide ``binary_data_output``."""
-    for output in header.get("outputs") or []:
-        if isinstance(output, dict) and output.get("name") == SCORE:
-            binary = (output.get("parameters") or {}).get("binary_data")
-            if binary is not None:
-                return bool(binary)
-        elif isinstance(output, dict):
-            raise RequestError(400, f"unknown output {output.get('name')!r}; this model has {SCORE!r}")
-    return bool((header.get("parameters") or {}).get("binary_data_output", False))
+    outputs = header.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise RequestError(400, f"'outputs' must be a list of objects, got {type(outputs).__name__}")
+    for output in outputs or []:
+        if not isinstance(output, dict):
+            raise RequestError(400, f"each of 'outputs' must be an object, got {type(output).__name__}")
+        if output.get("name") != SCORE:
+            raise RequestError(400, f"unknown output {quoted(output.get('name'))}; this model has {SCORE!r}")
+        binary = _flag(_object(output.get("parameters"), "output 'score': parameters").get("binary_data"), "output 'score': binary_data")
+        if binary is not None:
+            return binary
+    request = _object(header.get("parameters"), "request parameters")
+    return bool(_flag(request.get("binary_data_output"), "request parameters: binary_data_output"))
 
 
 def infer_response(model: str, request: InferRequest, scores: np.ndarray) -> tuple[bytes, dict[str, str]]:

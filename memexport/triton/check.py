@@ -2,8 +2,8 @@
 
 Every ``config.pbtxt`` is parsed with Triton's own ``ModelConfig`` message
 (``tritonclient.grpc.model_config_pb2``), which catches misspelt fields, bad enums and wrong
-types. Then what the parser cannot know: folder names against ``name``, version folders and the
-files each back end loads from them, ``max_batch_size`` and preferred batch sizes, ensemble
+types. Then what the parser cannot know: folder names against ``name``, the version folders Triton
+serves (its ``version_policy``: the latest by default) and the files each back end loads from them, ``max_batch_size`` and preferred batch sizes, ensemble
 steps whose map keys must name the step model's real tensors and whose connected tensors must
 agree, and dims against the artifact's own graph (read from the copy in the version folder).
 Each problem is one line naming the file and the field.
@@ -90,11 +90,28 @@ def load_repo(repo: Path) -> tuple[dict[str, Any], list[str]]:
     return models, problems
 
 
+def served_versions(folder: Path, config: Any) -> list[Path]:
+    """The version folders Triton serves, by the config's ``version_policy``: the latest one by default
+    (``latest { num_versions: 1 }``), the latest N, all of them, or the ones named (numeric order)."""
+    versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return versions
+    if choice == "specific":
+        wanted = set(policy.specific.versions)
+        return [p for p in versions if int(p.name) in wanted]
+    count = policy.latest.num_versions if choice == "latest" else 1
+    return versions[-max(count, 1):] if versions else []
+
+
 def version_problems(folder: Path, config: Any) -> list[str]:
-    """Version folders exist, and each holds what its back end loads."""
+    """Version folders exist, and each one Triton serves holds what its back end loads."""
     path = folder / "config.pbtxt"
-    versions = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = served_versions(folder, config)
     if not versions:
+        if any(p.is_dir() and p.name.isdigit() for p in folder.iterdir()):
+            return [f"{path}: version_policy: serves no version folder of {folder}; fix the policy or add the version"]
         return [f"{folder}: no version folder (such as 1/); Triton loads nothing from this model"]
     backend = backend_of(config)
     if backend == "ensemble":
@@ -176,18 +193,18 @@ def ensemble_problems(path: Path, config: Any, models: dict[str, Any], faulty: f
     return problems
 
 
-def artifact_of(folder: Path, config: Any) -> Path | None:
-    """The artifact a model serves, in its first version folder (``None``: none, e.g. preprocessing)."""
+def artifacts_of(folder: Path, config: Any) -> list[Path]:
+    """The artifact a model serves, in each version folder Triton serves (none: an ensemble or preprocessing)."""
     from memexport.runtime.triton_python import ARTIFACT_KEY
 
-    versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     backend = backend_of(config)
-    if not versions or backend == "ensemble":
-        return None
+    if backend == "ensemble":
+        return []
     if backend == "python":
         name = config.parameters[ARTIFACT_KEY].string_value if ARTIFACT_KEY in config.parameters else ""
-        return versions[0] / name if name else None
-    return versions[0] / (config.default_model_filename or DEFAULT_FILES.get(backend, ""))
+    else:
+        name = config.default_model_filename or DEFAULT_FILES.get(backend, "")
+    return [version / name for version in served_versions(folder, config)] if name else []
 
 
 def served_dims(tensor: Any) -> tuple[int, ...]:
@@ -203,15 +220,15 @@ def artifact_problems(path: Path, config: Any, artifact: Path) -> list[str]:
         facts = artifact_facts(artifact)
     except MemexportError as error:
         return [f"{path}: {error}"]
-    meta, problems = facts.metadata, []
+    meta, problems, served = facts.metadata, [], f"{artifact.parent.name}/{artifact.name}"
     for kind, name, want in (("input", meta.input_name, facts.input_dims), ("output", meta.output_name, facts.output_dims)):
         found = {t.name: t for t in getattr(config, kind)}
         if name not in found:
-            problems.append(f"{path}: {kind}: no tensor named {name!r}, the {kind} of {artifact.name} (config has {', '.join(found) or 'none'}); rename it")
+            problems.append(f"{path}: {kind}: no tensor named {name!r}, the {kind} of {served} (config has {', '.join(found) or 'none'}); rename it")
         elif found[name].data_type != schema.model_config_pb2(PURPOSE).TYPE_FP32:
             problems.append(f"{path}: {kind} {name!r} data_type: memexport artifacts take and give FP32 (FP16 and INT8 ones too); use TYPE_FP32")
         elif served_dims(found[name]) != want:
-            problems.append(f"{path}: {kind} {name!r} dims: {list(served_dims(found[name]))} but {artifact.name} has {list(want)} "
+            problems.append(f"{path}: {kind} {name!r} dims: {list(served_dims(found[name]))} but {served} has {list(want)} "
                             "(without the batch dimension); use the artifact's dims")
     limit = facts.notes.get("MEMEXPORT_MAX_BATCH")
     if limit is not None and config.max_batch_size > int(limit):
@@ -250,9 +267,9 @@ def find_problems(repo: Path | str) -> tuple[list[str], list[str]]:
             found += ensemble_problems(path, config, models, frozenset(faulty))
         elif PREPROCESS_KEY in config.parameters:
             found += preprocess_problems(path, config)
-        artifact = artifact_of(folder, config)
-        if artifact is not None and artifact.is_file():
-            found += artifact_problems(path, config, artifact)
+        for artifact in artifacts_of(folder, config):
+            if artifact.is_file():
+                found += artifact_problems(path, config, artifact)
         faulty.update([name] if found else [])
         problems += found
     return [name for name, config in models.items() if config is not None], problems

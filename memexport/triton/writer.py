@@ -1,6 +1,7 @@
 """``triton-repo``: a Triton Inference Server model repository from memexport artifacts.
 
-For each artifact it writes three models, named after the artifact's model (``resmem``):
+For each artifact it writes three models, named as ``memexport serve`` names it (:mod:`memexport.runtime.names`:
+the artifact's model, ``resmem``; ``resmem_int8`` for an INT8 one beside an FP32 one; or ``NAME`` from ``NAME=PATH``):
 
 * ``resmem``: an ensemble with the interface ``memexport serve`` has (input ``image`` BYTES
   ``[-1, 1]``, one encoded image file per row; output ``score`` FP32 ``[-1, 1]``), so one
@@ -31,9 +32,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from memexport.core.errors import UsageError
+from memexport.runtime.names import ModelArg, served_names
 from memexport.runtime.triton_python import ARTIFACT_KEY, PREPROCESS_KEY, SYS_PATH_KEY
 from memexport.triton import schema
 from memexport.triton.artifacts import ONNXRUNTIME, OPENVINO, PYTHON, TENSORRT, ArtifactFacts, artifact_facts
+from memexport.triton.folder import replace_repo
 
 PURPOSE = "writing a Triton config.pbtxt"
 PREPROCESS_OUTPUT = "pixels"
@@ -227,6 +230,9 @@ def ensemble_config(name: str, preprocess: str, scorer: str, facts: ArtifactFact
     """The ``ModelConfig`` of the ensemble: ``image`` BYTES ``[-1, 1]`` -> preprocess -> score -> ``score`` FP32 ``[-1, 1]``."""
     meta = facts.metadata
     config = new_config(name, max_batch, platform="ensemble")
+    # Which model and precision answer, and what the score means (Triton passes parameters through untouched).
+    set_parameters(config, {"MEMEXPORT_MODEL": meta.model, "MEMEXPORT_PRECISION": meta.precision,
+                            "MEMEXPORT_OUTPUT_MEANING": meta.output_meaning})
     add_tensor(config.input, ENSEMBLE_INPUT, "TYPE_STRING", [1])
     add_tensor(config.output, ENSEMBLE_OUTPUT, "TYPE_FP32", [1])
     steps = config.ensemble_scheduling.step
@@ -245,11 +251,10 @@ def place(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def model_names(facts: ArtifactFacts, options: TritonOptions) -> tuple[str, str, str]:
-    """``(ensemble, preprocess, scorer)`` model names for an artifact."""
-    model = facts.metadata.model
+def model_names(name: str, facts: ArtifactFacts, options: TritonOptions) -> tuple[str, str, str]:
+    """``(ensemble, preprocess, scorer)`` model names for an artifact served as ``name``."""
     backend = PYTHON if options.python_scorer else facts.backend
-    return model, f"{model}_preprocess", f"{model}_{SCORER_SUFFIX[backend]}"
+    return name, f"{name}_preprocess", f"{name}_{SCORER_SUFFIX[backend]}"
 
 
 def write_model(repo: Path, name: str, config: Any, files: Sequence[Path] = (), model_py: str | None = None) -> Path:
@@ -268,9 +273,9 @@ def python_model(role: str, cls: str, deps: str = "") -> str:
     return MODEL_PY.format(role=role, cls=cls, deps=deps, key=SYS_PATH_KEY, sep=os.pathsep)
 
 
-def write_artifact_models(repo: Path, facts: ArtifactFacts, options: TritonOptions) -> list[str]:
-    """The ensemble, preprocessing and scoring models for one artifact; returns their names."""
-    ensemble, preprocess, scorer = model_names(facts, options)
+def write_artifact_models(repo: Path, name: str, facts: ArtifactFacts, options: TritonOptions) -> list[str]:
+    """The ensemble, preprocessing and scoring models for one artifact served as ``name``; returns their names."""
+    ensemble, preprocess, scorer = model_names(name, facts, options)
     max_batch = min(options.max_batch_size, int(facts.notes.get("MEMEXPORT_MAX_BATCH", options.max_batch_size)))
     write_model(repo, preprocess, preprocess_config(preprocess, facts, options, max_batch), model_py=python_model("preprocessing", "PreprocessModel"))
     if options.python_scorer:
@@ -282,21 +287,25 @@ def write_artifact_models(repo: Path, facts: ArtifactFacts, options: TritonOptio
     return [ensemble, preprocess, scorer]
 
 
-def triton_repo_from_artifacts(artifacts: Sequence[Path | str], repo: Path | str, options: TritonOptions = TritonOptions(),
+def triton_repo_from_artifacts(artifacts: Sequence[Path | str | ModelArg], repo: Path | str, options: TritonOptions = TritonOptions(),
                                overwrite: bool = False) -> list[str]:
     """Write a Triton model repository serving ``artifacts``.
 
     Args:
-        artifacts: ``.onnx``, OpenVINO ``.xml`` or TensorRT ``.plan`` files from memexport, one per model name.
-        repo: The repository folder (created; must be empty unless ``overwrite``).
+        artifacts: ``.onnx``, OpenVINO ``.xml`` or TensorRT ``.plan`` files from memexport (``NAME=PATH``
+            names one), named as ``memexport serve`` names them (:mod:`memexport.runtime.names`).
+        repo: The repository folder (created; must be empty unless ``overwrite``). It is written beside
+            and swapped in (:mod:`memexport.triton.folder`).
         options: Batching, instances, device and accelerator (default :class:`TritonOptions`).
-        overwrite: Replace an existing non-empty folder (default ``False``).
+        overwrite: Replace an existing repository that memexport wrote (default ``False``); any other
+            non-empty folder is refused.
 
     Returns:
         The model names written (ensemble, preprocessing, scoring, per artifact).
 
     Raises:
-        UsageError: No artifacts, two for one model name, or a non-empty ``repo`` without ``overwrite``.
+        UsageError: No artifacts, two that would get one name, or a non-empty ``repo`` without ``overwrite``
+            or not written by memexport.
         ArtifactError: A missing, unreadable or tampered artifact.
         BackendUnavailableError: ``tritonclient[grpc]`` (Triton's ``ModelConfig``) is not installed.
     """
@@ -304,26 +313,36 @@ def triton_repo_from_artifacts(artifacts: Sequence[Path | str], repo: Path | str
     if not artifacts:
         raise UsageError("pass at least one artifact with -m")
     _pb()  # a missing `triton` extra fails here, before anything is read or replaced
-    facts = [artifact_facts(path) for path in artifacts]
-    seen: dict[str, Path] = {}
-    for fact in facts:
-        if fact.metadata.model in seen:
-            raise UsageError(f"{fact.path} and {seen[fact.metadata.model]} are both {fact.metadata.model!r}: one ensemble per model "
-                             "name; write each to its own repository")
-        seen[fact.metadata.model] = fact.path
-    if repo.exists() and any(repo.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{repo}: folder exists and is not empty; choose a new -o or pass --overwrite")
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-    names = [name for fact in facts for name in write_artifact_models(repo, fact, options)]
-    (repo / "README.md").write_text(repo_readme(repo, facts, names, options), encoding="utf-8")
-    return names
+    args = [arg if isinstance(arg, ModelArg) else ModelArg.parse(str(arg)) for arg in artifacts]
+    facts = [artifact_facts(arg.path) for arg in args]
+    names = served_names(args, [(fact.metadata.model, fact.metadata.precision) for fact in facts])
+    check_folder_names(names, facts, options)
+
+    def write(folder: Path) -> list[str]:
+        written = [model for name, fact in zip(names, facts) for model in write_artifact_models(folder, name, fact, options)]
+        (folder / "README.md").write_text(repo_readme(repo, names[0], written, options), encoding="utf-8")
+        return written
+
+    return replace_repo(repo, overwrite, write)
 
 
-def repo_readme(repo: Path, facts: Sequence[ArtifactFacts], names: Sequence[str], options: TritonOptions) -> str:
-    """The repository's README: what is in it, the ``tritonserver`` command and a ``tritonclient`` example."""
-    ensemble = facts[0].metadata.model
+def check_folder_names(names: Sequence[str], facts: Sequence[ArtifactFacts], options: TritonOptions) -> None:
+    """Every model folder the repository would hold is distinct (a given name could equal another's step).
+
+    Raises:
+        UsageError: Two artifacts whose models would share a folder.
+    """
+    owner: dict[str, str] = {}
+    for name, fact in zip(names, facts):
+        for folder in model_names(name, fact, options):
+            if folder in owner:
+                raise UsageError(f"{fact.path} and {owner[folder]} would both write the model folder {folder!r}; "
+                                 "name one of them with -m NAME=PATH")
+            owner[folder] = str(fact.path)
+
+
+def repo_readme(repo: Path, ensemble: str, names: Sequence[str], options: TritonOptions) -> str:
+    """The repository's README: what is in it, the ``tritonserver`` command and a ``tritonclient`` example (of ``ensemble``)."""
     rows = "\n".join(f"- `{name}`" for name in names)
     scorer = "a Python-back-end stand-in over memexport's runtime (for servers without the onnxruntime back end)" \
         if options.python_scorer else "the artifact on its native Triton back end"

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -86,6 +88,14 @@ class Server:
         except urllib.error.HTTPError as error:
             return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
 
+    def raw(self, head: bytes, body: bytes = b"", timeout: float = 30) -> "RawAnswer":
+        """Send ``head`` (request line and headers, up to the blank line) and ``body`` as bytes on a new connection,
+        then read one answer: for requests no HTTP client library would send. ``Authorization`` is not added."""
+        host, port = self.url.split(":")
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.sendall(head + body)
+            return RawAnswer.read(sock)
+
     def get(self, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
         return self.request("GET", path, **kwargs)
 
@@ -117,6 +127,15 @@ def image_tensor(client: Any, blobs: list[bytes]) -> Any:
     return tensor
 
 
+def image_request(blobs: list[bytes], shape: list | None = None) -> tuple[bytes, str]:
+    """A binary V2 ``image`` request body (JSON header, then Triton's BYTES layout) and its header's length, as the
+    ``Inference-Header-Content-Length`` value; ``shape`` declares another one than ``[len(blobs), 1]``."""
+    binary = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape or [len(blobs), 1],
+                                     "parameters": {"binary_data_size": len(binary)}}]}).encode()
+    return header + binary, str(len(header))
+
+
 def check_example_client(url: str, model: str, photos: list[Path], expected: Any, tmp_path: Path, *args: str) -> None:
     """``examples/v2_client.py`` (with ``args``, e.g. ``--protocol grpc``) prints ``expected`` for ``photos``,
     exactly; with an undecodable file after a good one it prints nothing and one error line naming its row."""
@@ -134,6 +153,52 @@ def check_example_client(url: str, model: str, photos: list[Path], expected: Any
     run = subprocess.run([sys.executable, str(script), *args, "--url", url, "--model", model, str(photos[0]), str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and run.stdout == "" and len(run.stderr.splitlines()) == 1 and "row 1" in run.stderr
+
+
+class RawAnswer:
+    """One HTTP answer read from a socket: the status lines seen (an interim ``100 Continue`` included), the final
+    status, its headers and body, and whether the server then closed the connection."""
+
+    def __init__(self, lines: list[str], headers: dict[str, str], body: bytes, closed: bool) -> None:
+        self.lines, self.headers, self.body, self.closed = lines, headers, body, closed
+        self.status = int(lines[-1].split()[1])
+
+    @classmethod
+    def read(cls, sock: socket.socket) -> "RawAnswer":
+        data, lines = b"", []
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed without an answer after {data!r}")
+                data += chunk
+            head, data = data.split(b"\r\n\r\n", 1)
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            lines.append(status_line)
+            if not status_line.split()[1].startswith("1"):
+                break
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
+        length = int(headers.get("content-length", "0"))
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        closed = False
+        if headers.get("connection", "").lower() == "close":  # said so: does it close the connection after answering?
+            try:
+                sock.settimeout(2)
+                closed = sock.recv(1) == b""
+            except ConnectionResetError:  # closed with our unread bytes in its buffer
+                closed = True
+            except socket.timeout:
+                closed = False
+        return cls(lines, headers, data[:length], closed)
+
+
+def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
+    """An HTTP/1.1 request line and headers, ending with the blank line."""
+    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1")
 
 
 def multipart(files: list[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:

@@ -26,14 +26,18 @@ def request(name: str, datatype: str, shape: list[int], raw: bytes | None = None
     return message
 
 
+def parse(message: "pb.ModelInferRequest", max_rows: int = 64):
+    return parse_request(message, SHAPE, max_rows=max_rows)
+
+
 def packed(blobs: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
 
 
 def test_pixels_raw_and_contents_agree():
     pixels = np.random.default_rng(0).random((2, *SHAPE), dtype=np.float32)
-    raw = parse_request(request("pixels", "FP32", [2, *SHAPE], raw=pixels.astype("<f4").tobytes()), SHAPE)
-    listed = parse_request(request("pixels", "FP32", [2, *SHAPE], fp32_contents=pixels.reshape(-1).tolist()), SHAPE)
+    raw = parse(request("pixels", "FP32", [2, *SHAPE], raw=pixels.astype("<f4").tobytes()))
+    listed = parse(request("pixels", "FP32", [2, *SHAPE], fp32_contents=pixels.reshape(-1).tolist()))
     assert raw.input_name == listed.input_name == "pixels" and raw.request_id == "r1"
     np.testing.assert_array_equal(raw.rows, pixels)
     np.testing.assert_array_equal(listed.rows, pixels)
@@ -41,8 +45,8 @@ def test_pixels_raw_and_contents_agree():
 
 def test_image_raw_and_contents_agree():
     blobs = [b"\x89PNG first", b"\xff\xd8 second", b""]
-    raw = parse_request(request("image", "BYTES", [3, 1], raw=packed(blobs)), SHAPE)
-    listed = parse_request(request("image", "BYTES", [3, 1], bytes_contents=blobs), SHAPE)
+    raw = parse(request("image", "BYTES", [3, 1], raw=packed(blobs)))
+    listed = parse(request("image", "BYTES", [3, 1], bytes_contents=blobs))
     assert raw.rows == listed.rows == blobs
 
 
@@ -61,30 +65,44 @@ def test_image_raw_and_contents_agree():
 ])
 def test_malformed_requests_are_400(build, fragment):
     with pytest.raises(RequestError) as caught:
-        parse_request(build(), SHAPE)
+        parse(build())
     assert caught.value.status == 400 and fragment in str(caught.value)
     assert status_code(caught.value) == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("build", [
+    lambda: request("image", "BYTES", [1_000_000, 1], raw=packed([b"x"])),
+    lambda: request("image", "BYTES", [5, 1], bytes_contents=[b"x"] * 5),
+    lambda: request("pixels", "FP32", [5, *SHAPE], raw=b"\0" * 4),
+])
+def test_rows_past_max_rows_are_413_from_the_shape(build):
+    """The REST row limit, in parse_header below both protocols: judged from the declared shape before any row is
+    unpacked (a million declared rows with one sent is 413, not the 400 for a count that differs), RESOURCE_EXHAUSTED."""
+    with pytest.raises(RequestError) as caught:
+        parse(build(), max_rows=4)
+    assert caught.value.status == 413 and "at most 4 per request (--max-rows)" in str(caught.value)
+    assert status_code(caught.value) == "RESOURCE_EXHAUSTED"
 
 
 def test_two_inputs_and_counts_of_raw_contents():
     message = request("image", "BYTES", [1, 1], raw=packed([b"x"]))
     message.inputs.add(name="pixels", datatype="FP32", shape=[1, *SHAPE])
     with pytest.raises(RequestError, match="raw_input_contents has 1 entries for 2 inputs"):
-        parse_request(message, SHAPE)
+        parse(message)
     message.raw_input_contents.append(b"\0" * 192)
     with pytest.raises(RequestError, match="expected exactly one input"):
-        parse_request(message, SHAPE)
+        parse(message)
 
 
 def test_unknown_output_is_400():
     message = request("image", "BYTES", [1, 1], raw=packed([b"x"]))
     message.outputs.add(name="logits")
     with pytest.raises(RequestError, match="unknown output 'logits'"):
-        parse_request(message, SHAPE)
+        parse(message)
 
 
 def test_answer_is_raw_fp32_with_the_id():
-    parsed = parse_request(request("image", "BYTES", [2, 1], raw=packed([b"a", b"b"])), SHAPE)
+    parsed = parse(request("image", "BYTES", [2, 1], raw=packed([b"a", b"b"])))
     answer = infer_response(pb, "m", parsed, np.array([[0.25], [0.5]], np.float32))
     assert (answer.model_name, answer.model_version, answer.id) == ("m", "1", "r1")
     assert [(o.name, o.datatype, list(o.shape)) for o in answer.outputs] == [("score", "FP32", [2, 1])]

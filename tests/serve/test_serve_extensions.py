@@ -105,8 +105,8 @@ def test_without_the_generated_modules_the_routes_answer_501(monkeypatch):
     from memexport.serve.stats import Statistics
     from memexport.serve.v2 import RequestError
 
-    service = SimpleNamespace(model_name=MODEL, stats=Statistics())
-    models = SimpleNamespace(service_for=lambda name, version=None: service, services=lambda: [service])
+    served = SimpleNamespace(name=MODEL, stats=Statistics())
+    models = SimpleNamespace(service_for=lambda name, version=None: served, services=lambda: [served])
     app = fastapi.FastAPI()
     app.add_exception_handler(RequestError, lambda request, exc: error_response(exc))
     add_extension_routes(app, models)

@@ -2,10 +2,12 @@
 metadata, config and statistics round trips (the same messages REST answers), ``ModelInfer`` with ``image``
 and ``pixels`` in ``raw_input_contents`` and in tensor contents (every score equal to ``Predictor``'s), the
 statistics counting what was served, bad requests mapped to gRPC status codes with the server staying up,
+the row limit as REST's (RESOURCE_EXHAUSTED for REST's 413),
 busy / deadline / draining, the token rule, the CLI's refusals, and the real ResMem on the 15 shared photos."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -25,7 +27,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc  #
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
-from tests.serve.server import ROOT, Server, check_example_client, image_tensor, running  # noqa: E402
+from tests.serve.server import ROOT, Server, check_example_client, image_request, image_tensor, running  # noqa: E402
 
 MODEL = "tiny-scorer"
 BODY_CAP_MB = 8
@@ -75,8 +77,12 @@ def test_health_and_metadata_are_rest_s(client, server, predictor):
     assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
     assert not client.is_model_ready("resmem-not-here") and not client.is_model_ready(MODEL, "2")
     status, rest = server.json("GET", f"/v2/models/{MODEL}")
+    properties = rest.pop("properties")  # REST only: KServe's gRPC ModelMetadataResponse has no such field
     assert status == 200 and client.get_model_metadata(MODEL, as_json=True) == json_format.MessageToDict(
         json_format.ParseDict(rest, service_pb2.ModelMetadataResponse()))
+    parameters = client.get_model_config(MODEL).config.parameters  # where gRPC clients read the same facts
+    assert {key: parameters[key].string_value for key in ("model", "output_meaning")} == {
+        key: properties[key] for key in ("model", "output_meaning")}
     meta = client.get_model_metadata(MODEL)
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
         ("image", "BYTES", [-1, 1]), ("pixels", "FP32", [-1, *predictor.metadata.input_shape])]
@@ -194,6 +200,38 @@ def test_bad_requests_get_status_codes(client, stub, server, sample_images):
     # still serving, over both protocols
     assert client.is_server_ready() and server.get("/v2/health/ready")[0] == 200
     assert client.infer(MODEL, [image_input([blob])]).as_numpy("score").shape == (1, 1)
+
+
+def test_rows_over_max_rows_are_resource_exhausted_with_rest_s_line(client, stub, server, sample_images):
+    """--max-rows (64 by default) reaches gRPC: RESOURCE_EXHAUSTED, as REST's 413 and gRPC's own message cap, with
+    REST's line, judged from the shape before any row is unpacked (a million rows declared, one sent)."""
+    blobs = [b"x"] * 65
+    code, message = status_of(lambda: client.infer(MODEL, [image_input(blobs)]))
+    assert code == "RESOURCE_EXHAUSTED" and message == (f"input 'image' has 65 rows; this server takes at most 64 per request "
+                                                        "(--max-rows): split it into smaller requests")
+    assert rest_infer_error(server, blobs) == (413, message)
+    declared = service_pb2.ModelInferRequest(model_name=MODEL)
+    declared.inputs.add(name="image", datatype="BYTES", shape=[1_000_000, 1])
+    declared.raw_input_contents.append(b"\x01\0\0\0x")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(declared)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "has 1000000 rows" in caught.value.details()
+    declared = service_pb2.ModelInferRequest(model_name=MODEL)  # pixels too: the shape is judged, not the 4 bytes sent
+    declared.inputs.add(name="pixels", datatype="FP32", shape=[65, 3, 227, 227])
+    declared.raw_input_contents.append(b"\0" * 4)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(declared)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "(--max-rows)" in caught.value.details()
+    # 64 rows is within the limit and scores, in pieces of --max-batch-size
+    good = client.infer(MODEL, [image_input([sample_images[0].read_bytes()] * 64)]).as_numpy("score")
+    assert good.shape == (64, 1) and np.ptp(good) == 0
+
+
+def rest_infer_error(server, blobs: list[bytes]) -> tuple[int, str]:
+    """The same ``image`` request over REST: its status and error line."""
+    body, length = image_request(blobs)
+    status, _, answer = server.request("POST", f"/v2/models/{MODEL}/infer", body, headers={"Inference-Header-Content-Length": length})
+    return status, json.loads(answer)["error"]
 
 
 def test_example_client_over_grpc(server, predictor, sample_images, tmp_path):

@@ -112,6 +112,7 @@ def test_sigterm_answers_new_work_503_finishes_accepted_requests_then_exits(tiny
     status, headers, body = late[0]
     assert status == 503 and headers["retry-after"] and "shutting down" in json.loads(body)["error"]  # refused, not dropped
     assert server.get("/v2/health/ready", timeout=5)[0] == 503 and server.process.poll() is None
+    assert server.get(f"/v2/models/{MODEL}/ready", timeout=5)[0] == 503  # the model's readiness too
     assert server.stop() in CLEAN_EXIT
     thread.join(30)
     status, _, body = accepted[0]

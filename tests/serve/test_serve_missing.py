@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from memexport.core.errors import BackendUnavailableError
+from memexport.runtime.names import ModelArg
 from memexport.serve.options import ServeOptions
 
 
@@ -15,7 +16,7 @@ def test_serve_without_fastapi_is_one_line(monkeypatch, tiny):
     from memexport.serve.runner import serve
 
     with pytest.raises(BackendUnavailableError, match=r"^memexport serve needs (fastapi|uvicorn), which is not installed; install it with pip install 'memexport\[serve\]'$"):
-        serve(tiny, ServeOptions(), port=0)
+        serve([("tiny-scorer", tiny)], ServeOptions(), port=0)
 
 
 def test_ray_engine_without_ray_serve_is_one_line(monkeypatch, tiny):
@@ -23,7 +24,7 @@ def test_ray_engine_without_ray_serve_is_one_line(monkeypatch, tiny):
     from memexport.serve.ray import RayServeOptions, serve_on_ray
 
     with pytest.raises(BackendUnavailableError, match=r"--engine ray needs ray.serve, which is not installed; install it with pip install 'memexport\[ray\]'$"):
-        serve_on_ray(tiny, ServeOptions(), "127.0.0.1", 0, False, RayServeOptions())
+        serve_on_ray([ModelArg(tiny)], ServeOptions(), "127.0.0.1", 0, False, RayServeOptions())
 
 
 @pytest.mark.parametrize("missing", ["grpc", "tritonclient.grpc.service_pb2_grpc"])
@@ -32,4 +33,4 @@ def test_grpc_port_without_grpc_is_one_line(monkeypatch, tiny, missing):
     from memexport.serve.runner import serve
 
     with pytest.raises(BackendUnavailableError, match=rf"^memexport serve --grpc-port needs {missing}, which is not installed; install it with pip install 'memexport\[serve\]'$"):
-        serve(tiny, ServeOptions(), port=0, grpc_port=0)
+        serve([("tiny-scorer", tiny)], ServeOptions(), port=0, grpc_port=0)

@@ -18,8 +18,9 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
-from memexport.serve.ray import RayServeOptions, app_builder  # noqa: E402
+from memexport.serve.ray import RayServeOptions, app_builder, builder_options  # noqa: E402
 from memexport.core.errors import UsageError  # noqa: E402
+from tests.models import write_tiny_scorer  # noqa: E402
 from tests.serve.server import Server, multipart  # noqa: E402
 
 MODEL = "tiny-scorer"
@@ -47,17 +48,19 @@ def test_replica_options_parse():
 
 
 @pytest.mark.slow
-def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
-    server = Server(tiny, "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4", "--max-queue", "1",
-                    "--max-delay-ms", "1500", ready_timeout=240)
+def test_ray_serve_answers_like_the_plain_server(tiny, sample_images, tmp_path):
+    second = write_tiny_scorer(tmp_path / "second.onnx", precision="int8", sign=-1.0)  # served as tiny-scorer_int8
+    server = Server(tiny, "-m", str(second), "--engine", "ray", "--port", str(free_port()), "--max-batch-size", "4",
+                    "--max-queue", "1", "--max-delay-ms", "1500", ready_timeout=240)
     try:
         client = httpclient.InferenceServerClient(server.url)
         data = np.array([p.read_bytes() for p in sample_images], dtype=object).reshape(-1, 1)
         tensor = httpclient.InferInput("image", list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data, binary_data=True)
-        result = client.infer(MODEL, [tensor], outputs=[httpclient.InferRequestedOutput("score", binary_data=True)])
-        with Predictor(tiny) as predictor:
-            np.testing.assert_allclose(result.as_numpy("score").reshape(-1), predictor.score(sample_images), rtol=0, atol=1e-6)
+        for name, artifact in ((MODEL, tiny), (f"{MODEL}_int8", second)):
+            result = client.infer(name, [tensor], outputs=[httpclient.InferRequestedOutput("score", binary_data=True)])
+            with Predictor(artifact) as predictor:
+                np.testing.assert_allclose(result.as_numpy("score").reshape(-1), predictor.score(sample_images), rtol=0, atol=1e-6)
         assert client.get_model_metadata(MODEL)["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1, 1]}
         bad = httpclient.InferInput("image", [1, 1], "BYTES")
         bad.set_data_from_numpy(np.array([[b"not an image"]], dtype=object), binary_data=True)
@@ -66,7 +69,8 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
         assert caught.value.status() == "400" and caught.value.message().startswith("row 0: not a recognised image")
         body, content_type = multipart([(p.name, p.read_bytes()) for p in sample_images[:2]])
         status, _, answer = server.request("POST", "/score", body, headers={"Content-Type": content_type})
-        assert status == 200 and [row["file"] for row in json.loads(answer)] == [p.name for p in sample_images[:2]]
+        assert status == 200 and [(row["file"], row["model"]) for row in json.loads(answer)] == [
+            (p.name, name) for p in sample_images[:2] for name in (MODEL, f"{MODEL}_int8")]
         metrics = server.get("/metrics")[2].decode()
         assert 'memexport_batch_size_bucket{le="4.0"}' in metrics
         # Triton's statistics from the replica's @serve.batch: each image one entry; and the model config
@@ -91,13 +95,37 @@ def test_ray_serve_answers_like_the_plain_server(tiny, sample_images):
     assert server.process.returncode is not None
 
 
-def test_app_builder_for_kuberay(tiny):
+def test_app_builder_for_kuberay(tiny, monkeypatch):
     from ray import serve
 
+    monkeypatch.setenv("MEMEXPORT_SERVE_TOKEN", "s3cret")
     app = app_builder(
         {"model": str(tiny), "max_batch_size": "8", "max_delay_ms": "2.5", "check_integrity": "true", "autoscale": "1:3"})
     assert isinstance(app, serve.Application)
+    assert isinstance(app_builder({"model": [str(tiny), f"second={tiny}"]}), serve.Application)
     with pytest.raises(UsageError, match="unknown serve option"):
         app_builder({"model": str(tiny), "max_batchsize": "8"})
     with pytest.raises(UsageError, match="args.model"):
         app_builder({})
+
+
+def test_app_builder_reads_typed_options_and_applies_the_access_rules(tiny, monkeypatch):
+    """KubeRay hands every argument over as YAML: "4" is the integer 4, a bad value is one line; the builder cannot
+    see where Serve listens, so beyond loopback (its default assumption) it needs the token, as `serve --host` does."""
+    monkeypatch.setenv("MEMEXPORT_SERVE_TOKEN", "s3cret")
+    models, options, ray_options = builder_options({"model": [str(tiny), f"b={tiny}"], "workers": "4", "max_rows": 8, "timeout_s": "2.5",
+                                                    "check_integrity": "off", "backend": "openvino", "replicas": "2"})
+    assert [m.name for m in models] == [None, "b"] and ray_options.replicas == 2
+    assert (options.workers, options.max_rows, options.timeout_s, options.check_integrity, options.backend) == (4, 8, 2.5, False, "openvino")
+    assert options.token == "s3cret" and "s3cret" not in repr(options)
+    for name, value, words in (("workers", "four", "args.workers must be an integer or null"), ("max_rows", 4.5, "args.max_rows must be an integer"),
+                               ("check_integrity", "maybe", "must be true or false"), ("max_queue", True, "must be an integer"),
+                               ("max_rows", "0", "--max-rows must be >= 1")):
+        with pytest.raises(UsageError, match=words) as caught:
+            builder_options({"model": str(tiny), name: value})
+        assert "\n" not in str(caught.value)
+    monkeypatch.delenv("MEMEXPORT_SERVE_TOKEN")
+    with pytest.raises(UsageError, match="beyond this machine, and no token is set"):
+        app_builder({"model": str(tiny)})
+    assert builder_options({"model": str(tiny), "host": "127.0.0.1"})[1].token is None
+    assert builder_options({"model": str(tiny), "insecure": "true"})[1].token is None

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from memexport.runtime.predictor import Predictor  # noqa: E402
 from tests.runtime.hostile_images import png_declaring  # noqa: E402
-from tests.serve.server import check_example_client, image_tensor, multipart, running  # noqa: E402
+from tests.serve.server import check_example_client, image_tensor, multipart, request_head, running  # noqa: E402
 
 MODEL = "tiny-scorer"
 BODY_CAP_MB = 8
@@ -129,9 +129,11 @@ def test_protocol_errors(server):
 
 
 def test_oversized_body_is_413_and_server_stays_up(server, client, sample_images):
-    blob = b"\xff" * (BODY_CAP_MB * 1024 * 1024 + 1)
-    status, _, data = server.request("POST", f"/v2/models/{MODEL}/infer", blob, headers={"Content-Type": "application/octet-stream"})
-    assert status == 413 and "limit" in json.loads(data)["error"]
+    """Answered from the declared length, before any of the body is read (no 100 Continue), then closed."""
+    head = request_head("POST", f"/v2/models/{MODEL}/infer", {"Content-Type": "application/octet-stream", "Expect": "100-continue",
+                                                              "Content-Length": str(BODY_CAP_MB * 1024 * 1024 + 1)})
+    answer = server.raw(head)
+    assert answer.lines == ["HTTP/1.1 413 Request Entity Too Large"] and "limit" in json.loads(answer.body)["error"] and answer.closed
     assert scores_of(client.infer(MODEL, [image_input([sample_images[0].read_bytes()])])).shape == (1,)
 
 

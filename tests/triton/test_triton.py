@@ -59,6 +59,25 @@ def test_onnx_repo_parses_passes_the_cross_checks_and_has_the_serve_interface(tm
     assert "tritonserver --model-repository" in readme and "tritonclient.http" in readme
 
 
+def test_two_artifacts_of_one_model_get_the_names_serve_gives_them(tmp_path, tiny):
+    """FP32 and INT8 of one model: ``tiny-scorer`` and ``tiny-scorer_int8``; ``NAME=PATH`` names one; each ensemble
+    records its model, precision and what its score means; the whole repository passes the checks."""
+    int8 = write_tiny_scorer(tmp_path / "tiny.int8.onnx", precision="int8", sign=-1.0, output_meaning="memorability")
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(app, ["triton-repo", "-m", str(tiny), "-m", str(int8), "-m", f"third={tiny}", "-o", str(repo)])
+    assert result.exit_code == 0, result.output
+    names = ["tiny-scorer", "tiny-scorer_int8", "third"]
+    assert sorted(check_triton_repo(repo)) == sorted(f"{n}{suffix}" for n in names for suffix in ("", "_preprocess", "_onnx"))
+    for name, precision, meaning in zip(names, ("fp32", "int8", "fp32"), ("score", "memorability", "score")):
+        ensemble = config(repo, name)
+        assert [step.model_name for step in ensemble.ensemble_scheduling.step] == [f"{name}_preprocess", f"{name}_onnx"]
+        assert {k: v.string_value for k, v in ensemble.parameters.items()} == {
+            "MEMEXPORT_MODEL": "tiny-scorer", "MEMEXPORT_PRECISION": precision, "MEMEXPORT_OUTPUT_MEANING": meaning}
+    assert (repo / "tiny-scorer_int8_onnx" / "1" / int8.name).read_bytes() == int8.read_bytes()
+    clash = CliRunner().invoke(app, ["triton-repo", "-m", str(tiny), "-m", f"tiny-scorer_preprocess={int8}", "-o", str(tmp_path / "x")])
+    assert clash.exit_code == 2 and "model folder 'tiny-scorer_preprocess'" in clash.output and not (tmp_path / "x").exists()
+
+
 def test_the_preprocess_model_imports_memexport_and_carries_the_artifacts_preprocessing(tmp_path, tiny):
     repo = tmp_path / "repo"
     triton_repo_from_artifacts([tiny], repo, TritonOptions(sys_path=("/opt/memexport-env/site-packages",)))
@@ -200,8 +219,9 @@ def test_cli_writes_a_python_scorer_repo_and_refuses_bad_requests(tmp_path, tiny
     assert CliRunner().invoke(app, ["triton-repo", "--check", str(repo)]).exit_code == 0
     again = CliRunner().invoke(app, ["triton-repo", "-m", str(tiny), "-o", str(repo)])
     assert again.exit_code == 2 and "--overwrite" in again.output
-    with pytest.raises(UsageError, match="both 'tiny-scorer'"):
+    with pytest.raises(UsageError, match="would both be served as 'tiny-scorer'"):
         triton_repo_from_artifacts([tiny, tiny], tmp_path / "two")
+    assert not (tmp_path / "two").exists()
     with pytest.raises(UsageError, match="--device gpu"):
         TritonOptions(tensorrt="fp16")
 

@@ -41,11 +41,12 @@ def details(error: RequestError) -> str:
     return error.args[0] if error.status == 400 else str(error)
 
 
-def parse_request(request: Any, input_shape: Sequence[int]) -> InferRequest:
-    """A ``ModelInferRequest`` parsed by the REST rules (:func:`memexport.serve.v2.parse_header`).
+def parse_request(request: Any, input_shape: Sequence[int], *, max_rows: int) -> InferRequest:
+    """A ``ModelInferRequest`` parsed by the REST rules (:func:`memexport.serve.v2.parse_header`), the row
+    limit included.
 
     Raises:
-        RequestError: 400 naming what is wrong and what was expected.
+        RequestError: 400 naming what is wrong and what was expected; 413 (``RESOURCE_EXHAUSTED``) past ``max_rows``.
     """
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -65,7 +66,7 @@ def parse_request(request: Any, input_shape: Sequence[int]) -> InferRequest:
     header: dict[str, Any] = {"inputs": inputs, "outputs": [{"name": output.name} for output in request.outputs]}
     if request.id:
         header["id"] = request.id
-    return parse_header(header, b"".join(blobs), input_shape)
+    return parse_header(header, b"".join(blobs), input_shape, max_rows=max_rows)
 
 
 def _contents(tensor: Any) -> bytes | None:

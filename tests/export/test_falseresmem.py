@@ -114,3 +114,10 @@ def test_int8_cpu_artifact_keeps_its_own_stem_in_fp32_and_reports_its_estimate(f
     batch = batch_of(sample_images)
     int8, fp32 = onnx_scores(result.cpu, batch), onnx_scores(falseresmem_onnx, batch)
     assert np.abs(int8 - fp32).mean() <= FALSERESMEM.tolerance("int8").atol
+
+
+def test_tensorrt86_parses_every_op(falseresmem_onnx, resmem_onnx):
+    from memexport.export.trt_ops import ops_tensorrt86_lacks
+
+    for path in (falseresmem_onnx, resmem_onnx):
+        assert ops_tensorrt86_lacks(onnx.load(str(path), load_external_data=False)) == []

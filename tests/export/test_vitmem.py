@@ -40,6 +40,7 @@ import pytest
 import torch
 
 from memexport.core.errors import CheckpointError
+from memexport.export.trt_ops import ops_tensorrt86_lacks
 from memexport.core.parity import compare
 from memexport.core.spec import VITMEM
 from memexport.export.vitmem import ViTMem, vitmem_from_weights
@@ -50,22 +51,6 @@ from tests.conftest import needs_openvino
 BATCH = 4
 TIMM_ARCH = "vit_base_patch16_224_miil"
 
-# TensorRT 8.6's ONNX parser (onnx-tensorrt docs/operators.md for 8.5, whose "Y" rows these are, plus
-# GroupNormalization, LayerNormalization and IsInf, which its 8.6 EA changelog adds).
-TENSORRT86_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip
-Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout
-Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool
-GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU HardSigmoid HardSwish
-Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log
-LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mod Mul
-Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal
-RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum
-ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
-ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid
-Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
-ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
 
 
 def import_timm():
@@ -213,19 +198,13 @@ def test_export_is_opset17_dynamic_batch_224(vitmem_onnx):
     assert ops.count("Softmax") == 12 and ops.count("MatMul") == 12 * 6 and ops.count("LayerNormalization") == 25
 
 
-def unsupported_by_tensorrt86(model: onnx.ModelProto) -> list[str]:
-    """Op types in ``model`` (default domain) that TensorRT 8.6's ONNX parser does not import."""
-    return sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - TENSORRT86_OPS
-                  | {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-
-
 def test_every_op_is_one_tensorrt86_parses(vitmem_onnx):
     model = onnx.load(str(vitmem_onnx), load_external_data=False)
-    assert unsupported_by_tensorrt86(model) == []
+    assert ops_tensorrt86_lacks(model) == []
     # The check can fail: an op the 8.6 parser lacks, and a custom-domain op, are both named.
     model.graph.node.add().CopyFrom(onnx.helper.make_node("Unique", ["image"], ["u"]))
     model.graph.node.add().CopyFrom(onnx.helper.make_node("FusedMatMul", ["image", "image"], ["f"], domain="com.microsoft"))
-    assert unsupported_by_tensorrt86(model) == ["Unique", "com.microsoft::FusedMatMul"]
+    assert ops_tensorrt86_lacks(model) == ["Unique", "com.microsoft::FusedMatMul"]
 
 
 @pytest.mark.covers("vitmem", "parity:fp32")

@@ -42,16 +42,7 @@ class FalseResMem(nn.Module):
 
 
 def falseresmem_from_weights(source: "WeightsSource") -> FalseResMem:
-    """Build FalseResMem in eval mode and load its weights strictly.
+    """FalseResMem in eval mode, its checkpoint loaded strictly (``CheckpointError`` names what is wrong)."""
+    from memexport.export.weights import loaded
 
-    Args:
-        source: Where the checkpoint comes from (see :func:`memexport.export.weights.resolve`).
-
-    Raises:
-        CheckpointError: Missing, unsafe or mismatched checkpoint.
-    """
-    from memexport.export.weights import load_state_dict_strict
-
-    model = FalseResMem()
-    load_state_dict_strict(model, source)
-    return model.eval()
+    return loaded(FalseResMem(), source)

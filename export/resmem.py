@@ -185,8 +185,6 @@ def resmem_from_weights(source: "WeightsSource") -> ResMem:
     Raises:
         CheckpointError: Missing, unsafe or mismatched checkpoint.
     """
-    from memexport.export.weights import load_state_dict_strict
+    from memexport.export.weights import loaded
 
-    model = ResMem()
-    load_state_dict_strict(model, source)
-    return model.eval()
+    return loaded(ResMem(), source)

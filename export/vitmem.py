@@ -151,10 +151,8 @@ def vitmem_from_weights(source: "WeightsSource") -> ViTMem:
     """
     from memexport.core.errors import CheckpointError
     from memexport.core.spec import get_spec
-    from memexport.export.weights import load_state_dict_strict
+    from memexport.export.weights import loaded
 
     if source.path is None:
         raise CheckpointError(f"vitmem has no installed weights; {get_spec('vitmem').weights.install}")
-    model = ViTMem()
-    load_state_dict_strict(model, source)
-    return model.eval()
+    return loaded(ViTMem(), source)

@@ -230,3 +230,10 @@ def load_state_dict_strict(model, source: WeightsSource, prefix: str = "") -> No
     check_keys(set(own), state, source.path, type(model).__name__)
     check_shapes(own, state, source.path, type(model).__name__)
     model.load_state_dict(state, strict=True)
+
+
+def loaded(model, source: WeightsSource):
+    """``model`` with ``source``'s checkpoint loaded strictly (:func:`load_state_dict_strict`), in eval mode:
+    what every model's builder returns."""
+    load_state_dict_strict(model, source)
+    return model.eval()

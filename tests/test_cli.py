@@ -184,7 +184,9 @@ def test_predict_several_models_decodes_once_names_each_and_resumes_per_model(tm
     first = memexport("predict", str(folder / "china.jpg"), "-m", str(resmem), "-o", str(out), "--device", "cpu", "--decode", "fast")
     assert first.returncode == 0, first.stderr
     kept = list(csv.reader(out.open()))[1]
-    both = ["predict", str(folder), "-m", str(resmem), "-m", str(falseresmem), "-o", str(out), "--device", "cpu", "--fast", "--backend", "onnxruntime"]
+    # --decode fast given: on its own, --fast decodes FalseResMem (and so every model sharing its decode) exactly.
+    both = ["predict", str(folder), "-m", str(resmem), "-m", str(falseresmem), "-o", str(out), "--device", "cpu", "--fast", "--backend", "onnxruntime",
+            "--decode", "fast"]
     result = memexport(*both, "--resume")
     assert result.returncode == 1, result.stderr  # one bad image
     assert ("scored 2 images into " in result.stdout and " with resmem (memorability) on onnxruntime fp32, falseresmem (false-alarm probability) "

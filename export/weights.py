@@ -47,7 +47,7 @@ class WeightsSource:
 
     @cached_property
     def sha256(self) -> str | None:
-        return sha256_file(self.path) if self.path is not None else None
+        return file_digest(self.path) if self.path is not None else None
 
     def describe(self) -> dict[str, object]:
         """JSON-friendly record for artifact metadata."""
@@ -79,7 +79,7 @@ def installed_weights(spec: WeightsSpec = RESMEM.weights, model: str = "resmem")
     path = Path(str(dist.locate_file(str(spec.file))))
     if not path.is_file():
         raise CheckpointError(f"published {model} weights not found at {path}; {spec.install}")
-    digest = _digest(str(path), *_stamp(path)) if spec.sha256 else None
+    digest = file_digest(path) if spec.sha256 else None
     if digest is not None and digest != spec.sha256:
         raise CheckpointError(
             f"{path}: not the published {model} checkpoint (sha256 {digest[:12]}, expected {str(spec.sha256)[:12]}); "
@@ -88,14 +88,15 @@ def installed_weights(spec: WeightsSpec = RESMEM.weights, model: str = "resmem")
     return path
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+def file_digest(path: Path) -> str:
+    """sha256 of a checkpoint, hashed once per (path, size, mtime): the pinned-hash check, the hub-name check
+    and the artifact's weights record each ask, and a checkpoint is hundreds of MB."""
+    stat = Path(path).stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=8)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of an installed checkpoint, once per (path, size, mtime): export, verify and build each ask."""
     return sha256_file(Path(path))
 
 
@@ -114,7 +115,7 @@ def check_name_hash(path: Path, model: str) -> None:
     match = _HASH_IN_NAME.search(path.name)
     if match is None or not path.is_file():
         return
-    digest = sha256_file(path)
+    digest = file_digest(path)
     if not digest.startswith(match.group(1)):
         raise CheckpointError(
             f"{path}: its name says sha256 {match.group(1)}..., its content has {digest[:len(match.group(1))]}...: "

@@ -26,7 +26,7 @@ from pathlib import Path
 from memexport.core.optional import optional
 from memexport.runtime.cpu import CpuUnits, cpu_units
 from memexport.runtime.metadata import ENGINE_SUFFIXES
-from memexport.runtime.peek import recorded_metadata
+from memexport.runtime.peek import recorded_metadata, recorded_model
 from memexport.runtime.registry import backend_for
 
 
@@ -92,7 +92,7 @@ def _fast_decode_keeps_ranking(path: Path) -> bool:
     """Whether the artifact's model declares fast decoding within its decode tolerance (unknown models: yes)."""
     from memexport.core.spec import find_spec
 
-    spec = find_spec(str((recorded_metadata(path) or {}).get("model", "")))
+    spec = find_spec(recorded_model(path) or "")
     return spec is None or spec.fast_decode
 
 
